@@ -1,0 +1,449 @@
+"""The one activation registry: activation kind -> implementations, local derivative, saturation, init.
+
+Every other module asks this registry what an activation is; nothing else hard-codes activation names.
+A *kind* (``"relu"``, ``"tanh"``, ...) lists the module classes and functional callables that implement it,
+its local derivative, and the initializer it wants. A resolved :class:`Activation` is a kind plus its
+parameters (leaky slope, ELU alpha, GELU approximation, ...), found from a module or a functional call.
+
+Saturation is defined once, here: an element is saturated when the activation's local derivative there is below
+1% of that activation's maximum derivative (Glorot & Bengio 2010 looked at sigmoid/tanh pinned at an asymptote;
+the same rule marks ReLU at zero and GELU/SiLU far on the negative side).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Activation",
+    "ActivationKind",
+    "SATURATION_THRESHOLD",
+    "activation_of_call",
+    "activation_of_module",
+    "available_activations",
+    "get_activation",
+    "register_activation",
+]
+
+InitScheme = Literal["xavier", "kaiming", "lecun", "numeric"]
+
+#: An element is saturated where ``|f'(x)| < SATURATION_THRESHOLD * max |f'|``.
+SATURATION_THRESHOLD = 0.01
+
+_QUADRATURE_POINTS = 201
+_GRID = torch.linspace(-30.0, 30.0, 60001, dtype=torch.float64)
+
+
+def _normalize(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "").replace(" ", "")
+
+
+@dataclass(frozen=True)
+class ActivationKind:
+    """One kind of activation function.
+
+    Args:
+        name: canonical name, e.g. ``"leaky_relu"``.
+        forward: the function ``f(x, **params)``.
+        derivative: ``f'(x, **params)`` elementwise; ``None`` means autograd on ``forward``.
+        modules: module classes that implement the kind.
+        functions: functional callables that implement it (``F.relu``, ``torch.relu``, ``Tensor.relu``, ...).
+        init: recommended initializer: ``"xavier"``, ``"kaiming"``, ``"lecun"`` or ``"numeric"`` (gain from
+            quadrature, finished by a data-driven pass since no fixed gain is stable at depth).
+        defaults: default parameters (e.g. ``{"negative_slope": 0.01}``).
+        module_params: how to read the parameters from a module: ``{param: attribute name}``.
+        call_params: how to read them from a functional call: ``{param: (position, keyword)}``.
+        homogeneous: positively homogeneous (``f(ax) = a f(x)`` for ``a > 0``): a fixed gain is exact at any depth.
+
+    Example::
+
+        >>> import torch
+        >>> kind = get_activation("relu").kind
+        >>> kind.name, kind.init
+        ('relu', 'kaiming')
+    """
+
+    name: str
+    forward: Callable[..., Tensor]
+    derivative: Callable[..., Tensor] | None = None
+    modules: tuple[type[nn.Module], ...] = ()
+    functions: tuple[Callable[..., Any], ...] = ()
+    init: InitScheme = "numeric"
+    defaults: dict[str, Any] = field(default_factory=dict)
+    module_params: dict[str, str] = field(default_factory=dict)
+    call_params: dict[str, tuple[int, str]] = field(default_factory=dict)
+    homogeneous: bool = False
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation kind with its parameters: what saturation, gain and init are computed from.
+
+    Example::
+
+        >>> import torch
+        >>> act = get_activation("tanh")
+        >>> act.saturated(torch.tensor([0.0, 5.0])).tolist()
+        [False, True]
+        >>> round(get_activation("relu").gain, 6)
+        1.414214
+    """
+
+    kind: ActivationKind
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.kind.name
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.kind.forward(x, **self.kwargs)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        """Local derivative ``f'(x)``, elementwise, on ``x``'s device."""
+        if self.kind.derivative is not None:
+            return self.kind.derivative(x, **self.kwargs)
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self(leaf).sum(), leaf)
+        return grad
+
+    @functools.cached_property
+    def max_derivative(self) -> float:
+        """``max |f'(x)|`` found on a dense grid over [-30, 30]."""
+        return float(self.derivative(_GRID).abs().max())
+
+    def saturated(self, x: Tensor) -> Tensor:
+        """Boolean mask of elements where ``|f'(x)| < 1% · max |f'|`` (``x`` is the activation's input)."""
+        return self.derivative(x).abs() < SATURATION_THRESHOLD * self.max_derivative
+
+    @property
+    def is_identity(self) -> bool:
+        return self.kind.name == "identity"
+
+    @functools.cached_property
+    def second_moment(self) -> float:
+        """``E[f(z)^2]`` for ``z ~ N(0, 1)`` by Gauss-Hermite quadrature."""
+        nodes, weights = np.polynomial.hermite_e.hermegauss(_QUADRATURE_POINTS)
+        values = self(torch.from_numpy(nodes)).double().numpy()
+        return float(np.sum(weights * values**2) / math.sqrt(2 * math.pi))
+
+    @functools.cached_property
+    def gain(self) -> float:
+        """Numeric init gain ``g = 1 / sqrt(E[f(z)^2])``, ``z ~ N(0, 1)`` (exact √2 for ReLU)."""
+        return 1.0 / math.sqrt(self.second_moment)
+
+    def describe(self) -> str:
+        if not self.params:
+            return self.kind.name
+        inner = ", ".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.kind.name}({inner})"
+
+
+_REGISTRY: dict[str, ActivationKind] = {}
+_BY_MODULE: dict[type[nn.Module], ActivationKind] = {}
+_BY_FUNCTION: dict[Any, ActivationKind] = {}
+
+
+def register_activation(kind: ActivationKind, *, overwrite: bool = False) -> ActivationKind:
+    """Add a kind to the registry so detection, monitoring and init all know it.
+
+    Raises:
+        ValueError: if the name (normalized) is taken and ``overwrite`` is False.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> class Square(nn.Module):
+        ...     def forward(self, x):
+        ...         return x * x
+        >>> _ = register_activation(ActivationKind("square_demo", lambda x: x * x, modules=(Square,)), overwrite=True)
+        >>> get_activation(Square()).name
+        'square_demo'
+    """
+    key = _normalize(kind.name)
+    if key in _REGISTRY and not overwrite:
+        raise ValueError(f"Expected a new activation name but got {kind.name!r}, which is already registered")
+    _REGISTRY[key] = kind
+    for cls in kind.modules:
+        _BY_MODULE[cls] = kind
+    for fn in kind.functions:
+        _BY_FUNCTION[fn] = kind
+    return kind
+
+
+def available_activations() -> list[str]:
+    """Canonical names of every registered kind."""
+    return sorted(kind.name for kind in _REGISTRY.values())
+
+
+def _from_kind(kind: ActivationKind, **params: Any) -> Activation:
+    merged = {**kind.defaults, **params}
+    return Activation(kind, tuple(sorted(merged.items())))
+
+
+def activation_of_module(module: nn.Module) -> Activation | None:
+    """The activation a module implements, with its parameters, or ``None`` if it is not an activation."""
+    kind = _BY_MODULE.get(type(module))
+    if kind is None:
+        return None
+    params = {p: getattr(module, attr) for p, attr in kind.module_params.items() if hasattr(module, attr)}
+    return _from_kind(kind, **params)
+
+
+def activation_of_call(func: Any, args: tuple = (), kwargs: dict | None = None) -> Activation | None:
+    """The activation a functional call (``F.gelu(x, approximate="tanh")``) computes, or ``None``."""
+    kind = _BY_FUNCTION.get(func)
+    if kind is None:
+        return None
+    kwargs = kwargs or {}
+    params = {}
+    for param, (position, keyword) in kind.call_params.items():
+        if keyword in kwargs:
+            params[param] = kwargs[keyword]
+        elif len(args) > position:
+            params[param] = args[position]
+    return _from_kind(kind, **params)
+
+
+def get_activation(spec: str | type[nn.Module] | nn.Module | Activation | Callable | None) -> Activation:
+    """Resolve a name, module class, module instance, functional or ``None`` (identity) to an :class:`Activation`.
+
+    Names are normalized: ``"leaky_relu"``, ``"LeakyReLU"`` and ``"leakyrelu"`` are the same.
+
+    Raises:
+        ValueError: for a name or object that is no registered activation; the message lists the known names.
+
+    Example::
+
+        >>> get_activation("LeakyReLU").describe()
+        'leaky_relu(negative_slope=0.01)'
+    """
+    if spec is None:
+        return _from_kind(_REGISTRY["identity"])
+    if isinstance(spec, Activation):
+        return spec
+    if isinstance(spec, str):
+        kind = _REGISTRY.get(_normalize(spec))
+        if kind is not None:
+            return _from_kind(kind)
+    elif isinstance(spec, nn.Module):
+        found = activation_of_module(spec)
+        if found is not None:
+            return found
+    elif isinstance(spec, type) and spec in _BY_MODULE:
+        return _from_kind(_BY_MODULE[spec])
+    elif spec in _BY_FUNCTION:
+        return _from_kind(_BY_FUNCTION[spec])
+    raise ValueError(f"Expected an activation, one of {available_activations()}, but got {spec!r}")
+
+
+# ---- built-in kinds -------------------------------------------------------------------------------------------
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_SELU_ALPHA = 1.6732632423543772
+_SELU_SCALE = 1.0507009873554805
+
+
+def _step(x: Tensor, low: float, high: float) -> Tensor:
+    return ((x > low) & (x < high)).to(x.dtype)
+
+
+def _gelu_derivative(x: Tensor, approximate: str = "none") -> Tensor:
+    if approximate == "tanh":
+        inner = _SQRT_2_OVER_PI * (x + 0.044715 * x**3)
+        t = torch.tanh(inner)
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return cdf + x * pdf
+
+
+def _silu_derivative(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _mish_derivative(x: Tensor) -> Tensor:
+    t = torch.tanh(F.softplus(x))
+    return t + x * torch.sigmoid(x) * (1 - t * t)
+
+
+def _elu_derivative(x: Tensor, alpha: float = 1.0) -> Tensor:
+    return torch.where(x > 0, torch.ones_like(x), alpha * torch.exp(torch.clamp(x, max=0)))
+
+
+def _hardswish_derivative(x: Tensor) -> Tensor:
+    middle = (2 * x + 3) / 6
+    return torch.where(x <= -3, torch.zeros_like(x), torch.where(x >= 3, torch.ones_like(x), middle))
+
+
+_T = torch.Tensor
+_BUILTINS = [
+    ActivationKind(
+        "identity",
+        lambda x: x,
+        lambda x: torch.ones_like(x),
+        modules=(nn.Identity,),
+        init="xavier",
+        homogeneous=True,
+    ),
+    ActivationKind(
+        "sigmoid",
+        torch.sigmoid,
+        lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x)),
+        modules=(nn.Sigmoid,),
+        functions=(torch.sigmoid, F.sigmoid, _T.sigmoid, _T.sigmoid_, torch.sigmoid_),
+        init="xavier",
+    ),
+    ActivationKind(
+        "tanh",
+        torch.tanh,
+        lambda x: 1 - torch.tanh(x) ** 2,
+        modules=(nn.Tanh,),
+        functions=(torch.tanh, F.tanh, _T.tanh, _T.tanh_, torch.tanh_),
+        init="xavier",
+    ),
+    ActivationKind(
+        "relu",
+        torch.relu,
+        lambda x: (x > 0).to(x.dtype),
+        modules=(nn.ReLU,),
+        functions=(torch.relu, F.relu, F.relu_, torch.relu_, _T.relu, _T.relu_),
+        init="kaiming",
+        homogeneous=True,
+    ),
+    ActivationKind(
+        "leaky_relu",
+        lambda x, negative_slope=0.01: F.leaky_relu(x, negative_slope),
+        lambda x, negative_slope=0.01: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, negative_slope)),
+        modules=(nn.LeakyReLU,),
+        functions=(F.leaky_relu, F.leaky_relu_, torch._C._nn.leaky_relu),
+        init="kaiming",
+        defaults={"negative_slope": 0.01},
+        module_params={"negative_slope": "negative_slope"},
+        call_params={"negative_slope": (1, "negative_slope")},
+        homogeneous=True,
+    ),
+    ActivationKind(
+        "relu6",
+        F.relu6,
+        lambda x: _step(x, 0.0, 6.0),
+        modules=(nn.ReLU6,),
+        functions=(F.relu6,),
+        init="kaiming",
+    ),
+    ActivationKind(
+        "elu",
+        lambda x, alpha=1.0: F.elu(x, alpha),
+        _elu_derivative,
+        modules=(nn.ELU,),
+        functions=(F.elu, F.elu_, torch._C._nn.elu),
+        defaults={"alpha": 1.0},
+        module_params={"alpha": "alpha"},
+        call_params={"alpha": (1, "alpha")},
+    ),
+    ActivationKind(
+        "selu",
+        torch.selu,
+        lambda x: _SELU_SCALE * _elu_derivative(x, _SELU_ALPHA),
+        modules=(nn.SELU,),
+        functions=(torch.selu, F.selu, torch.selu_, F.selu_),
+        init="lecun",
+    ),
+    ActivationKind(
+        "celu",
+        lambda x, alpha=1.0: F.celu(x, alpha),
+        lambda x, alpha=1.0: torch.where(x > 0, torch.ones_like(x), torch.exp(torch.clamp(x, max=0) / alpha)),
+        modules=(nn.CELU,),
+        functions=(torch.celu, F.celu, torch.celu_, F.celu_),
+        defaults={"alpha": 1.0},
+        module_params={"alpha": "alpha"},
+        call_params={"alpha": (1, "alpha")},
+    ),
+    ActivationKind(
+        "gelu",
+        lambda x, approximate="none": F.gelu(x, approximate=approximate),
+        _gelu_derivative,
+        modules=(nn.GELU,),
+        functions=(F.gelu, torch._C._nn.gelu),
+        defaults={"approximate": "none"},
+        module_params={"approximate": "approximate"},
+        call_params={"approximate": (1, "approximate")},
+    ),
+    ActivationKind(
+        "silu",
+        F.silu,
+        _silu_derivative,
+        modules=(nn.SiLU,),
+        functions=(F.silu, torch._C._nn.silu),
+    ),
+    ActivationKind(
+        "mish",
+        F.mish,
+        _mish_derivative,
+        modules=(nn.Mish,),
+        functions=(F.mish, torch._C._nn.mish),
+    ),
+    ActivationKind(
+        "softplus",
+        lambda x, beta=1.0, threshold=20.0: F.softplus(x, beta, threshold),
+        lambda x, beta=1.0, threshold=20.0: torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(beta * x)),
+        modules=(nn.Softplus,),
+        functions=(F.softplus, torch._C._nn.softplus),
+        defaults={"beta": 1.0, "threshold": 20.0},
+        module_params={"beta": "beta", "threshold": "threshold"},
+        call_params={"beta": (1, "beta"), "threshold": (2, "threshold")},
+    ),
+    ActivationKind(
+        "hardtanh",
+        lambda x, min_val=-1.0, max_val=1.0: F.hardtanh(x, min_val, max_val),
+        lambda x, min_val=-1.0, max_val=1.0: _step(x, min_val, max_val),
+        modules=(nn.Hardtanh,),
+        functions=(F.hardtanh, F.hardtanh_, torch._C._nn.hardtanh),
+        init="xavier",
+        defaults={"min_val": -1.0, "max_val": 1.0},
+        module_params={"min_val": "min_val", "max_val": "max_val"},
+        call_params={"min_val": (1, "min_val"), "max_val": (2, "max_val")},
+    ),
+    ActivationKind(
+        "hardswish",
+        F.hardswish,
+        _hardswish_derivative,
+        modules=(nn.Hardswish,),
+        functions=(F.hardswish, torch._C._nn.hardswish),
+    ),
+    ActivationKind(
+        "hardsigmoid",
+        F.hardsigmoid,
+        lambda x: _step(x, -3.0, 3.0) / 6,
+        modules=(nn.Hardsigmoid,),
+        functions=(F.hardsigmoid, torch._C._nn.hardsigmoid),
+        init="xavier",
+    ),
+    ActivationKind(
+        "softsign",
+        F.softsign,
+        lambda x: 1 / (1 + x.abs()) ** 2,
+        modules=(nn.Softsign,),
+        functions=(F.softsign,),
+        init="xavier",
+    ),
+]
+
+for _kind in _BUILTINS:
+    register_activation(_kind)

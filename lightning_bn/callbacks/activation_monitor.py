@@ -1,0 +1,172 @@
+"""ActivationMonitor: per-layer activation statistics, logged every ``every_n_steps`` optimizer steps.
+
+Logs ``act_mean``, ``act_std``, ``act_min``, ``act_max``, ``act_zero``, ``act_nonfinite`` for every watched module,
+``act_saturation`` and ``act_dead`` for activations; with TensorBoard also histograms and a saturation heatmap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from typing_extensions import override
+
+from lightning_bn import writers
+from lightning_bn.callbacks._periodic import PeriodicMonitor, check_positive_int
+from lightning_bn.probes import ActivationProbe, ModuleFilter, select_modules, validate_module_filter
+from lightning_bn.stats import DEFAULT_ZERO_TOL
+
+#: figure name (see :func:`lightning_bn.stats.figures`) -> logged statistic
+STATISTICS = {
+    "mean": "act_mean",
+    "std": "act_std",
+    "min": "act_min",
+    "max": "act_max",
+    "zero": "act_zero",
+    "saturation": "act_saturation",
+    "dead": "act_dead",
+    "nonfinite": "act_nonfinite",
+}
+_HISTORY_LIMIT = 1000
+
+
+class ActivationMonitor(PeriodicMonitor):
+    r"""Log per-layer activation statistics: where signals vanish, explode, saturate or die.
+
+    On a logging step, forward hooks on the watched modules reduce each output to a few numbers on the device;
+    after the step all of them leave the device in one transfer (all-reduced first under DDP, so the figures are
+    exact over the global batch). On other steps nothing is hooked.
+
+    Saturation follows :mod:`lightning_bn.activations`: an element is saturated where the activation's derivative
+    is below 1% of its maximum (sigmoid/tanh at an asymptote, ReLU below zero); a unit is dead when it is saturated
+    for every sample of the batch (Glorot & Bengio 2010; He et al. 2015).
+
+    Args:
+        every_n_steps: log on optimizer steps that are multiples of this (step 0 included, i.e. the init).
+        modules: which modules to watch: module types, glob patterns on qualified names (``"encoder.*"``), or a
+            predicate ``(name, module) -> bool``. Default: every activation module and every leaf layer with weights.
+        histograms: also write a histogram per module (TensorBoard only; rank-local under DDP).
+        histogram_bins: bins per histogram.
+        heatmap: write an image of saturation per activation layer over the logged steps at each epoch end
+            (TensorBoard only).
+        zero_tol: ``|x|`` at or below this counts towards ``act_zero``.
+
+    Raises:
+        MisconfigurationException: for a non-positive ``every_n_steps`` or ``histogram_bins``, a ``modules`` entry
+            that is neither a type nor a pattern, or (at fit start) an entry that matches no module.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_bn import ActivationMonitor
+        >>> trainer = Trainer(callbacks=[ActivationMonitor(every_n_steps=50)])
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        modules: ModuleFilter = None,
+        histograms: bool = True,
+        histogram_bins: int = 64,
+        heatmap: bool = True,
+        zero_tol: float = DEFAULT_ZERO_TOL,
+    ) -> None:
+        super().__init__(every_n_steps)
+        try:
+            validate_module_filter(modules)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        self.modules = modules
+        self.histograms = histograms
+        self.histogram_bins = check_positive_int("histogram_bins", histogram_bins)
+        self.heatmap = heatmap
+        self.zero_tol = zero_tol
+        self._probe: ActivationProbe | None = None
+        self._pending_step: int | None = None
+        self._history: list[tuple[int, dict[str, float]]] = []
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._warn_if_no_logger(trainer)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        try:
+            targets = select_modules(pl_module, self.modules)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        if not targets:
+            raise MisconfigurationException(f"`ActivationMonitor(modules={self.modules!r})` selected no module")
+        bins = self.histogram_bins if self.histograms and writers.tensorboard_writers(trainer.loggers) else 0
+        self._probe = ActivationProbe(targets, histogram_bins=bins, zero_tol=self.zero_tol)
+        if trainer.is_global_zero:
+            layout = [STATISTICS[k] for k in ("std", "mean", "saturation", "dead", "zero", "max", "min", "nonfinite")]
+            writers.write_layout(writers.tensorboard_writers(trainer.loggers), "lightning-bn: activations", layout)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start(trainer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._finish(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_heatmap(trainer)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._probe is not None:
+            self._probe.detach()
+
+    def _start(self, trainer: pl.Trainer) -> None:
+        if self._probe is None or not self._due(trainer):
+            return
+        self._pending_step = trainer.global_step
+        self._probe.attach()
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        if self._pending_step is None:
+            return
+        step, self._pending_step = self._pending_step, None
+        self._probe.detach()
+        self._last_logged_step = step
+        result = self._probe.collect()
+        if not trainer.is_global_zero:
+            return
+        metrics = {
+            writers.metric_key(STATISTICS[key], name): value
+            for name, figs in zip(result.names, result.figures)
+            for key, value in figs.items()
+        }
+        writers.log_scalars(trainer.loggers, metrics, step)
+        tb = writers.tensorboard_writers(trainer.loggers)
+        if result.histograms:
+            writers.log_histograms(tb, "act_hist", result.histograms, step)
+        saturation = {n: f["saturation"] for n, f in zip(result.names, result.figures) if "saturation" in f}
+        if saturation:
+            self._history = [*self._history[-_HISTORY_LIMIT + 1 :], (step, saturation)]
+
+    @rank_zero_only
+    def _write_heatmap(self, trainer: pl.Trainer) -> None:
+        tb = writers.tensorboard_writers(trainer.loggers)
+        if not (self.heatmap and tb and self._history):
+            return
+        layers = list(dict.fromkeys(name for _, sat in self._history for name in sat))
+        grid = np.array([[sat.get(name, np.nan) for _, sat in self._history] for name in layers])
+        writers.log_image(tb, "act_saturation_heatmap", writers.heatmap_image(grid), self._history[-1][0])
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": list(self._history)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._history = [(int(step), dict(sat)) for step, sat in state_dict.get("history", [])]

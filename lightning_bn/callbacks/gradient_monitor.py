@@ -1,0 +1,210 @@
+"""GradientMonitor: per-parameter gradient norm, weight norm and update-to-weight ratio on optimizer steps.
+
+Logs ``grad_norm/<param>``, ``weight_norm/<param>``, ``update_ratio/<param>`` and ``grad_norm/total``; warns once,
+naming the first layer in forward order, when a gradient is non-finite.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_bn import stats, writers
+from lightning_bn.callbacks._periodic import PeriodicMonitor, check_positive_int
+from lightning_bn.probes import ForwardOrder
+
+
+class GradientMonitor(PeriodicMonitor):
+    r"""Log gradient and update statistics per parameter, on optimizer steps that are multiples of ``every_n_steps``.
+
+    Norms are computed on the device in one fused call per optimizer step and leave it in one transfer after the
+    step. The update ratio ``‖Δw‖ / ‖w‖`` compares the weights before and after the optimizer step, so it needs a
+    copy of the parameters on logging steps only (``update_ratio=False`` avoids it); about 1e-3 is the classic
+    healthy value. With gradient accumulation the figures are those of the accumulated gradient; frozen
+    parameters and parameters without a gradient are skipped.
+
+    Args:
+        every_n_steps: log on optimizer steps that are multiples of this.
+        norm_type: the p of the p-norm (``float("inf")`` allowed).
+        histograms: also write a histogram of each gradient (TensorBoard only).
+        histogram_bins: bins per histogram.
+        update_ratio: log ``update_ratio/<param>`` (copies the parameters on logging steps).
+
+    Raises:
+        MisconfigurationException: for a non-positive ``every_n_steps``/``histogram_bins`` or ``norm_type`` <= 0.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_bn import GradientMonitor
+        >>> trainer = Trainer(callbacks=[GradientMonitor(every_n_steps=50)])
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        norm_type: float = 2.0,
+        histograms: bool = False,
+        histogram_bins: int = 64,
+        update_ratio: bool = True,
+    ) -> None:
+        super().__init__(every_n_steps)
+        if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type > 0:
+            raise MisconfigurationException(f"Expected `norm_type` to be a positive number but got {norm_type!r}")
+        self.norm_type = float(norm_type)
+        self.histograms = histograms
+        self.histogram_bins = check_positive_int("histogram_bins", histogram_bins)
+        self.update_ratio = update_ratio
+        self._names: dict[Tensor, str] = {}
+        self._module_rank: dict[str, int] = {}
+        self._order: ForwardOrder | None = None
+        self._pending: dict[str, Any] | None = None
+        self._warned_nonfinite = False
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._warn_if_no_logger(trainer)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._names = {p: n for n, p in pl_module.named_parameters()}
+        self._module_rank = {}
+        self._order = ForwardOrder(pl_module)
+        if trainer.is_global_zero:
+            writers.write_layout(
+                writers.tensorboard_writers(trainer.loggers),
+                "lightning-bn: gradients",
+                ["grad_norm", "update_ratio", "weight_norm"],
+            )
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._module_rank and self._order is not None:
+            self._order.attach()  # once per fit: learn the forward order of layers
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+        self._measure_gradients(trainer, optimizer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._order is not None and self._order.attached:
+            self._order.detach()
+            self._module_rank = {name: i for i, name in enumerate(self._order.names)}
+        self._flush(trainer)
+
+    def _measure_gradients(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
+        if not trainer.is_global_zero:
+            return  # gradients and weights are identical on every rank after DDP's all-reduce
+        if self._pending is None and not self._due(trainer):
+            return
+        params = [
+            p for group in optimizer.param_groups for p in group["params"]
+            if p.requires_grad and p.grad is not None and p in self._names
+        ]
+        if self._pending is None:
+            self._pending = {"step": trainer.global_step, "names": [], "grad": [], "params": [], "before": [],
+                             "hists": []}
+        pending = self._pending
+        if not params:
+            return
+        pending["names"] += [self._names[p] for p in params]
+        pending["grad"].append(stats.parameter_norms([p.grad for p in params], self.norm_type))
+        pending["params"] += params
+        if self.update_ratio:
+            pending["before"] += [p.detach().clone() for p in params]
+        if self.histograms and writers.tensorboard_writers(trainer.loggers):
+            for p in params:
+                g = p.grad.detach()
+                low, high = g.amin().double(), g.amax().double()
+                pending["hists"].append((self._names[p], g.numel(), torch.stack([low, high, g.double().sum(),
+                                         g.double().square().sum()]), stats.histogram(g, low, high, self.histogram_bins)))
+
+    def _flush(self, trainer: pl.Trainer) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        self._last_logged_step = pending["step"]
+        names = pending["names"]
+        if not names:
+            return
+        grad = torch.cat(pending["grad"])
+        weight = stats.parameter_norms(pending["params"], self.norm_type)
+        parts = [grad, weight, stats.total_norm(grad, self.norm_type).reshape(1)]
+        if self.update_ratio:
+            deltas = torch._foreach_sub([p.detach() for p in pending["params"]], pending["before"])
+            parts.append(stats.parameter_norms(deltas, self.norm_type))
+        parts += [torch.cat([h[2], h[3]]) for h in pending["hists"]]
+        host = torch.cat([t.to(grad.device) for t in parts]).cpu().tolist()  # the one transfer
+        n = len(names)
+        grad_norms, weight_norms, total = host[:n], host[n : 2 * n], host[2 * n]
+        offset = 2 * n + 1
+        metrics = {writers.metric_key("grad_norm", "total"): total}
+        for i, name in enumerate(names):
+            metrics[writers.metric_key("grad_norm", name)] = grad_norms[i]
+            metrics[writers.metric_key("weight_norm", name)] = weight_norms[i]
+        if self.update_ratio:
+            updates = host[offset : offset + n]
+            offset += n
+            for i, name in enumerate(names):
+                ratio = updates[i] / weight_norms[i] if weight_norms[i] else math.nan
+                metrics[writers.metric_key("update_ratio", name)] = ratio
+        writers.log_scalars(trainer.loggers, metrics, pending["step"])
+        if pending["hists"]:
+            histograms = []
+            bins = self.histogram_bins
+            for name, numel, _, _ in pending["hists"]:
+                low, high, total_sum, sum_sq = host[offset : offset + 4]
+                counts = host[offset + 4 : offset + 4 + bins]
+                offset += 4 + bins
+                if not (math.isfinite(low) and math.isfinite(high)):
+                    continue
+                histograms.append({"name": name, "min": low, "max": high, "num": numel, "sum": total_sum,
+                                   "sum_squares": sum_sq, "bucket_counts": counts,
+                                   "bucket_limits": [low + (high - low) * (k + 1) / bins for k in range(bins)]})
+            writers.log_histograms(writers.tensorboard_writers(trainer.loggers), "grad_hist", histograms, pending["step"])
+        bad = [name for name, norm in zip(names, grad_norms) if not math.isfinite(norm)]
+        if bad:
+            self._warn_nonfinite(pending, bad)
+
+    def _warn_nonfinite(self, pending: dict[str, Any], bad_norms: list[str]) -> None:
+        by_name = dict(zip(pending["names"], pending["params"]))
+        # an infinite norm can be an overflow of finite values: confirm on the rare path only
+        bad = [name for name in bad_norms if not torch.isfinite(by_name[name].grad).all()]
+        if not bad or self._warned_nonfinite:
+            return
+        self._warned_nonfinite = True
+        order = {name: i for i, name in enumerate(pending["names"])}
+
+        def forward_rank(param_name: str) -> tuple[int, int]:
+            module = param_name.rpartition(".")[0]
+            return self._module_rank.get(module, len(self._module_rank)), order[param_name]
+
+        bad.sort(key=forward_rank)
+        first = bad[0]
+        rank_zero_warn(
+            f"GradientMonitor: non-finite gradient at step {pending['step']}; the first layer in forward order with "
+            f"a non-finite gradient is '{first.rpartition('.')[0] or first}' (parameter '{first}'); "
+            f"{len(bad)} of {len(pending['names'])} parameters affected. Lower the learning rate, check the init "
+            "(lightning_bn.prepare), or clip gradients.",
+            category=RuntimeWarning,
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "warned_nonfinite": self._warned_nonfinite}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._warned_nonfinite = state_dict.get("warned_nonfinite", False)

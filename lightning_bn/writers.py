@@ -1,0 +1,111 @@
+"""Write monitor figures to any Lightning logger; TensorBoard extras only when a TensorBoard logger is present.
+
+Scalars go to every logger through ``log_metrics``. With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`
+(or any logger whose ``experiment`` is a ``SummaryWriter``) we also write histograms, a custom-scalars layout
+that overlays all layers in one chart per statistic, text, and images such as the saturation heatmap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "heatmap_image",
+    "log_histograms",
+    "log_image",
+    "log_scalars",
+    "log_text",
+    "metric_key",
+    "tensorboard_writers",
+    "write_layout",
+]
+
+
+def metric_key(statistic: str, name: str) -> str:
+    """The logged key of one statistic of one layer: grouped by statistic so TensorBoard overlays layers.
+
+    Example::
+
+        >>> metric_key("act_std", "encoder.0")
+        'act_std/encoder.0'
+    """
+    return f"{statistic}/{name}"
+
+
+def tensorboard_writers(loggers: Iterable[Any]) -> list[Any]:
+    """The ``SummaryWriter`` of every TensorBoard logger among ``loggers`` (none for CSV, W&B, ...)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def log_scalars(loggers: Iterable[Any], metrics: Mapping[str, float], step: int) -> None:
+    """Hand ``metrics`` to every logger (CSV, TensorBoard, W&B, ...)."""
+    if not metrics:
+        return
+    for logger in loggers:
+        logger.log_metrics(dict(metrics), step=step)
+
+
+def log_histograms(writers: Sequence[Any], prefix: str, histograms: Sequence[Mapping[str, Any]], step: int) -> None:
+    """Write pre-binned histograms (from :class:`lightning_bn.probes.ProbeResult`) as ``<prefix>/<name>``."""
+    for writer in writers:
+        for h in histograms:
+            writer.add_histogram_raw(
+                metric_key(prefix, h["name"]),
+                min=h["min"],
+                max=h["max"],
+                num=h["num"],
+                sum=h["sum"],
+                sum_squares=h["sum_squares"],
+                bucket_limits=h["bucket_limits"],
+                bucket_counts=h["bucket_counts"],
+                global_step=step,
+            )
+
+
+def write_layout(writers: Sequence[Any], category: str, statistics: Sequence[str]) -> None:
+    """A custom-scalars layout: one chart per statistic overlaying every layer (``<statistic>/.*``)."""
+    layout = {category: {stat: ["Multiline", [f"^{stat}/.*"]] for stat in statistics}}
+    for writer in writers:
+        writer.add_custom_scalars(layout)
+
+
+def log_text(writers: Sequence[Any], tag: str, text: str, step: int = 0) -> None:
+    for writer in writers:
+        writer.add_text(tag, text, global_step=step)
+
+
+def log_image(writers: Sequence[Any], tag: str, image: np.ndarray, step: int) -> None:
+    """Write an ``(H, W, 3)`` uint8 image."""
+    for writer in writers:
+        writer.add_image(tag, image, global_step=step, dataformats="HWC")
+
+
+_COLORMAP = np.array(  # viridis at 0, .25, .5, .75, 1
+    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
+)
+
+
+def heatmap_image(values: np.ndarray, cell: int = 8) -> np.ndarray:
+    """Render a ``(layers, steps)`` array of fractions in [0, 1] as an RGB image (dark = 0, yellow = 1).
+
+    Non-finite entries are grey. Each value becomes a ``cell`` x ``cell`` square.
+
+    Example::
+
+        >>> heatmap_image(np.array([[0.0, 1.0]]), cell=2).shape
+        (2, 4, 3)
+    """
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    v = np.clip(np.where(finite, values, 0.0), 0.0, 1.0) * (len(_COLORMAP) - 1)
+    low = np.floor(v).astype(int).clip(0, len(_COLORMAP) - 2)
+    frac = (v - low)[..., None]
+    rgb = _COLORMAP[low] * (1 - frac) + _COLORMAP[low + 1] * frac
+    rgb[~finite] = 128
+    rgb = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
+    return rgb.round().astype(np.uint8)

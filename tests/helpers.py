@@ -1,0 +1,130 @@
+"""Tiny LightningModules and data for the tests (BoringModel-style)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def mlp(depth: int, width: int, act: Callable[[], nn.Module] | None = nn.ReLU, in_features: int = 64,
+        out_features: int = 10) -> nn.Sequential:
+    """``depth`` hidden Linear layers of ``width`` units, each followed by ``act()``, then a logits layer."""
+    layers: list[nn.Module] = []
+    features = in_features
+    for _ in range(depth):
+        layers.append(nn.Linear(features, width))
+        if act is not None:
+            layers.append(act())
+        features = width
+    layers.append(nn.Linear(features, out_features))
+    return nn.Sequential(*layers)
+
+
+def random_data(n: int = 256, features: int = 64, classes: int = 10, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g))
+
+
+def digits_data() -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's bundled digits (no download), standardized, split 1437 / 360."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    y = torch.tensor(y)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    train, val = perm[:1437], perm[1437:]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
+
+
+class BoringClassifier(pl.LightningModule):
+    """Wraps any ``nn.Module`` classifier; logs train loss and val accuracy."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.1, batch_size: int = 32, data: TensorDataset | None = None,
+                 val_data: TensorDataset | None = None, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+        self.batch_size = batch_size
+        self.data = data if data is not None else random_data()
+        self.val_data = val_data if val_data is not None else self.data
+        self.optimizer_name = optimizer
+        self.example_input_array = self.data.tensors[0][:batch_size]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        acc = (self(x).argmax(-1) == y).float().mean()
+        self.log("val_acc", acc)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_data, batch_size=self.batch_size)
+
+
+def trainer(tmp_path, **kwargs) -> pl.Trainer:
+    """A CPU Trainer with test-friendly defaults; any keyword overrides them."""
+    defaults = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_steps=5,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``logdir``: tag -> [(step, value)]."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def event_tags(logdir) -> dict[str, list[str]]:
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, list[str]] = {}
+    for directory in sorted({p.parent for p in Path(logdir).rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(directory), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+        acc.Reload()
+        for kind, names in acc.Tags().items():
+            if isinstance(names, list):
+                tags.setdefault(kind, []).extend(names)
+    return tags
