@@ -402,7 +402,9 @@ _BUILTINS = [
     ActivationKind(
         "softplus",
         lambda x, beta=1.0, threshold=20.0: F.softplus(x, beta, threshold),
-        lambda x, beta=1.0, threshold=20.0: torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(beta * x)),
+        lambda x, beta=1.0, threshold=20.0: torch.where(
+            x * beta > threshold, torch.ones_like(x), torch.sigmoid(beta * x)
+        ),
         modules=(nn.Softplus,),
         functions=(F.softplus, torch._C._nn.softplus),
         defaults={"beta": 1.0, "threshold": 20.0},

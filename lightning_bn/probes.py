@@ -123,8 +123,12 @@ class ActivationProbe:
         (['0', '1'], True)
     """
 
-    def __init__(self, targets: Sequence[tuple[str, nn.Module]], histogram_bins: int = 0,
-                 zero_tol: float = stats.DEFAULT_ZERO_TOL) -> None:
+    def __init__(
+        self,
+        targets: Sequence[tuple[str, nn.Module]],
+        histogram_bins: int = 0,
+        zero_tol: float = stats.DEFAULT_ZERO_TOL,
+    ) -> None:
         self._targets = [_Target(name, module, activation_of_module(module)) for name, module in targets]
         self.histogram_bins = histogram_bins
         self.zero_tol = zero_tol
@@ -163,8 +167,10 @@ class ActivationProbe:
                 return
             saturated, units, alive = stats.saturation(args[0], target.activation)
             target.pending = torch.stack([saturated, units, units.new_zeros(())])
-            target.alive = alive if target.alive is None or target.alive.shape != alive.shape else torch.maximum(
-                target.alive, alive
+            target.alive = (
+                alive
+                if target.alive is None or target.alive.shape != alive.shape
+                else torch.maximum(target.alive, alive)
             )
 
         return hook
@@ -192,8 +198,10 @@ class ActivationProbe:
         """
         device = next((t.row.device for t in self._targets if t.row is not None), torch.device("cpu"))
         empty = torch.tensor([0, 0, 0, float("inf"), float("-inf"), 0, 0, 0, 0, 0], dtype=torch.float64, device=device)
-        rows = torch.stack([t.row if t.row is not None else empty for t in self._targets]) if self._targets else (
-            empty.new_zeros(0, len(stats.FIELDS))
+        rows = (
+            torch.stack([t.row if t.row is not None else empty for t in self._targets])
+            if self._targets
+            else (empty.new_zeros(0, len(stats.FIELDS)))
         )
         alive_parts = [t.alive if t.alive is not None else rows.new_zeros(0) for t in self._targets]
         sizes = [part.numel() for part in alive_parts]
@@ -219,8 +227,16 @@ class ActivationProbe:
                 low, high = row[3], row[4]
                 limits = [low + (high - low) * (k + 1) / bins for k in range(bins)]
                 result.histograms.append(
-                    {"name": target.name, "min": low, "max": high, "num": sum(counts), "sum": row[1],
-                     "sum_squares": row[2], "bucket_limits": limits, "bucket_counts": counts}
+                    {
+                        "name": target.name,
+                        "min": low,
+                        "max": high,
+                        "num": sum(counts),
+                        "sum": row[1],
+                        "sum_squares": row[2],
+                        "bucket_limits": limits,
+                        "bucket_counts": counts,
+                    }
                 )
         for target in self._targets:
             target.row = target.alive = target.pending = target.hist = None

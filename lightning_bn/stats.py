@@ -67,8 +67,13 @@ def unit_dim_of(t: Tensor) -> int:
     return t.ndim - 1 if t.ndim == 3 else 1
 
 
-def summarize(t: Tensor, activation: Activation | None = None, *, pre_activation: Tensor | None = None,
-              zero_tol: float = DEFAULT_ZERO_TOL) -> Tensor:
+def summarize(
+    t: Tensor,
+    activation: Activation | None = None,
+    *,
+    pre_activation: Tensor | None = None,
+    zero_tol: float = DEFAULT_ZERO_TOL,
+) -> Tensor:
     """Summarize ``t`` into one row (see :data:`FIELDS`) on ``t``'s device.
 
     Mean, std, min and max are taken over the finite elements; ``nonfinite`` counts the others. With an
@@ -112,7 +117,9 @@ def value_stats(t: Tensor, zero_tol: float = DEFAULT_ZERO_TOL) -> Tensor:
     )
 
 
-def saturation(pre_activation: Tensor, activation: Activation, unit_dim: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def saturation(
+    pre_activation: Tensor, activation: Activation, unit_dim: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Saturated-element count, unit count, and a per-unit *alive* flag (float, 1 where any sample is unsaturated).
 
     A unit is dead when it is saturated for every sample of the batch. The alive flags combine exactly across
@@ -207,8 +214,10 @@ def parameter_norms(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    norms = torch._foreach_norm([t.detach().float() if t.dtype not in (torch.float32, torch.float64) else t.detach()
-                                 for t in tensors], norm_type)
+    norms = torch._foreach_norm(
+        [t.detach().float() if t.dtype not in (torch.float32, torch.float64) else t.detach() for t in tensors],
+        norm_type,
+    )
     return torch.stack(norms).double()
 
 

@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def mlp(depth: int, width: int, act: Callable[[], nn.Module] | None = nn.ReLU, in_features: int = 64,
-        out_features: int = 10) -> nn.Sequential:
+def mlp(
+    depth: int, width: int, act: Callable[[], nn.Module] | None = nn.ReLU, in_features: int = 64, out_features: int = 10
+) -> nn.Sequential:
     """``depth`` hidden Linear layers of ``width`` units, each followed by ``act()``, then a logits layer."""
     layers: list[nn.Module] = []
     features = in_features
@@ -46,8 +47,15 @@ def digits_data() -> tuple[TensorDataset, TensorDataset]:
 class BoringClassifier(pl.LightningModule):
     """Wraps any ``nn.Module`` classifier; logs train loss and val accuracy."""
 
-    def __init__(self, net: nn.Module, lr: float = 0.1, batch_size: int = 32, data: TensorDataset | None = None,
-                 val_data: TensorDataset | None = None, optimizer: str = "sgd") -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 0.1,
+        batch_size: int = 32,
+        data: TensorDataset | None = None,
+        val_data: TensorDataset | None = None,
+        optimizer: str = "sgd",
+    ) -> None:
         super().__init__()
         self.net = net
         self.lr = lr

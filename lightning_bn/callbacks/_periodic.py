@@ -14,9 +14,7 @@ from typing_extensions import override
 def check_every_n_steps(every_n_steps: Any) -> int:
     """Raises ``MisconfigurationException`` naming the value unless it is a positive int."""
     if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-        raise MisconfigurationException(
-            f"Expected `every_n_steps` to be a positive integer but got {every_n_steps!r}"
-        )
+        raise MisconfigurationException(f"Expected `every_n_steps` to be a positive integer but got {every_n_steps!r}")
     return every_n_steps
 
 

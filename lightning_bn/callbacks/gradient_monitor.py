@@ -87,17 +87,22 @@ class GradientMonitor(PeriodicMonitor):
             )
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if not self._module_rank and self._order is not None:
             self._order.attach()  # once per fit: learn the forward order of layers
 
     @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
         self._measure_gradients(trainer, optimizer)
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._order is not None and self._order.attached:
             self._order.detach()
             self._module_rank = {name: i for i, name in enumerate(self._order.names)}
@@ -109,12 +114,20 @@ class GradientMonitor(PeriodicMonitor):
         if self._pending is None and not self._due(trainer):
             return
         params = [
-            p for group in optimizer.param_groups for p in group["params"]
+            p
+            for group in optimizer.param_groups
+            for p in group["params"]
             if p.requires_grad and p.grad is not None and p in self._names
         ]
         if self._pending is None:
-            self._pending = {"step": trainer.global_step, "names": [], "grad": [], "params": [], "before": [],
-                             "hists": []}
+            self._pending = {
+                "step": trainer.global_step,
+                "names": [],
+                "grad": [],
+                "params": [],
+                "before": [],
+                "hists": [],
+            }
         pending = self._pending
         if not params:
             return
@@ -127,8 +140,14 @@ class GradientMonitor(PeriodicMonitor):
             for p in params:
                 g = p.grad.detach()
                 low, high = g.amin().double(), g.amax().double()
-                pending["hists"].append((self._names[p], g.numel(), torch.stack([low, high, g.double().sum(),
-                                         g.double().square().sum()]), stats.histogram(g, low, high, self.histogram_bins)))
+                pending["hists"].append(
+                    (
+                        self._names[p],
+                        g.numel(),
+                        torch.stack([low, high, g.double().sum(), g.double().square().sum()]),
+                        stats.histogram(g, low, high, self.histogram_bins),
+                    )
+                )
 
     def _flush(self, trainer: pl.Trainer) -> None:
         pending, self._pending = self._pending, None
@@ -169,10 +188,21 @@ class GradientMonitor(PeriodicMonitor):
                 offset += 4 + bins
                 if not (math.isfinite(low) and math.isfinite(high)):
                     continue
-                histograms.append({"name": name, "min": low, "max": high, "num": numel, "sum": total_sum,
-                                   "sum_squares": sum_sq, "bucket_counts": counts,
-                                   "bucket_limits": [low + (high - low) * (k + 1) / bins for k in range(bins)]})
-            writers.log_histograms(writers.tensorboard_writers(trainer.loggers), "grad_hist", histograms, pending["step"])
+                histograms.append(
+                    {
+                        "name": name,
+                        "min": low,
+                        "max": high,
+                        "num": numel,
+                        "sum": total_sum,
+                        "sum_squares": sum_sq,
+                        "bucket_counts": counts,
+                        "bucket_limits": [low + (high - low) * (k + 1) / bins for k in range(bins)],
+                    }
+                )
+            writers.log_histograms(
+                writers.tensorboard_writers(trainer.loggers), "grad_hist", histograms, pending["step"]
+            )
         bad = [name for name, norm in zip(names, grad_norms) if not math.isfinite(norm)]
         if bad:
             self._warn_nonfinite(pending, bad)
