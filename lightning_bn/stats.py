@@ -44,11 +44,15 @@ FIELDS: tuple[str, ...] = (
     "dead_units",
 )
 #: How each field combines across calls and processes.
-REDUCTIONS: dict[str, Literal["sum", "min", "max"]] = {f: "sum" for f in FIELDS} | {"min": "min", "max": "max"}
+REDUCTIONS: dict[str, Literal["sum", "min", "max"]] = {f: "sum" for f in FIELDS} | {
+    "min": "min",
+    "max": "max",
+    "units": "max",  # the same layer has the same units on every call and every rank
+}
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 _MIN = _INDEX["min"]
-_MAX = _INDEX["max"]
 _SUM_COLUMNS = [i for i, f in enumerate(FIELDS) if REDUCTIONS[f] == "sum"]
+_MAX_COLUMNS = [i for i, f in enumerate(FIELDS) if REDUCTIONS[f] == "max"]
 
 #: Absolute value below which an element counts as "near zero".
 DEFAULT_ZERO_TOL = 1e-6
@@ -143,29 +147,30 @@ def combine(a: Tensor, b: Tensor) -> Tensor:
     """Combine two rows (or two stacks of rows) field by field: sums add, min/max reduce."""
     out = a + b
     out[..., _MIN] = torch.minimum(a[..., _MIN], b[..., _MIN])
-    out[..., _MAX] = torch.maximum(a[..., _MAX], b[..., _MAX])
+    out[..., _MAX_COLUMNS] = torch.maximum(a[..., _MAX_COLUMNS], b[..., _MAX_COLUMNS])
     return out
 
 
 def reduce_across_processes(rows: Tensor, alive: Tensor, group: object | None = None) -> tuple[Tensor, Tensor]:
     """All-reduce a ``(M, len(FIELDS))`` stack of rows and the concatenated alive flags, in two collectives.
 
-    One ``SUM`` for the summed fields; one ``MAX`` for max, negated min and alive flags. A no-op when
-    ``torch.distributed`` is not initialized.
+    One ``SUM`` for the summed fields; one ``MAX`` for the max-reduced fields, the negated min and the alive flags.
+    A no-op when ``torch.distributed`` is not initialized.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return rows, alive
     dist = torch.distributed
     summed = rows[:, _SUM_COLUMNS].contiguous()
     dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-    maxed = torch.cat([rows[:, _MAX], -rows[:, _MIN], alive])
+    maxed_columns = rows[:, _MAX_COLUMNS]
+    maxed = torch.cat([maxed_columns.reshape(-1), -rows[:, _MIN], alive])
     dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
-    m = rows.shape[0]
+    m, k = maxed_columns.shape
     out = rows.clone()
     out[:, _SUM_COLUMNS] = summed
-    out[:, _MAX] = maxed[:m]
-    out[:, _MIN] = -maxed[m : 2 * m]
-    return out, maxed[2 * m :]
+    out[:, _MAX_COLUMNS] = maxed[: m * k].reshape(m, k)
+    out[:, _MIN] = -maxed[m * k : m * k + m]
+    return out, maxed[m * k + m :]
 
 
 def histogram(t: Tensor, low: Tensor, high: Tensor, bins: int) -> Tensor:
