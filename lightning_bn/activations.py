@@ -12,7 +12,6 @@ the same rule marks ReLU at zero and GELU/SiLU far on the negative side).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +62,8 @@ class ActivationKind:
         module_params: how to read the parameters from a module: ``{param: attribute name}``.
         call_params: how to read them from a functional call: ``{param: (position, keyword)}``.
         homogeneous: positively homogeneous (``f(ax) = a f(x)`` for ``a > 0``): a fixed gain is exact at any depth.
+        output_derivative: ``f'`` written as a function of the output ``y = f(x)``, where that is possible (monotone
+            kinds); lets monitors judge saturation from the output alone, which is cheaper.
 
     Example::
 
@@ -82,6 +83,7 @@ class ActivationKind:
     module_params: dict[str, str] = field(default_factory=dict)
     call_params: dict[str, tuple[int, str]] = field(default_factory=dict)
     homogeneous: bool = False
+    output_derivative: Callable[..., Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,27 +123,36 @@ class Activation:
             (grad,) = torch.autograd.grad(self(leaf).sum(), leaf)
         return grad
 
-    @functools.cached_property
+    def derivative_from_output(self, y: Tensor) -> Tensor:
+        """``f'(x)`` computed from ``y = f(x)``; only for kinds with an ``output_derivative``."""
+        if self.kind.output_derivative is None:
+            raise ValueError(f"Expected a kind with an output derivative but got {self.kind.name!r}")
+        return self.kind.output_derivative(y, **self.kwargs)
+
+    @property
+    def saturation_threshold(self) -> float:
+        """``|f'|`` below this is saturated: 1% of the maximum derivative."""
+        return SATURATION_THRESHOLD * self.max_derivative
+
+    @property
     def max_derivative(self) -> float:
-        """``max |f'(x)|`` found on a dense grid over [-30, 30]."""
-        return float(self.derivative(_GRID).abs().max())
+        """``max |f'(x)|`` found on a dense grid over [-30, 30] (computed once per kind and parameters)."""
+        return _numeric_constants(self)[0]
 
     def saturated(self, x: Tensor) -> Tensor:
         """Boolean mask of elements where ``|f'(x)| < 1% · max |f'|`` (``x`` is the activation's input)."""
-        return self.derivative(x).abs() < SATURATION_THRESHOLD * self.max_derivative
+        return self.derivative(x).abs() < self.saturation_threshold
 
     @property
     def is_identity(self) -> bool:
         return self.kind.name == "identity"
 
-    @functools.cached_property
+    @property
     def second_moment(self) -> float:
-        """``E[f(z)^2]`` for ``z ~ N(0, 1)`` by Gauss-Hermite quadrature."""
-        nodes, weights = np.polynomial.hermite_e.hermegauss(_QUADRATURE_POINTS)
-        values = self(torch.from_numpy(nodes)).double().numpy()
-        return float(np.sum(weights * values**2) / math.sqrt(2 * math.pi))
+        """``E[f(z)^2]`` for ``z ~ N(0, 1)`` by Gauss-Hermite quadrature (computed once per kind and parameters)."""
+        return _numeric_constants(self)[1]
 
-    @functools.cached_property
+    @property
     def gain(self) -> float:
         """Numeric init gain ``g = 1 / sqrt(E[f(z)^2])``, ``z ~ N(0, 1)`` (exact √2 for ReLU)."""
         return 1.0 / math.sqrt(self.second_moment)
@@ -151,6 +162,20 @@ class Activation:
             return self.kind.name
         inner = ", ".join(f"{k}={v}" for k, v in self.params)
         return f"{self.kind.name}({inner})"
+
+
+_CONSTANTS: dict[tuple[int, tuple], tuple[float, float]] = {}
+
+
+def _numeric_constants(act: Activation) -> tuple[float, float]:
+    """(max |f'|, E[f(z)^2]) of an activation, memoized by kind and parameters."""
+    key = (id(act.kind), act.params)
+    if key not in _CONSTANTS:
+        max_derivative = float(act.derivative(_GRID).abs().max())
+        nodes, weights = np.polynomial.hermite_e.hermegauss(_QUADRATURE_POINTS)
+        values = act(torch.from_numpy(nodes)).double().numpy()
+        _CONSTANTS[key] = (max_derivative, float(np.sum(weights * values**2) / math.sqrt(2 * math.pi)))
+    return _CONSTANTS[key]
 
 
 _REGISTRY: dict[str, ActivationKind] = {}
@@ -259,6 +284,16 @@ _SELU_ALPHA = 1.6732632423543772
 _SELU_SCALE = 1.0507009873554805
 
 
+def _positive(y: Tensor) -> Tensor:
+    """1.0 where ``y > 0`` else 0.0, in vectorized float ops (bool comparisons are slow on CPU)."""
+    return torch.sign(y).clamp_min_(0)
+
+
+def _inside(y: Tensor, low: float, high: float) -> Tensor:
+    """1.0 where ``low < y < high`` else 0.0, for ``y`` already clipped to ``[low, high]``."""
+    return torch.sign(y - low) * torch.sign(high - y)
+
+
 def _step(x: Tensor, low: float, high: float) -> Tensor:
     return ((x > low) & (x < high)).to(x.dtype)
 
@@ -301,6 +336,7 @@ _BUILTINS = [
         modules=(nn.Identity,),
         init="xavier",
         homogeneous=True,
+        output_derivative=lambda y: torch.ones_like(y),
     ),
     ActivationKind(
         "sigmoid",
@@ -309,6 +345,7 @@ _BUILTINS = [
         modules=(nn.Sigmoid,),
         functions=(torch.sigmoid, F.sigmoid, _T.sigmoid, _T.sigmoid_, torch.sigmoid_),
         init="xavier",
+        output_derivative=lambda y: y * (1 - y),
     ),
     ActivationKind(
         "tanh",
@@ -317,15 +354,17 @@ _BUILTINS = [
         modules=(nn.Tanh,),
         functions=(torch.tanh, F.tanh, _T.tanh, _T.tanh_, torch.tanh_),
         init="xavier",
+        output_derivative=lambda y: 1 - y * y,
     ),
     ActivationKind(
         "relu",
         torch.relu,
-        lambda x: (x > 0).to(x.dtype),
+        _positive,
         modules=(nn.ReLU,),
         functions=(torch.relu, F.relu, F.relu_, torch.relu_, _T.relu, _T.relu_),
         init="kaiming",
         homogeneous=True,
+        output_derivative=lambda y: torch.sign(y),
     ),
     ActivationKind(
         "leaky_relu",
@@ -338,6 +377,7 @@ _BUILTINS = [
         module_params={"negative_slope": "negative_slope"},
         call_params={"negative_slope": (1, "negative_slope")},
         homogeneous=True,
+        output_derivative=lambda y, negative_slope=0.01: _positive(y) * (1 - negative_slope) + negative_slope,
     ),
     ActivationKind(
         "relu6",
@@ -346,6 +386,7 @@ _BUILTINS = [
         modules=(nn.ReLU6,),
         functions=(F.relu6,),
         init="kaiming",
+        output_derivative=lambda y: _inside(y, 0.0, 6.0),
     ),
     ActivationKind(
         "elu",
@@ -356,6 +397,7 @@ _BUILTINS = [
         defaults={"alpha": 1.0},
         module_params={"alpha": "alpha"},
         call_params={"alpha": (1, "alpha")},
+        output_derivative=lambda y, alpha=1.0: _positive(y) * (1 - alpha - y) + y + alpha,
     ),
     ActivationKind(
         "selu",
@@ -364,6 +406,9 @@ _BUILTINS = [
         modules=(nn.SELU,),
         functions=(torch.selu, F.selu, torch.selu_, F.selu_),
         init="lecun",
+        output_derivative=lambda y: (
+            _positive(y) * (_SELU_SCALE - _SELU_SCALE * _SELU_ALPHA - y) + y + _SELU_SCALE * _SELU_ALPHA
+        ),
     ),
     ActivationKind(
         "celu",
@@ -374,6 +419,7 @@ _BUILTINS = [
         defaults={"alpha": 1.0},
         module_params={"alpha": "alpha"},
         call_params={"alpha": (1, "alpha")},
+        output_derivative=lambda y, alpha=1.0: _positive(y) * (-y / alpha) + y / alpha + 1,
     ),
     ActivationKind(
         "gelu",
@@ -410,6 +456,7 @@ _BUILTINS = [
         defaults={"beta": 1.0, "threshold": 20.0},
         module_params={"beta": "beta", "threshold": "threshold"},
         call_params={"beta": (1, "beta"), "threshold": (2, "threshold")},
+        output_derivative=lambda y, beta=1.0, threshold=20.0: -torch.expm1(-beta * y),
     ),
     ActivationKind(
         "hardtanh",
@@ -421,6 +468,7 @@ _BUILTINS = [
         defaults={"min_val": -1.0, "max_val": 1.0},
         module_params={"min_val": "min_val", "max_val": "max_val"},
         call_params={"min_val": (1, "min_val"), "max_val": (2, "max_val")},
+        output_derivative=lambda y, min_val=-1.0, max_val=1.0: _inside(y, min_val, max_val),
     ),
     ActivationKind(
         "hardswish",
@@ -436,6 +484,7 @@ _BUILTINS = [
         modules=(nn.Hardsigmoid,),
         functions=(F.hardsigmoid, torch._C._nn.hardsigmoid),
         init="xavier",
+        output_derivative=lambda y: _inside(y, 0.0, 1.0) / 6,
     ),
     ActivationKind(
         "softsign",
@@ -444,6 +493,7 @@ _BUILTINS = [
         modules=(nn.Softsign,),
         functions=(F.softsign,),
         init="xavier",
+        output_derivative=lambda y: (1 - y.abs()) ** 2,
     ),
 ]
 

@@ -144,7 +144,7 @@ class ActivationProbe:
             return
         for target in self._targets:
             target.row = target.alive = target.pending = target.hist = None
-            if target.activation is not None:
+            if target.activation is not None and target.activation.kind.output_derivative is None:
                 self._handles.append(target.module.register_forward_pre_hook(self._pre_hook(target)))
             self._handles.append(target.module.register_forward_hook(self._hook(target)))
 
@@ -165,15 +165,16 @@ class ActivationProbe:
         def hook(module: nn.Module, args: tuple) -> None:
             if not args or not isinstance(args[0], Tensor):
                 return
-            saturated, units, alive = stats.saturation(args[0], target.activation)
-            target.pending = torch.stack([saturated, units, units.new_zeros(())])
-            target.alive = (
-                alive
-                if target.alive is None or target.alive.shape != alive.shape
-                else torch.maximum(target.alive, alive)
-            )
+            self._record_saturation(target, stats.saturation(args[0], target.activation))
 
         return hook
+
+    @staticmethod
+    def _record_saturation(target: _Target, found: tuple[Tensor, Tensor, Tensor]) -> None:
+        saturated, units, alive = found
+        target.pending = torch.stack([saturated, units, units.new_zeros(())])
+        same = target.alive is not None and target.alive.shape == alive.shape
+        target.alive = torch.maximum(target.alive, alive) if same else alive
 
     def _hook(self, target: _Target) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -182,6 +183,8 @@ class ActivationProbe:
             if not isinstance(output, Tensor) or not output.is_floating_point():
                 return
             values = stats.value_stats(output, self.zero_tol)
+            if target.activation is not None and target.activation.kind.output_derivative is not None:
+                self._record_saturation(target, stats.saturation(output, target.activation, from_output=True))
             extra = target.pending if target.pending is not None else values.new_zeros(3)
             target.pending = None
             row = torch.cat([values, extra])
@@ -197,7 +200,7 @@ class ActivationProbe:
         Modules that did not run this step report an empty row (count 0). Resets the accumulators.
         """
         device = next((t.row.device for t in self._targets if t.row is not None), torch.device("cpu"))
-        empty = torch.tensor([0, 0, 0, float("inf"), float("-inf"), 0, 0, 0, 0, 0], dtype=torch.float64, device=device)
+        empty = stats.empty_row(device)
         rows = (
             torch.stack([t.row if t.row is not None else empty for t in self._targets])
             if self._targets

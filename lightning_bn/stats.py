@@ -20,6 +20,7 @@ __all__ = [
     "FIELDS",
     "REDUCTIONS",
     "combine",
+    "empty_row",
     "figures",
     "histogram",
     "parameter_norms",
@@ -80,9 +81,9 @@ def summarize(
 ) -> Tensor:
     """Summarize ``t`` into one row (see :data:`FIELDS`) on ``t``'s device.
 
-    Mean, std, min and max are taken over the finite elements; ``nonfinite`` counts the others. With an
-    ``activation``, saturation and dead units are judged on ``pre_activation`` (its input; defaults to
-    recomputing nothing and using ``t`` as that input).
+    With an ``activation``, ``t`` is its output; saturation and dead units are judged from ``pre_activation`` (its
+    input) or, for kinds whose derivative is a function of the output (ReLU, sigmoid, tanh, ...), from ``t`` itself.
+    Non-finite elements are counted; when present they also show in mean, std, min and max (NaN/inf), on purpose.
 
     Example::
 
@@ -96,51 +97,82 @@ def summarize(
     row = value_stats(t, zero_tol)
     if activation is None:
         return torch.cat([row, row.new_zeros(3)])
-    saturated, units, alive = saturation(t if pre_activation is None else pre_activation, activation)
+    if pre_activation is None or activation.kind.output_derivative is not None:
+        saturated, units, alive = saturation(t, activation, from_output=True)
+    else:
+        saturated, units, alive = saturation(pre_activation, activation)
     dead = units - alive.sum(dtype=torch.float64)
     return torch.cat([row, torch.stack([saturated, units, dead])])
 
 
-def value_stats(t: Tensor, zero_tol: float = DEFAULT_ZERO_TOL) -> Tensor:
-    """The first seven fields (count .. nonfinite) of a row, as float64 on ``t``'s device."""
+def _float(t: Tensor) -> Tensor:
     x = t.detach()
-    finite = torch.isfinite(x)
-    masked = x.masked_fill(~finite, 0).double()
-    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
-    count = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
-    return torch.stack(
-        [
-            count,
-            masked.sum(),
-            masked.square().sum(),
-            torch.where(finite, x, inf).amin().double() if x.numel() else inf.double(),
-            torch.where(finite, x, -inf).amax().double() if x.numel() else -inf.double(),
-            (masked.abs() <= zero_tol).logical_and(finite).sum(dtype=torch.float64),
-            count - finite.sum(dtype=torch.float64),
-        ]
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _count(x: Tensor) -> Tensor:
+    """Sum of a 0/1 float tensor as float64, exact (float32 partial sums are exact below 2**24 elements)."""
+    return x.sum(dtype=torch.float64) if x.numel() >= 2**24 else x.sum().double()
+
+
+def value_stats(t: Tensor, zero_tol: float = DEFAULT_ZERO_TOL) -> Tensor:
+    """The first seven fields (count .. nonfinite) of a row, as float64 on ``t``'s device.
+
+    Only vectorized float passes (comparisons producing bool are several times slower on CPU): sums are taken
+    around the tensor's own mean so that float32 accumulation keeps full precision, then shifted back in float64.
+    """
+    x = _float(t)
+    n = x.numel()
+    if n == 0:
+        return empty_row(x.device)[:7]
+    flat = x.reshape(-1)
+    center = flat.mean()
+    deviation = flat - center
+    low, high = torch.aminmax(flat)
+    # |x| > tol -> 1 else 0, via threshold + sign (vectorized); NaN first becomes inf so it is not "near zero"
+    above = torch.nn.functional.threshold_(flat.abs().nan_to_num_(nan=math.inf), zero_tol, 0.0).sign_()
+    nonfinite = (flat * 0).nan_to_num_(nan=1.0)  # inf * 0 and nan * 0 are NaN, everything else 0
+    raw = torch.stack(
+        [center, deviation.sum(), torch.dot(deviation, deviation), low, high, above.sum(), nonfinite.sum()]
+    ).double()
+    c, s1, s2 = raw[0], raw[1], raw[2]
+    count = torch.full((), float(n), dtype=torch.float64, device=x.device)
+    # float32 partial sums of 0/1 values are exact below 2**24 elements; beyond, recount in float64
+    counts = raw[5:] if n < 2**24 else torch.stack([above.sum(dtype=torch.float64), nonfinite.sum(dtype=torch.float64)])
+    return torch.cat(
+        [torch.stack([count, s1 + n * c, s2 + 2 * c * s1 + n * c * c]), raw[3:5], count - counts[:1], counts[1:]]
     )
 
 
 def saturation(
-    pre_activation: Tensor, activation: Activation, unit_dim: int | None = None
+    t: Tensor, activation: Activation, unit_dim: int | None = None, *, from_output: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Saturated-element count, unit count, and a per-unit *alive* flag (float, 1 where any sample is unsaturated).
 
-    A unit is dead when it is saturated for every sample of the batch. The alive flags combine exactly across
-    calls and processes by max, which is how :func:`reduce_across_processes` keeps ``dead`` exact under DDP.
+    ``t`` is the activation's input, or its output when ``from_output`` (only for kinds with an
+    ``output_derivative``). An element is saturated where ``|f'| < 1% · max |f'|``; a unit is dead when it is
+    saturated for every sample of the batch. The alive flags combine exactly across calls and processes by max,
+    which is how :func:`reduce_across_processes` keeps ``dead`` exact under DDP.
     """
-    x = pre_activation.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    mask = activation.saturated(x)
+    x = _float(t)
+    threshold = activation.saturation_threshold
+    slope = (activation.derivative_from_output(x) if from_output else activation.derivative(x)).abs_()
+    # |f'| < thr  <=>  relu(thr - |f'|) > 0; sign of that is the 0/1 indicator, all in vectorized float passes
+    saturated = _count(torch.rsub(slope, threshold).relu_().sign_())
     dim = unit_dim_of(x) if unit_dim is None else unit_dim
     units = x.shape[dim] if x.ndim else 1
-    alive = (~mask).movedim(dim, 0).reshape(units, -1).any(dim=1) if x.ndim else (~mask).reshape(1)
-    return (
-        mask.sum(dtype=torch.float64),
-        torch.tensor(float(units), dtype=torch.float64, device=x.device),
-        alive.double(),
-    )
+    reduce_dims = [d for d in range(x.ndim) if d != dim]
+    peak = slope.amax(dim=reduce_dims) if reduce_dims else slope.reshape(-1)
+    alive = (peak >= threshold).double().reshape(-1)
+    return saturated, torch.full((), float(units), dtype=torch.float64, device=x.device), alive
+
+
+def empty_row(device: torch.device | str = "cpu") -> Tensor:
+    """The row of nothing: the identity of :func:`combine` (zero counts, min +inf, max -inf)."""
+    row = torch.zeros(len(FIELDS), dtype=torch.float64, device=device)
+    row[_MIN] = math.inf
+    row[_INDEX["max"]] = -math.inf
+    return row
 
 
 def combine(a: Tensor, b: Tensor) -> Tensor:
@@ -173,17 +205,27 @@ def reduce_across_processes(rows: Tensor, alive: Tensor, group: object | None = 
     return out, maxed[m * k + m :]
 
 
+#: Histograms are taken over at most this many evenly strided elements of a tensor (a faithful picture, cheaply).
+HISTOGRAM_SAMPLE = 16384
+
+
 def histogram(t: Tensor, low: Tensor, high: Tensor, bins: int) -> Tensor:
     """Counts of the finite elements of ``t`` in ``bins`` equal bins over ``[low, high]``, on device, no sync.
 
-    ``low``/``high`` are 0-d tensors (e.g. a row's min/max), so no value needs to reach the host.
+    ``low``/``high`` are 0-d tensors (e.g. a row's min/max), so no value needs to reach the host. Large tensors are
+    subsampled by a stride to :data:`HISTOGRAM_SAMPLE` elements.
     """
-    x = t.detach().reshape(-1).double()
-    width = (high - low).clamp_min(1e-12) / bins
-    index = ((x - low) / width).floor().clamp(0, bins - 1)
-    index = torch.where(torch.isfinite(index), index, torch.zeros_like(index)).long()
-    weight = torch.isfinite(x).double()
-    return torch.zeros(bins, dtype=torch.float64, device=x.device).index_add_(0, index, weight)
+    x = _float(t).reshape(-1)
+    if x.numel() > HISTOGRAM_SAMPLE:
+        x = x[:: -(-x.numel() // HISTOGRAM_SAMPLE)]
+    low, high = low.to(x.dtype), high.to(x.dtype)
+    scale = bins / (high - low).clamp_min(1e-12)
+    valid = (x * 0).nan_to_num_(nan=-1.0).add_(1.0)  # 1 for finite elements, 0 for inf/NaN
+    index = ((x - low) * scale).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(0, bins - 1).long()
+    if x.device.type == "cpu":
+        return torch.bincount(index, weights=valid, minlength=bins).double()
+    # CUDA bincount reads the max index on the host; index_add_ stays on the device
+    return torch.zeros(bins, dtype=x.dtype, device=x.device).index_add_(0, index, valid).double()
 
 
 def figures(row: list[float] | tuple[float, ...]) -> dict[str, float]:
@@ -227,7 +269,7 @@ def parameter_norms(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
 
 
 def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
-    """Combine per-tensor norms into the norm of all of them together."""
-    if math.isinf(norm_type):
-        return norms.amax() if norms.numel() else norms.new_zeros(())
-    return norms.pow(norm_type).sum().pow(1.0 / norm_type)
+    """Combine per-tensor norms into the norm of all of them together (the p-norm of the p-norms)."""
+    if norms.numel() == 0:
+        return norms.new_zeros(())
+    return torch.linalg.vector_norm(norms, ord=norm_type)

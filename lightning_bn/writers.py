@@ -43,11 +43,28 @@ def tensorboard_writers(loggers: Iterable[Any]) -> list[Any]:
 
 
 def log_scalars(loggers: Iterable[Any], metrics: Mapping[str, float], step: int) -> None:
-    """Hand ``metrics`` to every logger (CSV, TensorBoard, W&B, ...)."""
+    """Hand ``metrics`` to every logger (CSV, TensorBoard, W&B, ...).
+
+    A TensorBoard logger gets all of them as one event (one summary with many values) instead of one event per
+    scalar: with ~100 per-layer figures that is the difference between one queue hand-off and a hundred.
+    """
     if not metrics:
         return
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     for logger in loggers:
-        logger.log_metrics(dict(metrics), step=step)
+        if isinstance(logger, TensorBoardLogger):
+            _write_summary(logger, metrics, step)
+        else:
+            logger.log_metrics(dict(metrics), step=step)
+
+
+def _write_summary(logger: Any, metrics: Mapping[str, float], step: int) -> None:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
+    values = [Summary.Value(tag=f"{prefix}{key}", simple_value=float(value)) for key, value in metrics.items()]
+    logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
 
 
 def log_histograms(writers: Sequence[Any], prefix: str, histograms: Sequence[Mapping[str, Any]], step: int) -> None:

@@ -120,3 +120,11 @@ def test_user_registered_kind_is_used_everywhere():
     assert act.saturated(torch.tensor([0.0, 10.0])).tolist() == [True, False]  # 3x² vs 1% of max 2700
     with pytest.raises(ValueError, match="cube_test"):
         register_activation(ActivationKind("cube_test", lambda x: x**3))
+
+
+@pytest.mark.parametrize("name", [n for n in REQUIRED if get_activation(n).kind.output_derivative is not None])
+def test_output_derivative_agrees_with_the_input_derivative(name):
+    """Where f' is written from the output, it equals f'(x) at y = f(x) (same saturation, cheaper to judge)."""
+    act = get_activation(name)
+    x = torch.linspace(-12, 12, 4801, dtype=torch.float64)
+    torch.testing.assert_close(act.derivative_from_output(act(x)), act.derivative(x), atol=1e-9, rtol=1e-7)

@@ -161,8 +161,8 @@ class GradientMonitor(PeriodicMonitor):
         weight = stats.parameter_norms(pending["params"], self.norm_type)
         parts = [grad, weight, stats.total_norm(grad, self.norm_type).reshape(1)]
         if self.update_ratio:
-            deltas = torch._foreach_sub([p.detach() for p in pending["params"]], pending["before"])
-            parts.append(stats.parameter_norms(deltas, self.norm_type))
+            torch._foreach_sub_(pending["before"], [p.detach() for p in pending["params"]])  # in place: Δw
+            parts.append(stats.parameter_norms(pending["before"], self.norm_type))
         parts += [torch.cat([h[2], h[3]]) for h in pending["hists"]]
         host = torch.cat([t.to(grad.device) for t in parts]).cpu().tolist()  # the one transfer
         n = len(names)
