@@ -49,6 +49,7 @@ class SyncCounter:
 
     def __init__(self) -> None:
         self.per_step: dict[int, int] = {}
+        self.where: dict[int, list[str]] = {}
         self.start, self.end = self._Start(self), self._End(self)
 
     class _Start(Callback):
@@ -71,9 +72,10 @@ class SyncCounter:
             self.counter.catcher.__exit__(None, None, None)
             syncs = [w for w in self.counter.records if "synchroniz" in str(w.message).lower()]
             self.counter.per_step[self.counter.step] = len(syncs)
+            self.counter.where[self.counter.step] = [f"{w.filename}:{w.lineno}" for w in syncs]
 
 
-def run(callbacks: list[Callback], steps: int, tmp: str) -> dict[int, int]:
+def run(callbacks: list[Callback], steps: int, tmp: str) -> tuple[dict[int, int], dict[int, list[str]]]:
     torch.manual_seed(0)
     n = 256 * steps
     data = TensorDataset(torch.randn(n, 512, device="cuda"), torch.randint(0, 10, (n,), device="cuda"))
@@ -89,7 +91,7 @@ def run(callbacks: list[Callback], steps: int, tmp: str) -> dict[int, int]:
         enable_model_summary=False,
     )
     trainer.fit(Model(), DataLoader(data, batch_size=256))
-    return counter.per_step
+    return counter.per_step, counter.where
 
 
 def main() -> None:
@@ -98,8 +100,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        base = run([], args.steps, tmp)
-        monitored = run(
+        base, _ = run([], args.steps, tmp)
+        monitored, where = run(
             [ActivationMonitor(every_n_steps=args.every), GradientMonitor(every_n_steps=args.every)], args.steps, tmp
         )
     logging = [s for s in monitored if s % args.every == 0]
@@ -118,6 +120,7 @@ def main() -> None:
             indent=1,
         )
     )
+    print("where the logging step syncs:", where.get(args.every, []))
     print("max extra syncs on non-logging steps:", max(extra_quiet.values(), default=0))
     print("extra syncs on logging steps:", sorted(set(extra_logging.values())))
 

@@ -169,10 +169,9 @@ def saturation(
 
 def empty_row(device: torch.device | str = "cpu") -> Tensor:
     """The row of nothing: the identity of :func:`combine` (zero counts, min +inf, max -inf)."""
-    row = torch.zeros(len(FIELDS), dtype=torch.float64, device=device)
-    row[_MIN] = math.inf
-    row[_INDEX["max"]] = -math.inf
-    return row
+    column = torch.arange(len(FIELDS), device=device)
+    # built with kernels only: item assignment of a Python float would be a synchronizing copy on CUDA
+    return torch.where(column == _MIN, math.inf, torch.where(column == _INDEX["max"], -math.inf, 0.0)).double()
 
 
 def combine(a: Tensor, b: Tensor) -> Tensor:
