@@ -7,9 +7,11 @@ from lightning_bn.activations import (
     get_activation,
     register_activation,
 )
-from lightning_bn.callbacks import ActivationMonitor, GradientMonitor
+from lightning_bn.callbacks import ActivationMonitor, AutoInit, GradientMonitor
+from lightning_bn.init import LayerTrace, init_layer_, lsuv_, trace_activations, zero_init_residual_
 from lightning_bn.probes import ActivationProbe, select_modules
 from lightning_bn.stats import figures, summarize
+from lightning_bn.wrapper import Report, prepare
 
 __version__ = "0.1.0"
 
@@ -18,11 +20,19 @@ __all__ = [
     "ActivationKind",
     "ActivationMonitor",
     "ActivationProbe",
+    "AutoInit",
     "GradientMonitor",
+    "LayerTrace",
+    "Report",
     "available_activations",
     "figures",
     "get_activation",
+    "init_layer_",
+    "lsuv_",
+    "prepare",
     "register_activation",
     "select_modules",
     "summarize",
+    "trace_activations",
+    "zero_init_residual_",
 ]

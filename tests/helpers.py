@@ -136,3 +136,20 @@ def event_tags(logdir) -> dict[str, list[str]]:
             if isinstance(names, list):
                 tags.setdefault(kind, []).extend(names)
     return tags
+
+
+def run_ddp_script(name: str, *args: str, timeout: int = 240) -> None:
+    """Run ``tests/ddp_scripts/<name>`` as its own program: Lightning's ``strategy="ddp"`` re-launches that script
+    for rank 1, which is why DDP tests cannot run inside the pytest process itself."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    script = root / "tests" / "ddp_scripts" / name
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

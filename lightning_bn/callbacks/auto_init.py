@@ -1,0 +1,122 @@
+"""AutoInit: initialize the LightningModule to match its activations when fitting starts.
+
+Runs :func:`lightning_bn.wrapper.prepare` in ``setup`` (before optimizers exist and before DDP wraps the model) and
+logs the report on rank zero: printed, and as TensorBoard text ``lightning_bn/init_report`` when that logger is present.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from lightning_bn import writers
+from lightning_bn.wrapper import Report, prepare, validate_options
+
+#: TensorBoard text tag of the report.
+REPORT_TAG = "lightning_bn/init_report"
+
+
+class AutoInit(Callback):
+    r"""Initialize every Linear / Conv / Embedding / RNN layer for the activation that follows it, once, at fit start.
+
+    The activations are found by one traced forward pass on an example input (``example_input`` or the module's
+    ``example_input_array``); see :func:`lightning_bn.wrapper.prepare` for the schemes. Because ``setup`` runs before
+    a checkpoint is restored, ``trainer.fit(ckpt_path=...)`` ends with the checkpoint's weights. All processes draw
+    from a generator seeded identically (``seed``, else rank zero's ``torch.initial_seed()``), so under DDP every rank
+    starts from the same weights.
+
+    Args:
+        init: ``"auto"``, ``"lsuv"`` or a scheme (``"xavier"``, ``"kaiming"``, ``"lecun"``, ``"orthogonal"``,
+            ``"numeric"``).
+        norm: reserved for norm insertion; only ``None`` for now.
+        example_input: a Tensor, tuple of args or dict of kwargs for ``forward``; default: ``example_input_array``.
+        overrides: glob pattern on qualified layer names -> scheme or ``"skip"``.
+        zero_init_residual: zero the weight of the last norm in each residual branch.
+        distribution: ``"normal"``, ``"uniform"`` or ``"truncated_normal"``.
+        mode: ``"fan_in"`` or ``"fan_out"``.
+        seed: seed of the init's random draws; default: ``torch.initial_seed()`` of rank zero.
+
+    Raises:
+        MisconfigurationException: for a bad argument (at construction), or at fit start when there is no example
+            input or :func:`~lightning_bn.wrapper.prepare` rejects the model.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_bn.callbacks.auto_init import AutoInit
+        >>> trainer = Trainer(callbacks=[AutoInit(init="auto")])
+    """
+
+    def __init__(
+        self,
+        init: str = "auto",
+        norm: Any = None,
+        example_input: Any = None,
+        overrides: dict[str, str] | None = None,
+        zero_init_residual: bool = False,
+        distribution: str = "normal",
+        mode: str = "fan_in",
+        seed: int | None = None,
+    ) -> None:
+        try:
+            validate_options(init, norm, overrides, distribution, mode)
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(f"`AutoInit`: {err}") from err
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise MisconfigurationException(f"Expected `seed` to be an integer or None but got {seed!r}")
+        self.init = init
+        self.norm = norm
+        self.example_input = example_input
+        self.overrides = overrides
+        self.zero_init_residual = zero_init_residual
+        self.distribution = distribution
+        self.mode = mode
+        self.seed = seed
+        self.report: Report | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._prepare(trainer, pl_module)
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.report is not None:
+            return  # a second `fit` continues from trained weights
+        example = self.example_input
+        if example is None:
+            example = getattr(pl_module, "example_input_array", None)
+        if example is None:
+            raise MisconfigurationException(
+                f"`AutoInit` needs an example input to trace {type(pl_module).__name__}: set "
+                "`self.example_input_array = torch.randn(batch, ...)` in the LightningModule's `__init__`, or pass "
+                "`AutoInit(example_input=...)` (a Tensor, a tuple of args or a dict of kwargs)"
+            )
+        seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
+        try:
+            self.report = prepare(
+                pl_module,
+                example,
+                init=self.init,
+                norm=self.norm,
+                overrides=self.overrides,
+                distribution=self.distribution,
+                mode=self.mode,
+                zero_init_residual=self.zero_init_residual,
+                seed=int(seed),
+            )
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(f"`AutoInit`: {err}") from err
+        if trainer.is_global_zero:
+            self._log(trainer, self.report)
+
+    def _log(self, trainer: pl.Trainer, report: Report) -> None:
+        rank_zero_info(f"AutoInit:\n{report}")
+        # four leading spaces: TensorBoard renders text as Markdown, and this keeps the table's columns
+        text = "\n".join(f"    {line}" for line in str(report).splitlines())
+        writers.log_text(writers.tensorboard_writers(trainer.loggers), REPORT_TAG, text, step=0)

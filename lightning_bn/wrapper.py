@@ -1,0 +1,371 @@
+"""``prepare(model, ...)``: detect the activations, validate the plan, initialize, and return a :class:`Report`.
+
+Every change is planned and checked before the model is touched: a bad argument, an example input that fails in
+``forward``, a model with nothing to initialize or an override that matches no layer raises with the model's
+``state_dict`` unchanged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from lightning_bn.activations import Activation, get_activation
+from lightning_bn.init import (
+    LAYER_TYPES,
+    SCHEMES,
+    LayerTrace,
+    init_layer_,
+    output_stds,
+    rescale_to_unit_variance_,
+    trace_activations,
+    zero_init_residual_,
+)
+
+__all__ = ["INIT_CHOICES", "OVERRIDE_CHOICES", "LayerReport", "Report", "Skipped", "prepare", "validate_options"]
+
+#: What ``init=`` accepts: ``"auto"`` (per layer, from the activation), ``"lsuv"``, or one scheme for every layer.
+INIT_CHOICES = ("auto", "lsuv", *SCHEMES)
+#: What an ``overrides`` value accepts: any ``init`` choice, or ``"skip"`` to leave the layer as it is.
+OVERRIDE_CHOICES = (*INIT_CHOICES, "skip")
+_DISTRIBUTIONS = ("normal", "uniform", "truncated_normal")
+_MODES = ("fan_in", "fan_out")
+
+
+@dataclass
+class LayerReport:
+    """One row of the report: what was found for a layer and what was done to it."""
+
+    layer: str
+    type: str
+    shape: tuple[int, ...]
+    activation: str
+    how: str
+    scheme: str
+    gain: float
+    std_before: float
+    std_after: float
+    through: list[str] = field(default_factory=list)
+    corrected: bool = False
+
+
+class Skipped(NamedTuple):
+    """A layer ``prepare`` left as it was, and why."""
+
+    layer: str
+    reason: str
+
+
+@dataclass
+class Report:
+    """What :func:`prepare` found and did: per-layer rows, skipped layers, and the changes in words.
+
+    ``std_before``/``std_after`` are the standard deviation of the layer's output (before its activation) on the
+    example input, in eval mode.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        >>> report = prepare(net, torch.randn(64, 8))
+        >>> [(row.layer, row.activation, row.scheme) for row in report.layers]
+        [('0', 'relu', 'kaiming'), ('2', 'identity', 'xavier')]
+        >>> print(str(report).splitlines()[0])  # doctest: +NORMALIZE_WHITESPACE
+        layer  type    output shape  activation (found by)  scheme   gain   std before -> after
+    """
+
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [asdict(row) for row in self.layers],
+            "skipped": [s._asdict() for s in self.skipped],
+            "changes": list(self.changes),
+        }
+
+    def __str__(self) -> str:
+        header = ("layer", "type", "output shape", "activation (found by)", "scheme", "gain", "std before -> after")
+        rows = [
+            (
+                r.layer,
+                r.type,
+                "x".join(map(str, r.shape)),
+                f"{r.activation} ({r.how})",
+                r.scheme + ("+rescaled" if r.corrected else ""),
+                f"{r.gain:.3f}",
+                f"{r.std_before:.3g} -> {r.std_after:.3g}",
+            )
+            for r in self.layers
+        ]
+        widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *rows]]
+        lines += [f"skipped {s.layer}: {s.reason}" for s in self.skipped]
+        lines += [f"- {change}" for change in self.changes]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Plan:
+    name: str
+    module: nn.Module
+    trace: LayerTrace
+    scheme: str
+    activation: Activation
+    lsuv: bool = False
+    correct: bool = False
+    gain: float = math.nan
+
+
+def validate_options(
+    init: Any,
+    norm: Any = None,
+    overrides: Any = None,
+    distribution: Any = "normal",
+    mode: Any = "fan_in",
+) -> None:
+    """Check ``prepare``'s options without a model.
+
+    Raises:
+        ValueError: naming the bad value and the values allowed.
+        TypeError: for an ``overrides`` that is not a mapping of patterns to schemes.
+    """
+    if init not in INIT_CHOICES:
+        raise ValueError(f"Expected `init` to be one of {list(INIT_CHOICES)} but got {init!r}")
+    if norm is not None:
+        raise ValueError(f"Expected `norm=None`: norm insertion not available yet, but got norm={norm!r}")
+    if distribution not in _DISTRIBUTIONS:
+        raise ValueError(f"Expected `distribution` to be one of {list(_DISTRIBUTIONS)} but got {distribution!r}")
+    if mode not in _MODES:
+        raise ValueError(f"Expected `mode` to be one of {list(_MODES)} but got {mode!r}")
+    if overrides is None:
+        return
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"Expected `overrides` to be a dict of glob pattern -> scheme but got {overrides!r}")
+    for pattern, scheme in overrides.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"Expected each `overrides` key to be a glob pattern (str) but got {pattern!r}")
+        if scheme not in OVERRIDE_CHOICES:
+            raise ValueError(
+                f"Expected `overrides[{pattern!r}]` to be one of {list(OVERRIDE_CHOICES)} but got {scheme!r}"
+            )
+
+
+def _example_input(model: nn.Module, example_input: Any) -> Any:
+    if example_input is not None:
+        return example_input
+    found = getattr(model, "example_input_array", None)
+    if found is None:
+        raise ValueError(
+            f"`prepare` needs an example input to run {type(model).__name__} once: pass `example_input=` (a Tensor, "
+            "a tuple of args or a dict of kwargs), or set `self.example_input_array` in the LightningModule"
+        )
+    return found
+
+
+def _init_activation(trace: LayerTrace) -> Activation:
+    """The activation whose gain initializes the layer: an RNN's own nonlinearity, else the one found after it."""
+    if isinstance(trace.module, nn.RNNBase):
+        return get_activation(getattr(trace.module, "nonlinearity", None))
+    return trace.activation
+
+
+def _choose(choice: str, activation: Activation) -> tuple[str, bool, bool]:
+    """``(scheme, lsuv, correct)`` for one layer."""
+    if choice == "lsuv":
+        return "orthogonal", True, False
+    if choice == "auto":
+        scheme = activation.kind.init
+        return scheme, False, scheme == "numeric" and not activation.kind.homogeneous
+    return choice, False, False
+
+
+def _plan(
+    model: nn.Module, traces: dict[str, LayerTrace], init: str, overrides: Mapping[str, str]
+) -> tuple[list[_Plan], list[Skipped]]:
+    layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, LAYER_TYPES)]
+    for pattern in overrides:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in layers):
+            raise ValueError(
+                f"Expected `overrides` pattern {pattern!r} to match a layer of {type(model).__name__}, but it matches "
+                f"none of {[n for n, _ in layers]}"
+            )
+    plans: list[_Plan] = []
+    skipped: list[Skipped] = []
+    for name, trace in traces.items():
+        choice = next((s for p, s in overrides.items() if fnmatch.fnmatchcase(name, p)), init)
+        if choice == "skip":
+            skipped.append(Skipped(name, "override 'skip'"))
+            continue
+        activation = _init_activation(trace)
+        scheme, lsuv, correct = _choose(choice, activation)
+        if lsuv and isinstance(trace.module, nn.RNNBase):
+            lsuv = False
+        plans.append(_Plan(name, trace.module, trace, scheme, activation, lsuv=lsuv, correct=correct))
+    skipped += [Skipped(n, "not called by forward on the example input") for n, _ in layers if n not in traces]
+    return plans, skipped
+
+
+def _generators(model: nn.Module, seed: int | None) -> dict[torch.device, torch.Generator]:
+    if seed is None:
+        return {}
+    devices = {p.device for p in model.parameters()}
+    return {d: torch.Generator(device=d).manual_seed(seed) for d in devices}
+
+
+def prepare(
+    model: nn.Module,
+    example_input: Any = None,
+    init: str = "auto",
+    norm: Any = None,
+    overrides: dict[str, str] | None = None,
+    *,
+    distribution: str = "normal",
+    mode: str = "fan_in",
+    zero_init_residual: bool = False,
+    tol: float = 0.1,
+    max_iters: int = 10,
+    seed: int | None = None,
+) -> Report:
+    """Initialize ``model`` in place to match the activation after each layer, and report what was done.
+
+    Steps: validate the options -> trace the activations (:func:`~lightning_bn.init.trace_activations`) -> plan a
+    scheme per layer -> validate the plan -> initialize -> data-driven rescaling where planned -> :class:`Report`.
+    Nothing is changed until every check has passed, and a failure while changing restores the ``state_dict``.
+
+    ``init="auto"`` asks the registry per layer: Xavier for tanh / sigmoid / identity (logits), He for the ReLU family,
+    LeCun for SELU, and the numeric gain otherwise (GELU, SiLU, Mish, ELU, user-registered kinds); since no fixed gain
+    holds the variance at depth for activations that are not positively homogeneous, those layers are then rescaled in
+    forward order to unit output variance on the example input (one LSUV-style pass; ``+rescaled`` in the report).
+    ``init="lsuv"`` is full LSUV (Mishkin & Matas 2016); a scheme name applies that scheme to every layer with the
+    detected activation's gain. Biases are zeroed.
+
+    Args:
+        model: an ``nn.Module`` or LightningModule.
+        example_input: a Tensor, tuple of args or dict of kwargs for ``forward``; default:
+            ``model.example_input_array``.
+        init: ``"auto"``, ``"lsuv"`` or a scheme of :data:`lightning_bn.init.SCHEMES`.
+        norm: reserved for norm insertion; only ``None`` for now.
+        overrides: glob pattern on qualified layer names -> ``init`` choice or ``"skip"``; the first match wins.
+        distribution: ``"normal"``, ``"uniform"`` or ``"truncated_normal"``.
+        mode: ``"fan_in"`` or ``"fan_out"``.
+        zero_init_residual: zero the weight of the last norm in each residual branch found by the trace.
+        tol: tolerance on the unit output variance of the data-driven rescaling.
+        max_iters: rescaling passes per layer.
+        seed: seed a private generator for the random draws (same seed, same weights on every process);
+            ``None`` draws from the global generator.
+
+    Returns:
+        a :class:`Report`.
+
+    Raises:
+        ValueError: for an unknown scheme / distribution / mode, a ``norm``, no example input, an example input that
+            fails in ``forward``, a model without a layer to initialize, or an override pattern matching no layer.
+        TypeError: for ``overrides`` that is not a dict of patterns.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+        >>> report = prepare(net, torch.randn(128, 16), overrides={"4": "lecun"})
+        >>> [row.scheme for row in report.layers]
+        ['xavier', 'xavier', 'lecun']
+    """
+    validate_options(init, norm, overrides, distribution, mode)
+    overrides = dict(overrides or {})
+    if not any(isinstance(m, LAYER_TYPES) for m in model.modules()):
+        raise ValueError(
+            f"Found no layer to initialize in {type(model).__name__}: expected a Linear, Conv, ConvTranspose, "
+            "Embedding or RNN module"
+        )
+    example_input = _example_input(model, example_input)
+    traces = trace_activations(model, example_input)
+    plans, skipped = _plan(model, traces, init, overrides)
+    if not plans:
+        raise ValueError(
+            f"Found no layer to initialize in {type(model).__name__}: none ran on the example input or all were "
+            f"skipped ({[s.layer for s in skipped]})"
+        )
+    # Norm insertion (next issue) plans here: after the layer plan is validated, before anything is mutated.
+    names = [p.name for p in plans]
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        changes = _apply(
+            model, example_input, plans, traces, distribution, mode, zero_init_residual, tol, max_iters, seed
+        )
+    except BaseException:
+        model.load_state_dict(snapshot)
+        raise
+    after = output_stds(model, example_input, names)
+    return Report(
+        layers=[_row(p, after) for p in plans],
+        skipped=skipped,
+        changes=changes,
+    )
+
+
+def _layers(count: int) -> str:
+    return f"{count} layer" if count == 1 else f"{count} layers"
+
+
+def _apply(
+    model: nn.Module,
+    example_input: Any,
+    plans: list[_Plan],
+    traces: dict[str, LayerTrace],
+    distribution: str,
+    mode: str,
+    zero_init_residual: bool,
+    tol: float,
+    max_iters: int,
+    seed: int | None,
+) -> list[str]:
+    generators = _generators(model, seed)
+    gains: dict[str, float] = {}
+    for plan in plans:
+        generator = generators.get(next(plan.module.parameters()).device)
+        gain = 1.0 if plan.lsuv else None
+        gains[plan.name] = init_layer_(plan.module, plan.scheme, plan.activation, distribution, mode, gain, generator)
+    for plan in plans:
+        plan.gain = gains[plan.name]
+    schemes = sorted({p.scheme for p in plans})
+    changes = [f"initialized {_layers(len(plans))} ({', '.join(schemes)}); biases zeroed"]
+    if zero_init_residual:
+        zeroed = zero_init_residual_(model, traces)
+        changes.append(f"zeroed the weight of the last norm in {len(zeroed)} residual branches: {zeroed}")
+    rescale = [p.name for p in plans if p.lsuv or p.correct]
+    if rescale:
+        rescale_to_unit_variance_(model, example_input, rescale, tol=tol, max_iters=max_iters)
+        lsuv = [p.name for p in plans if p.lsuv]
+        corrected = [p.name for p in plans if p.correct]
+        if lsuv:
+            changes.append(f"LSUV: rescaled {_layers(len(lsuv))} to unit output variance on the example input")
+        if corrected:
+            kinds = sorted({p.activation.name for p in plans if p.correct})
+            changes.append(
+                f"rescaled {_layers(len(corrected))} before {', '.join(kinds)} to unit output variance on the example "
+                "input (not positively homogeneous: no fixed gain holds the variance at depth)"
+            )
+    return changes
+
+
+def _row(plan: _Plan, after: dict[str, float]) -> LayerReport:
+    trace = plan.trace
+    return LayerReport(
+        layer=plan.name,
+        type=type(plan.module).__name__,
+        shape=trace.output_shape,
+        activation=trace.activation.describe(),
+        how=trace.how,
+        scheme="lsuv" if plan.lsuv else plan.scheme,
+        gain=plan.gain,
+        std_before=trace.output_std,
+        std_after=after.get(plan.name, math.nan),
+        through=list(trace.through),
+        corrected=plan.correct,
+    )

@@ -1,0 +1,278 @@
+"""`prepare()` and its Report (lightning_bn.wrapper), and the AutoInit callback (lightning_bn.callbacks.auto_init)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_bn.callbacks.auto_init import REPORT_TAG, AutoInit
+from lightning_bn.init import output_stds
+from lightning_bn.wrapper import Report, prepare
+from tests.helpers import BoringClassifier, digits_data, event_tags, mlp, trainer
+from tests.test_init import resnet18
+
+
+class FunctionalMLP(nn.Module):
+    """Linear layers with the activation called as a function inside `forward` (e.g. ``F.silu``)."""
+
+    def __init__(self, depth: int, width: int, act, in_features: int = 64, out_features: int = 10) -> None:
+        super().__init__()
+        sizes = [in_features] + [width] * depth
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.head = nn.Linear(width, out_features)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.hidden:
+            x = self.act(layer(x))
+        return self.head(x)
+
+
+def hidden_layers(net: nn.Module) -> list[str]:
+    linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    return linears[:-1]
+
+
+def std_ratio(net: nn.Module, x: torch.Tensor) -> float:
+    """Std of the last hidden Linear's output over the first's (pre-activation), on ``x``."""
+    names = hidden_layers(net)
+    stds = output_stds(net, x, names)
+    return stds[names[-1]] / stds[names[0]]
+
+
+def xavier_(net: nn.Module) -> None:
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+DEEP_NETS = {
+    "relu": lambda: mlp(30, 256, nn.ReLU),
+    "tanh": lambda: mlp(20, 256, nn.Tanh),
+    "gelu": lambda: mlp(20, 256, nn.GELU),
+    "silu": lambda: FunctionalMLP(20, 256, F.silu),
+    "selu": lambda: mlp(20, 256, nn.SELU),
+}
+
+
+@pytest.mark.parametrize("start", ["xavier", "pytorch_default"])
+@pytest.mark.parametrize("kind", list(DEEP_NETS))
+def test_prepare_holds_the_signal_at_depth(kind, start):
+    """Hidden std ratio last/first within [0.5, 2] after prepare(init="auto"); Xavier under ReLU is below 1/100.
+
+    "Hidden std" is the std of each hidden Linear's output (the pre-activation) on a unit-variance input of 128
+    samples: that is the quantity the schemes hold constant, and it is defined the same way for every activation.
+    """
+    torch.manual_seed(0)
+    net = DEEP_NETS[kind]()
+    if start == "xavier":
+        xavier_(net)
+    x = torch.randn(128, 64)
+    before = std_ratio(net, x)
+    if kind == "relu" and start == "xavier":
+        assert before < 0.01
+    report = prepare(net, x, init="auto")
+    after = std_ratio(net, x)
+    assert 0.5 <= after <= 2.0, f"{kind} from {start}: ratio {before:.3g} -> {after:.3g}"
+    assert report.layers[0].activation.startswith(kind)
+    assert report.layers[-1].activation == "identity"
+
+
+def test_auto_picks_the_scheme_from_the_registry_and_says_so():
+    """Scheme per layer: Xavier for tanh and logits, He for ReLU, LeCun for SELU, numeric + rescaling for GELU."""
+    net = nn.Sequential(
+        nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.SELU(),
+        nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4),
+    )  # fmt: skip
+    report = prepare(net, torch.randn(64, 16))
+    assert [(r.activation, r.how, r.scheme, r.corrected) for r in report.layers] == [
+        ("tanh", "module", "xavier", False),
+        ("relu", "module", "kaiming", False),
+        ("selu", "module", "lecun", False),
+        ("gelu(approximate=none)", "module", "numeric", True),
+        ("identity", "output", "xavier", False),
+    ]
+    assert report.layers[1].gain == pytest.approx(2**0.5)
+    assert any("gelu" in change and "rescaled 1 layer " in change for change in report.changes)
+    assert net[0].bias.abs().max().item() == 0.0
+
+
+def test_report_prints_a_table_and_converts_to_a_dict():
+    """str(report) is a table with one line per layer and std before -> after; to_dict holds the same rows."""
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 2))
+    report = prepare(net, torch.randn(32, 8), overrides={"2": "skip"})
+    text = str(report)
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["layer", "type", "output"]
+    assert lines[1].startswith("0 ") and "relu (module)" in lines[1] and "kaiming" in lines[1] and "->" in lines[1]
+    assert "skipped 2: override 'skip'" in text
+    data = report.to_dict()
+    assert [row["layer"] for row in data["layers"]] == ["0", "3"]
+    assert data["skipped"] == [{"layer": "2", "reason": "override 'skip'"}]
+    row = data["layers"][0]
+    assert row["shape"] == (32, 16) and row["std_after"] == pytest.approx(report.layers[0].std_after)
+    assert isinstance(report, Report) and report.changes
+
+
+def test_overrides_by_glob_and_lsuv():
+    """Glob overrides pick the scheme per layer (first match wins); "lsuv" reaches unit output variance."""
+    torch.manual_seed(0)
+    net = FunctionalMLP(4, 64, torch.tanh, in_features=16)
+    x = torch.randn(256, 16)
+    report = prepare(net, x, init="lsuv", overrides={"hidden.0": "kaiming", "hidden.*": "xavier"})
+    schemes = {r.layer: r.scheme for r in report.layers}
+    assert schemes == {"hidden.0": "kaiming", "hidden.1": "xavier", "hidden.2": "xavier", "hidden.3": "xavier"} | {
+        "head": "lsuv"
+    }
+    assert abs(report.layers[-1].std_after ** 2 - 1) <= 0.1
+
+
+def test_prepare_is_reproducible_with_a_seed():
+    """The same seed gives the same weights whatever the global RNG state."""
+    weights = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        net = mlp(3, 32, nn.GELU, in_features=8)
+        torch.manual_seed(global_seed * 100)
+        prepare(net, torch.ones(16, 8).cumsum(0), seed=7)
+        weights.append(net.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def _state(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+class NoLayers(nn.Module):
+    def forward(self, x):
+        return torch.relu(x)
+
+
+BAD_CALLS = {
+    "unknown scheme": (lambda: mlp(2, 8, in_features=4), {"init": "he_uniform"}, ValueError, "'he_uniform'"),
+    "forward fails": (lambda: mlp(2, 8, in_features=4), {"example_input": torch.randn(3, 5)}, ValueError, "mat1"),
+    "no layer": (NoLayers, {}, ValueError, "NoLayers"),
+    "override matches nothing": (lambda: mlp(2, 8, in_features=4), {"overrides": {"enc*": "xavier"}}, ValueError,
+                                 "'enc\\*'"),
+    "bad override value": (lambda: mlp(2, 8, in_features=4), {"overrides": {"0": "zeros"}}, ValueError, "'zeros'"),
+    "norm given": (lambda: mlp(2, 8, in_features=4), {"norm": "batch"}, ValueError, "not available yet"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input_raises_naming_the_value_and_leaves_the_model_untouched(case):
+    """Each bad call raises an error naming the value; the state_dict is bit-identical to before."""
+    build, kwargs, error, match = BAD_CALLS[case]
+    torch.manual_seed(0)
+    net = build()
+    before = _state(net)
+    kwargs = {"example_input": torch.randn(3, 4)} | kwargs
+    with pytest.raises(error, match=match):
+        prepare(net, **kwargs)
+    after = net.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_example_input_from_example_input_array_or_a_clear_error():
+    """A LightningModule's example_input_array is used when none is given; without one the error says how."""
+    module = BoringClassifier(mlp(2, 16))
+    report = prepare(module)
+    assert report.layers[0].layer == "net.0" and report.layers[0].shape == (32, 16)
+    with pytest.raises(ValueError, match="example_input_array"):
+        prepare(mlp(2, 16))
+
+
+def test_prepare_resnet18_is_fast():
+    """prepare on a ResNet-18 (11.7 M parameters, 2 x 3 x 64 x 64 input) takes under 5 s on CPU."""
+    torch.manual_seed(0)
+    net = resnet18()
+    x = torch.randn(2, 3, 64, 64)
+    start = time.perf_counter()
+    report = prepare(net, x, zero_init_residual=True)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5.0, f"prepare took {elapsed:.2f} s"
+    assert len(report.layers) == 21  # 20 convs + fc
+    assert sum(p.numel() for p in net.parameters()) > 11_000_000
+    assert net.layers[0].bn2.weight.abs().max().item() == 0.0
+    assert net.layers[2].downsample[1].weight.min().item() == 1.0
+
+
+# ---- AutoInit -----------------------------------------------------------------------------------------------------
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def _fit_digits(tmp_path, callbacks, steps: int = 60) -> list[float]:
+    train, val = digits_data()
+    torch.manual_seed(0)
+    module = BoringClassifier(mlp(20, 64, nn.Tanh), lr=0.05, batch_size=64, data=train, val_data=val)
+    recorder = LossRecorder()
+    trainer(tmp_path, max_steps=steps, callbacks=[*callbacks, recorder], logger=False).fit(module)
+    return recorder.losses
+
+
+def test_autoinit_trains_a_deep_tanh_mlp_to_a_lower_loss(tmp_path):
+    """20-layer tanh MLP on digits, same seed and steps: AutoInit ends at a clearly lower loss than PyTorch's init."""
+    plain = _fit_digits(tmp_path / "plain", [])
+    auto = _fit_digits(tmp_path / "auto", [AutoInit(seed=0)])
+    plain_end, auto_end = sum(plain[-10:]) / 10, sum(auto[-10:]) / 10
+    assert len(plain) == len(auto) == 60
+    assert auto_end < 0.75 * plain_end, f"AutoInit {auto_end:.3f} vs default {plain_end:.3f}"
+
+
+def test_autoinit_logs_the_report_to_tensorboard(tmp_path):
+    """With a TensorBoardLogger the report is written as text `lightning_bn/init_report`, and kept on the callback."""
+    callback = AutoInit()
+    module = BoringClassifier(mlp(3, 16))
+    logger = TensorBoardLogger(tmp_path)
+    trainer(tmp_path, max_steps=1, callbacks=[callback], logger=logger).fit(module)
+    assert callback.report is not None and [r.layer for r in callback.report.layers][:2] == ["net.0", "net.2"]
+    assert any(tag.startswith(REPORT_TAG) for tag in event_tags(tmp_path).get("tensors", []))
+
+
+def test_autoinit_resume_ends_with_the_checkpoint_weights(tmp_path):
+    """trainer.fit(ckpt_path=...) with AutoInit restores the checkpoint's weights after the init ran in setup."""
+    torch.manual_seed(0)
+    module = BoringClassifier(mlp(3, 16))
+    first = trainer(tmp_path, max_steps=3, callbacks=[AutoInit()])
+    first.fit(module)
+    ckpt = tmp_path / "last.ckpt"
+    first.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+
+    torch.manual_seed(1)
+    fresh = BoringClassifier(mlp(3, 16))
+    callback = AutoInit()
+    # max_steps reached already: the resumed fit takes no step, so its weights are what the restore left
+    trainer(tmp_path, max_steps=3, callbacks=[callback]).fit(fresh, ckpt_path=ckpt)
+    assert callback.report is not None  # the init ran in setup, and the checkpoint then replaced it
+    final = fresh.state_dict()
+    assert saved.keys() == final.keys() and all(torch.equal(final[k], saved[k]) for k in saved)
+
+
+def test_autoinit_rejects_bad_arguments_and_missing_example_input(tmp_path):
+    """Bad arguments fail at construction naming the value; a module without example input fails at fit start."""
+    with pytest.raises(MisconfigurationException, match="'glorot'"):
+        AutoInit(init="glorot")
+    with pytest.raises(MisconfigurationException, match="not available yet"):
+        AutoInit(norm="batch")
+    with pytest.raises(MisconfigurationException, match="'1'"):
+        AutoInit(seed="1")
+    module = BoringClassifier(mlp(2, 16))
+    module.example_input_array = None
+    with pytest.raises(MisconfigurationException, match="example_input_array"):
+        trainer(tmp_path, max_steps=1, callbacks=[AutoInit()]).fit(module)
