@@ -100,7 +100,7 @@ def test_numeric_gains_match_calculate_gain_where_it_answers():
     assert get_activation("relu").gain == pytest.approx(nn.init.calculate_gain("relu"), rel=1e-12)
     leaky = activation_of_module(nn.LeakyReLU(0.2))
     assert leaky.gain == pytest.approx(nn.init.calculate_gain("leaky_relu", 0.2), rel=1e-10)
-    assert get_activation("tanh").gain**2 == pytest.approx(2.536, abs=2e-3)
+    assert get_activation("tanh").gain ** 2 == pytest.approx(2.536, abs=2e-3)
     assert get_activation("tanh").gain < 5 / 3
     assert get_activation("selu").gain == pytest.approx(1.0, abs=1e-3)
     assert get_activation("identity").gain == pytest.approx(1.0)

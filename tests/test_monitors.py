@@ -23,8 +23,12 @@ ACT_STATS = ["act_mean", "act_std", "act_min", "act_max", "act_nonfinite", "act_
 def test_event_files_hold_every_statistic(tmp_path):
     """A TensorBoard run writes all scalars, histograms, the layout and the saturation heatmap."""
     model = BoringClassifier(mlp(2, 16, nn.Tanh))
-    t = trainer(tmp_path, logger=TensorBoardLogger(tmp_path), max_steps=4,
-                callbacks=[ActivationMonitor(every_n_steps=2), GradientMonitor(every_n_steps=2, histograms=True)])
+    t = trainer(
+        tmp_path,
+        logger=TensorBoardLogger(tmp_path),
+        max_steps=4,
+        callbacks=[ActivationMonitor(every_n_steps=2), GradientMonitor(every_n_steps=2, histograms=True)],
+    )
     t.fit(model)
     tags = event_tags(tmp_path)
     scalars = set(tags["scalars"])
@@ -53,8 +57,12 @@ def test_logged_figures_equal_torch_on_the_same_tensor(tmp_path):
             if trainer.global_step == 0:
                 seen["out"] = pl_module.net[:2](batch[0]).detach()
 
-    t = trainer(tmp_path, logger=TensorBoardLogger(tmp_path), max_steps=1,
-                callbacks=[Capture(), ActivationMonitor(every_n_steps=1, histograms=False)])
+    t = trainer(
+        tmp_path,
+        logger=TensorBoardLogger(tmp_path),
+        max_steps=1,
+        callbacks=[Capture(), ActivationMonitor(every_n_steps=1, histograms=False)],
+    )
     t.fit(model)
     values = {k: v[0][1] for k, v in read_scalars(tmp_path).items()}
     out = seen["out"]
@@ -65,8 +73,12 @@ def test_logged_figures_equal_torch_on_the_same_tensor(tmp_path):
 def test_csv_logger_gets_the_scalars(tmp_path):
     """Any Lightning logger gets the scalars (no TensorBoard extras, no error)."""
     model = BoringClassifier(mlp(2, 8, nn.Sigmoid))
-    t = trainer(tmp_path, logger=CSVLogger(tmp_path), max_steps=3,
-                callbacks=[ActivationMonitor(every_n_steps=1), GradientMonitor(every_n_steps=1)])
+    t = trainer(
+        tmp_path,
+        logger=CSVLogger(tmp_path),
+        max_steps=3,
+        callbacks=[ActivationMonitor(every_n_steps=1), GradientMonitor(every_n_steps=1)],
+    )
     t.fit(model)
     rows = list(csv.DictReader(open(next(Path(tmp_path).rglob("metrics.csv")))))
     columns = set(rows[0])
@@ -92,8 +104,9 @@ def test_no_hook_on_steps_that_do_not_log_and_no_tensor_kept(tmp_path):
             return x
 
     model.net.append(KeepWeakRefs())
-    t = trainer(tmp_path, logger=CSVLogger(tmp_path), max_steps=6,
-                callbacks=[ActivationMonitor(every_n_steps=3), Inspect()])
+    t = trainer(
+        tmp_path, logger=CSVLogger(tmp_path), max_steps=6, callbacks=[ActivationMonitor(every_n_steps=3), Inspect()]
+    )
     t.fit(model)
     assert hooks_per_step[0] > 0 and hooks_per_step[3] > 0
     assert hooks_per_step[1] == hooks_per_step[2] == hooks_per_step[4] == 0
@@ -125,8 +138,13 @@ def test_healthy_training_does_not_warn_about_gradients(tmp_path):
 def test_gradient_accumulation_logs_on_optimizer_steps(tmp_path):
     """With accumulate_grad_batches=2, figures are logged per optimizer step (0, 1, 2), once each."""
     model = BoringClassifier(mlp(1, 8, nn.ReLU))
-    t = trainer(tmp_path, logger=TensorBoardLogger(tmp_path), max_steps=3, accumulate_grad_batches=2,
-                callbacks=[ActivationMonitor(every_n_steps=1), GradientMonitor(every_n_steps=1)])
+    t = trainer(
+        tmp_path,
+        logger=TensorBoardLogger(tmp_path),
+        max_steps=3,
+        accumulate_grad_batches=2,
+        callbacks=[ActivationMonitor(every_n_steps=1), GradientMonitor(every_n_steps=1)],
+    )
     t.fit(model)
     values = read_scalars(tmp_path)
     assert [s for s, _ in values["grad_norm/net.0.weight"]] == [0, 1, 2]
@@ -145,11 +163,18 @@ def test_frozen_parameters_are_skipped(tmp_path):
 
 def test_module_filter_by_pattern_type_and_predicate(tmp_path):
     """`modules` accepts glob patterns, types and a predicate."""
-    for modules, expected in [(["net.1"], {"net.1"}), ([nn.Linear], {"net.0", "net.2"}),
-                              (lambda name, m: name == "net.2", {"net.2"})]:
+    for modules, expected in [
+        (["net.1"], {"net.1"}),
+        ([nn.Linear], {"net.0", "net.2"}),
+        (lambda name, m: name == "net.2", {"net.2"}),
+    ]:
         model = BoringClassifier(mlp(1, 8, nn.ReLU))
-        t = trainer(tmp_path / str(len(expected)), logger=CSVLogger(tmp_path / str(len(expected))), max_steps=1,
-                    callbacks=[ActivationMonitor(every_n_steps=1, modules=modules)])
+        t = trainer(
+            tmp_path / str(len(expected)),
+            logger=CSVLogger(tmp_path / str(len(expected))),
+            max_steps=1,
+            callbacks=[ActivationMonitor(every_n_steps=1, modules=modules)],
+        )
         t.fit(model)
         rows = list(csv.DictReader(open(next(Path(t.logger.log_dir).rglob("metrics.csv")))))
         logged = {c.split("/", 1)[1] for c in rows[0] if c.startswith("act_std/")}
