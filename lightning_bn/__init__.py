@@ -7,9 +7,17 @@ from lightning_bn.activations import (
     get_activation,
     register_activation,
 )
-from lightning_bn.callbacks import ActivationMonitor, AutoInit, GradientMonitor
+from lightning_bn.callbacks import (
+    ActivationMonitor,
+    AutoInit,
+    BatchNormGuard,
+    BatchNormRecalibration,
+    GradientMonitor,
+)
+from lightning_bn.guards import BatchNormWarning, guard
 from lightning_bn.init import LayerTrace, init_layer_, lsuv_, trace_activations, zero_init_residual_
 from lightning_bn.probes import ActivationProbe, select_modules
+from lightning_bn.recalibration import recalibrate
 from lightning_bn.stats import figures, summarize
 from lightning_bn.wrapper import Report, prepare
 
@@ -21,15 +29,20 @@ __all__ = [
     "ActivationMonitor",
     "ActivationProbe",
     "AutoInit",
+    "BatchNormGuard",
+    "BatchNormRecalibration",
+    "BatchNormWarning",
     "GradientMonitor",
     "LayerTrace",
     "Report",
     "available_activations",
     "figures",
     "get_activation",
+    "guard",
     "init_layer_",
     "lsuv_",
     "prepare",
+    "recalibrate",
     "register_activation",
     "select_modules",
     "summarize",

@@ -1,0 +1,246 @@
+"""BatchNormGuard: warn about the classic normalization pitfalls while a Trainer runs.
+
+Inference on batch statistics, tiny batches, uncalibrated running statistics and init mismatches; each check can be
+switched off and warns once per cause with one line naming the modules, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import move_data_to_device
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.nn import SyncBatchNorm
+from typing_extensions import override
+
+from lightning_bn import guards
+from lightning_bn.callbacks._periodic import check_positive_int
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise MisconfigurationException(f"Expected `{name}` to be True or False but got {value!r}")
+    return value
+
+
+def _check_above_one(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1:
+        raise MisconfigurationException(f"Expected `{name}` to be a number > 1 but got {value!r}")
+    return float(value)
+
+
+class BatchNormGuard(Callback):
+    r"""Warn (category :class:`~lightning_bn.guards.BatchNormWarning`) about normalization pitfalls during a run.
+
+    - ``check_eval_mode``: during validation / test / predict, a BatchNorm-family module with running statistics
+      (incl. SyncBatchNorm, InstanceNorm with ``track_running_stats``) found in training mode after a batch, or
+      running statistics (or ``num_batches_tracked``) changed by the loop — evaluation data leaked into them.
+      With ``strict=True`` these raise ``RuntimeError`` instead.
+    - ``check_batch_size``: during the first ``check_steps`` training steps, a BatchNorm that normalizes fewer than
+      ``min_values_per_channel`` values per channel (batch × spatial) on this device; suggests GroupNorm/LayerNorm,
+      or SyncBatchNorm with the global figure under DDP (Wu & He 2018).
+    - ``check_calibration``: when evaluation starts (not the sanity check), running statistics never estimated.
+    - ``check_init``: at fit start, :func:`~lightning_bn.guards.init_mismatches` on ``example_input_array``: weight
+      scale off by more than ``init_factor`` from what the activation needs, inf/NaN in the first forward pass, or
+      a signal that vanishes/explodes by more than ``depth_ratio`` across the hidden layers.
+
+    Args:
+        check_eval_mode: see above.
+        check_batch_size: see above.
+        check_calibration: see above.
+        check_init: see above.
+        strict: raise instead of warning for the evaluation-mode checks.
+        min_values_per_channel: fewer values per channel than this is a tiny batch.
+        check_steps: how many first training steps the batch-size check watches.
+        init_factor: allowed factor between a weight's std and the one its activation needs.
+        depth_ratio: allowed factor between the output std of the last and the first hidden layer.
+
+    Raises:
+        MisconfigurationException: for a non-boolean switch, a non-positive count, or a factor not above 1.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_bn.callbacks.norm_guard import BatchNormGuard
+        >>> trainer = Trainer(callbacks=[BatchNormGuard(strict=True)])
+    """
+
+    def __init__(
+        self,
+        check_eval_mode: bool = True,
+        check_batch_size: bool = True,
+        check_calibration: bool = True,
+        check_init: bool = True,
+        strict: bool = False,
+        min_values_per_channel: int = guards.DEFAULT_MIN_VALUES_PER_CHANNEL,
+        check_steps: int = 3,
+        init_factor: float = guards.DEFAULT_INIT_FACTOR,
+        depth_ratio: float = guards.DEFAULT_DEPTH_RATIO,
+    ) -> None:
+        self.check_eval_mode = _check_bool("check_eval_mode", check_eval_mode)
+        self.check_batch_size = _check_bool("check_batch_size", check_batch_size)
+        self.check_calibration = _check_bool("check_calibration", check_calibration)
+        self.check_init = _check_bool("check_init", check_init)
+        self.strict = _check_bool("strict", strict)
+        self.min_values_per_channel = check_positive_int("min_values_per_channel", min_values_per_channel)
+        self.check_steps = check_positive_int("check_steps", check_steps)
+        self.init_factor = _check_above_one("init_factor", init_factor)
+        self.depth_ratio = _check_above_one("depth_ratio", depth_ratio)
+        self._warned: set[str] = set()
+        self._recorder: guards.BatchSizeRecorder | None = None
+        self._steps_seen = 0
+        self._snapshot: dict[str, Any] | None = None
+        self._eval_norms: list[tuple[str, Any]] = []
+
+    # ---- hooks -------------------------------------------------------------------------------------------------
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_init(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._start_batch_size_check(pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._finish_batch_size_check(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_batch_size_check(trainer, pl_module, final=True)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module, "validation")
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module, "test")
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module, "predict")
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, **kw: Any
+    ) -> None:
+        self._check_train_mode(pl_module, "validation")
+
+    @override
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, **kw: Any
+    ) -> None:
+        self._check_train_mode(pl_module, "test")
+
+    @override
+    def on_predict_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, **kw: Any
+    ) -> None:
+        self._check_train_mode(pl_module, "predict")
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_evaluation(pl_module, "validation")
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_evaluation(pl_module, "test")
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_evaluation(pl_module, "predict")
+
+    # ---- work --------------------------------------------------------------------------------------------------
+
+    def _warn(self, cause: str, names: list[str], message: str, strict: bool = False) -> None:
+        key = f"{cause}:{','.join(names)}"
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        if strict:
+            raise RuntimeError(message)
+        rank_zero_warn(message, category=guards.BatchNormWarning)
+
+    def _check_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.check_init:
+            return
+        example = pl_module.example_input_array
+        if example is not None:
+            example = move_data_to_device(example, pl_module.device)
+        with trainer.precision_plugin.forward_context():
+            findings = guards.init_mismatches(pl_module, example, self.init_factor, self.depth_ratio)
+        for problem, message in guards.init_messages(findings).items():
+            self._warn(f"init_{problem}", [f.name for f in findings if f.problem == problem], message)
+
+    def _start_batch_size_check(self, pl_module: pl.LightningModule) -> None:
+        if not self.check_batch_size or self._steps_seen >= self.check_steps:
+            return
+        if self._recorder is None:
+            self._recorder = guards.BatchSizeRecorder(pl_module)
+        self._recorder.attach()
+
+    def _finish_batch_size_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
+        if self._recorder is None:
+            return
+        self._recorder.detach()
+        if not final:
+            self._steps_seen += 1
+            if self._steps_seen < self.check_steps:
+                return
+        recorder, self._recorder = self._recorder, None
+        self._steps_seen = self.check_steps
+        modules = dict(guards.batch_norms(pl_module))
+        world = trainer.world_size
+        # SyncBatchNorm normalizes over every device's values
+        values = {
+            name: count * (world if isinstance(modules.get(name), SyncBatchNorm) else 1)
+            for name, count in recorder.values.items()
+        }
+        names = guards.small_batch_norms(values, self.min_values_per_channel)
+        if names:
+            synced = all(isinstance(modules.get(n), SyncBatchNorm) for n in names)
+            message = guards.small_batch_message(names, values, self.min_values_per_channel, world, synced)
+            self._warn("small_batch", names, message)
+
+    def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.check_calibration and not trainer.sanity_checking:
+            names = guards.uncalibrated_norms(pl_module)
+            if names:
+                self._warn("uncalibrated", names, guards.uncalibrated_message(names, f"when {stage} starts"))
+        if self.check_eval_mode:
+            self._eval_norms = guards.running_stat_norms(pl_module)
+            self._check_train_mode(pl_module, stage)
+            self._snapshot = guards.running_stats_snapshot(pl_module)
+
+    def _check_train_mode(self, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.check_eval_mode:
+            return
+        names = [name for name, module in self._eval_norms if module.training]
+        if names:
+            self._warn("train_mode", names, guards.train_mode_message(names, f"during {stage}"), self.strict)
+
+    def _end_evaluation(self, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._snapshot is None:
+            return
+        snapshot, self._snapshot = self._snapshot, None
+        names = guards.changed_running_stats(pl_module, snapshot)
+        if names:
+            self._warn("leak", names, guards.leak_message(names, f"during {stage}"), self.strict)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"warned": sorted(self._warned), "steps_seen": self._steps_seen}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._warned = set(state_dict.get("warned", []))
+        self._steps_seen = state_dict.get("steps_seen", 0)

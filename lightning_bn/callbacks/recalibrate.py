@@ -1,0 +1,132 @@
+"""BatchNormRecalibration: recompute BatchNorm running statistics exactly over training batches (PreciseBN).
+
+Logs ``bn_mean_shift/<module>`` and ``bn_var_shift/<module>``: how far each BatchNorm's running statistics moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_bn import writers
+from lightning_bn.callbacks._periodic import check_positive_int
+from lightning_bn.recalibration import default_forward, recalibrate
+
+_WHEN = ("fit_end", "epoch_end")
+
+
+def shift_metrics(shifts: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The logged keys of a recalibration result: ``bn_mean_shift/<name>`` and ``bn_var_shift/<name>``.
+
+    Example::
+
+        >>> shift_metrics({"net.1": {"mean_shift": 0.5, "var_shift": 0.25, "count": 64.0}})
+        {'bn_mean_shift/net.1': 0.5, 'bn_var_shift/net.1': 0.25}
+    """
+    return {
+        writers.metric_key(f"bn_{figure}", name): value
+        for name, figures in shifts.items()
+        for figure, value in figures.items()
+        if figure in ("mean_shift", "var_shift")
+    }
+
+
+class BatchNormRecalibration(Callback):
+    r"""Replace BatchNorm running statistics with their exact values over ``num_batches`` training batches.
+
+    The EMA kept during training lags the weights (and follows only the last few batches with a high momentum);
+    PreciseBN (Wu & Johnson 2021) recomputes the population statistics, like fvcore's ``PreciseBN`` hook and
+    ``torch.optim.swa_utils.update_bn``. The module runs in training mode without gradients; momentum and modes
+    are restored; under DDP each rank uses its own shard of the training data and the statistics are pooled over
+    all ranks exactly. See :func:`lightning_bn.recalibrate`.
+
+    Args:
+        num_batches: training batches per rank to average over.
+        when: ``"fit_end"`` (once, when training ends: the model in memory, used by a following
+            ``trainer.test``/``predict``) or ``"epoch_end"`` (after the last training batch of every epoch, so the
+            end-of-epoch validation and checkpoint see the refreshed statistics).
+        forward: ``forward(pl_module, batch)`` for one batch; default: the module called on the first element of a
+            tuple/list batch, on the keywords of a dict batch, or on the batch.
+
+    Raises:
+        MisconfigurationException: for a non-positive ``num_batches`` or an unknown ``when``.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_bn.callbacks.recalibrate import BatchNormRecalibration
+        >>> trainer = Trainer(callbacks=[BatchNormRecalibration(num_batches=100, when="epoch_end")])
+    """
+
+    def __init__(
+        self,
+        num_batches: int = 100,
+        when: Literal["fit_end", "epoch_end"] = "fit_end",
+        forward: Callable[[nn.Module, Any], Any] = default_forward,
+    ) -> None:
+        self.num_batches = check_positive_int("num_batches", num_batches)
+        if when not in _WHEN:
+            raise MisconfigurationException(f"Expected `when` to be one of {_WHEN} but got {when!r}")
+        self.when = when
+        self.forward = forward
+        self.shifts: dict[str, dict[str, float]] = {}
+        self._last_epoch = -1
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.when == "epoch_end" and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._recalibrate(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "epoch_end":  # an epoch cut short (max_steps, limit_train_batches) has no last batch
+            self._recalibrate(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "fit_end":
+            self._recalibrate(trainer, pl_module)
+
+    def _batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any) -> Iterator[Any]:
+        for batch in loader:
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            yield trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+
+    def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "epoch_end" and self._last_epoch == trainer.current_epoch:
+            return
+        self._last_epoch = trainer.current_epoch
+        loader = trainer.train_dataloader
+        if loader is None:
+            rank_zero_warn(
+                "`BatchNormRecalibration` found no training dataloader; running statistics were not recalibrated.",
+                category=RuntimeWarning,
+            )
+            return
+        self.shifts = recalibrate(
+            pl_module,
+            self._batches(trainer, pl_module, loader),
+            self.num_batches,
+            forward=self.forward,
+            device=pl_module.device,
+        )
+        if trainer.is_global_zero:
+            writers.log_scalars(trainer.loggers, shift_metrics(self.shifts), trainer.global_step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self._last_epoch}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_epoch = state_dict.get("last_epoch", -1)

@@ -1,0 +1,205 @@
+"""Tests for lightning_bn.recalibration and the BatchNormRecalibration callback."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bn.callbacks.recalibrate import BatchNormRecalibration, shift_metrics
+from lightning_bn.guards import guard
+from lightning_bn.recalibration import recalibrate
+from tests.helpers import BoringClassifier, digits_data, read_scalars, run_ddp_script, trainer
+
+DDP_SCRIPT = Path(__file__).parent / "ddp_scripts" / "recalibrate_ddp.py"
+
+
+def bn_net(momentum: float | None = 0.1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(64, 32),
+        nn.BatchNorm1d(32, momentum=momentum),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.BatchNorm1d(32, momentum=momentum),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+
+
+def conv_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
+def record_inputs(net: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Hooks that keep every BatchNorm's input, channels first and flattened."""
+    inputs: dict[str, list[torch.Tensor]] = {}
+    for name, module in net.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.register_forward_pre_hook(
+                lambda m, args, name=name: inputs.setdefault(name, []).append(
+                    args[0].detach().transpose(0, 1).reshape(args[0].shape[1], -1).double()
+                )
+            )
+    return inputs
+
+
+def max_rel_error(net: nn.Module, inputs: dict[str, list[torch.Tensor]]) -> float:
+    errors = []
+    for name, module in net.named_modules():
+        if name in inputs:
+            x = torch.cat(inputs[name], dim=1)
+            for got, want in ((module.running_mean, x.mean(1)), (module.running_var, x.var(1))):
+                errors.append(((got.double() - want).abs() / want.abs().clamp_min(1e-6)).max().item())
+    return max(errors)
+
+
+@pytest.mark.parametrize(
+    "make_net, shape", [(bn_net, (64,)), (conv_net, (3, 6, 6))], ids=["batchnorm1d", "batchnorm2d"]
+)
+def test_recalibrate_gives_exact_statistics(make_net, shape):
+    """After recalibrate, each running mean/var equals the exact (unbiased) statistics of its inputs (rel. 1e-4)."""
+    torch.manual_seed(0)
+    net = make_net().eval()
+    data = TensorDataset(torch.randn(100, *shape) * 3 + 2)  # the last of 7 batches is smaller: plain averaging errs
+    inputs = record_inputs(net)
+    recalibrate(net, DataLoader(data, batch_size=16), num_batches=7)
+    assert max_rel_error(net, inputs) < 1e-4
+    assert not net.training and all(not m.training for m in net.modules())
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert all(m.num_batches_tracked.item() == 7 for m in net.modules() if hasattr(m, "num_batches_tracked"))
+
+
+def test_recalibrate_beats_update_bn_on_uneven_batches():
+    """torch's update_bn averages per-batch variances (off by the spread of the batch means); we are exact."""
+    torch.manual_seed(0)
+    net = bn_net()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(96, 64, generator=g) + torch.linspace(-3, 3, 96)[:, None]  # batch means differ
+    reference = bn_net()
+    reference.load_state_dict(net.state_dict())
+    inputs = record_inputs(net)
+    recalibrate(net, DataLoader(TensorDataset(x), batch_size=32), num_batches=3)
+    ours = max_rel_error(net, inputs)
+    inputs_ref = record_inputs(reference)
+    torch.optim.swa_utils.update_bn(DataLoader(TensorDataset(x), batch_size=32), reference)
+    theirs = max_rel_error(reference, inputs_ref)
+    assert ours < 1e-4 < 0.1 < theirs
+
+
+def test_recalibrate_uses_only_num_batches_and_keeps_momentum_none():
+    """Only the first num_batches batches count; a cumulative-average BatchNorm (momentum=None) stays one."""
+    net = bn_net(momentum=None)
+    data = TensorDataset(torch.randn(64, 64))
+    inputs = record_inputs(net)
+    shifts = recalibrate(net, DataLoader(data, batch_size=16), num_batches=2)
+    assert shifts["1"]["count"] == 32.0
+    assert max_rel_error(net, inputs) < 1e-4
+    assert net[1].momentum is None
+
+
+def test_recalibrate_rejects_bad_num_batches():
+    """A non-positive num_batches raises ValueError naming it."""
+    with pytest.raises(ValueError, match="num_batches.*0"):
+        recalibrate(bn_net(), [], num_batches=0)
+
+
+def test_recalibrate_does_not_trip_the_guard():
+    """The deliberate train-mode pass without gradients is not the forgotten model.eval()."""
+    net = bn_net().eval()
+    with guard(net), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recalibrate(net, DataLoader(TensorDataset(torch.randn(32, 64)), batch_size=16), num_batches=2)
+
+
+def test_callback_rejects_bad_arguments():
+    """Bad arguments raise MisconfigurationException naming the value received."""
+    with pytest.raises(MisconfigurationException, match="when.*'never'"):
+        BatchNormRecalibration(when="never")
+    with pytest.raises(MisconfigurationException, match="num_batches.*-1"):
+        BatchNormRecalibration(num_batches=-1)
+
+
+def accuracy(model: BoringClassifier, data: TensorDataset) -> float:
+    model.eval()
+    with torch.no_grad():
+        x, y = data.tensors
+        return (model(x).argmax(-1) == y).float().mean().item()
+
+
+class AccuracyBeforeRecalibration(Callback):
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+        self.accuracy = float("nan")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.accuracy = accuracy(pl_module, self.data)
+        pl_module.train()
+
+
+def test_recalibration_restores_accuracy_after_high_momentum_training(tmp_path):
+    """Digits, BatchNorm momentum 0.9 (running stats ~ the last batch): accuracy after recalibration >= before."""
+    torch.manual_seed(0)
+    train, val = digits_data()
+    model = BoringClassifier(bn_net(momentum=0.9), lr=0.2, batch_size=16, data=train, val_data=val)
+    spy = AccuracyBeforeRecalibration(val)
+    recalibration = BatchNormRecalibration(num_batches=50)
+    t = trainer(tmp_path, callbacks=[spy, recalibration], max_steps=150, max_epochs=None)
+    t.fit(model)
+    after = accuracy(model, val)
+    assert after >= spy.accuracy
+    assert after > 0.9
+    assert recalibration.shifts["net.1"]["count"] == 50 * 16
+    logged = read_scalars(tmp_path)
+    for key, value in shift_metrics(recalibration.shifts).items():
+        assert logged[key] == [(150, pytest.approx(value, rel=1e-5))]
+    assert recalibration.shifts["net.4"]["mean_shift"] > 0
+
+
+class TrackedAtValidation(Callback):
+    def __init__(self) -> None:
+        self.tracked: list[int] = []
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.tracked.append(int(pl_module.net[1].num_batches_tracked))
+
+
+def test_epoch_end_recalibrates_before_each_validation(tmp_path):
+    """when='epoch_end': every end-of-epoch validation sees statistics refreshed over 3 more batches."""
+    spy = TrackedAtValidation()
+    callbacks = [BatchNormRecalibration(num_batches=3, when="epoch_end"), spy]
+    t = trainer(tmp_path, callbacks=callbacks, max_steps=-1, max_epochs=2, limit_train_batches=4, limit_val_batches=1)
+    t.fit(BoringClassifier(bn_net()))
+    assert spy.tracked == [4 + 3, 8 + 3 + 3]  # training steps + recalibration batches
+
+
+def test_ddp_recalibration_pools_statistics_over_ranks(tmp_path):
+    """2-process DDP (gloo): both ranks hold the exact statistics of the values both ranks saw (rel. 1e-4)."""
+    run_ddp_script(DDP_SCRIPT.name, str(tmp_path), timeout=120)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    inputs = [json.loads((tmp_path / f"inputs{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["stats"] == ranks[1]["stats"]
+    for name, (mean, var) in ranks[0]["stats"].items():
+        pooled = torch.cat([torch.tensor(inputs[r][name], dtype=torch.float64) for r in (0, 1)])
+        own = torch.tensor(inputs[0][name], dtype=torch.float64)
+        assert pooled.shape[0] == 128 and own.shape[0] == 64
+        got_mean, got_var = torch.tensor(mean, dtype=torch.float64), torch.tensor(var, dtype=torch.float64)
+        assert torch.allclose(got_mean, pooled.mean(0), rtol=1e-4, atol=1e-6)
+        assert torch.allclose(got_var, pooled.var(0), rtol=1e-4)
+        assert not torch.allclose(got_var, own.var(0), rtol=1e-2)  # rank 0's data alone gives other figures
+        assert ranks[0]["shifts"][name]["count"] == 128.0
