@@ -84,6 +84,11 @@ def select_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple
     return [(n, m) for n, m in named if any(matches(e, n, m) for e in entries)]
 
 
+def _eager(fn: Callable) -> Callable:
+    """Run ``fn`` eagerly when called from a ``torch.compile``'d forward (a graph break there, not a retrace)."""
+    return torch.compiler.disable(fn)
+
+
 @dataclass
 class ProbeResult:
     """Host-side results of one probed step: figures per module and, optionally, histogram data."""
@@ -133,6 +138,16 @@ class ActivationProbe:
         self.histogram_bins = histogram_bins
         self.zero_tol = zero_tol
         self._handles: list[RemovableHandle] = []
+        # built once, so every attach registers the same callables; run eagerly inside torch.compile'd models
+        self._hooks = [
+            (
+                _eager(self._pre_hook(t))
+                if t.activation is not None and t.activation.kind.output_derivative is None
+                else None,
+                _eager(self._hook(t)),
+            )
+            for t in self._targets
+        ]
 
     @property
     def attached(self) -> bool:
@@ -142,11 +157,11 @@ class ActivationProbe:
         """Register the hooks (idempotent)."""
         if self._handles:
             return
-        for target in self._targets:
+        for target, (pre_hook, hook) in zip(self._targets, self._hooks):
             target.row = target.alive = target.pending = target.hist = None
-            if target.activation is not None and target.activation.kind.output_derivative is None:
-                self._handles.append(target.module.register_forward_pre_hook(self._pre_hook(target)))
-            self._handles.append(target.module.register_forward_hook(self._hook(target)))
+            if pre_hook is not None:
+                self._handles.append(target.module.register_forward_pre_hook(pre_hook))
+            self._handles.append(target.module.register_forward_hook(hook))
 
     def detach(self) -> None:
         """Remove every hook this probe registered."""

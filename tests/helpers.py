@@ -115,8 +115,8 @@ def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(Path(logdir).rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    for directory in sorted({p.parent for p in Path(logdir).rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(directory), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))

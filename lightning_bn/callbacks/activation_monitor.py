@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_bn import writers
@@ -31,6 +31,10 @@ STATISTICS = {
     "nonfinite": "act_nonfinite",
 }
 _HISTORY_LIMIT = 1000
+
+
+def _is_compiled(module: object) -> bool:
+    return type(module).__name__ == "OptimizedModule"  # torch._dynamo.eval_frame.OptimizedModule, a private path
 
 
 class ActivationMonitor(PeriodicMonitor):
@@ -101,6 +105,14 @@ class ActivationMonitor(PeriodicMonitor):
             raise MisconfigurationException(str(err)) from err
         if not targets:
             raise MisconfigurationException(f"`ActivationMonitor(modules={self.modules!r})` selected no module")
+        compiled = [name or "the LightningModule" for name, m in pl_module.named_modules() if _is_compiled(m)]
+        if compiled:
+            rank_zero_warn(
+                f"ActivationMonitor: {compiled[0]!r} is torch.compile'd. On logging steps the monitor's hooks run "
+                "eagerly (a graph break at each watched module) and dynamo may recompile when they are attached or "
+                "removed; the figures stay exact. Raise `every_n_steps` to keep compiled speed on most steps.",
+                category=RuntimeWarning,
+            )
         bins = self.histogram_bins if self.histograms and writers.tensorboard_writers(trainer.loggers) else 0
         self._probe = ActivationProbe(targets, histogram_bins=bins, zero_tol=self.zero_tol)
         if trainer.is_global_zero:
