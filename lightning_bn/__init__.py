@@ -16,6 +16,15 @@ from lightning_bn.callbacks import (
 )
 from lightning_bn.guards import BatchNormWarning, guard
 from lightning_bn.init import LayerTrace, init_layer_, lsuv_, trace_activations, zero_init_residual_
+from lightning_bn.norms import (
+    ChannelsFirst,
+    ChannelsLast,
+    convert_norms,
+    create_norm_layer,
+    get_norm_layer,
+    insert_norms,
+    register_norm,
+)
 from lightning_bn.probes import ActivationProbe, select_modules
 from lightning_bn.recalibration import recalibrate
 from lightning_bn.stats import figures, summarize
@@ -25,6 +34,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activation",
+    "ChannelsFirst",
+    "ChannelsLast",
     "ActivationKind",
     "ActivationMonitor",
     "ActivationProbe",
@@ -36,14 +47,19 @@ __all__ = [
     "LayerTrace",
     "Report",
     "available_activations",
+    "convert_norms",
+    "create_norm_layer",
     "figures",
     "get_activation",
+    "get_norm_layer",
     "guard",
     "init_layer_",
+    "insert_norms",
     "lsuv_",
     "prepare",
     "recalibrate",
     "register_activation",
+    "register_norm",
     "select_modules",
     "summarize",
     "trace_activations",

@@ -1,14 +1,15 @@
-"""``prepare(model, ...)``: detect the activations, validate the plan, initialize, and return a :class:`Report`.
+"""``prepare(model, ...)``: detect the activations, validate the plan, initialize, insert norms, and report.
 
 Every change is planned and checked before the model is touched: a bad argument, an example input that fails in
-``forward``, a model with nothing to initialize or an override that matches no layer raises with the model's
-``state_dict`` unchanged.
+``forward``, a model with nothing to initialize, an override that matches no layer or a norm that does not fit a
+layer's output raises with the model's ``state_dict`` and module tree unchanged.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
@@ -27,6 +28,7 @@ from lightning_bn.init import (
     trace_activations,
     zero_init_residual_,
 )
+from lightning_bn.norms import POSITIONS, NormInsertion, get_norm_layer, plan_insertions
 
 __all__ = ["INIT_CHOICES", "OVERRIDE_CHOICES", "LayerReport", "Report", "Skipped", "prepare", "validate_options"]
 
@@ -82,12 +84,18 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
+    insertions: list[NormInsertion] = field(default_factory=list)
+    renamed_keys: dict[str, str] = field(default_factory=dict)
+    removed_keys: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "layers": [asdict(row) for row in self.layers],
             "skipped": [s._asdict() for s in self.skipped],
             "changes": list(self.changes),
+            "insertions": [asdict(i) for i in self.insertions],
+            "renamed_keys": dict(self.renamed_keys),
+            "removed_keys": list(self.removed_keys),
         }
 
     def __str__(self) -> str:
@@ -108,6 +116,13 @@ class Report:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *rows]]
         lines += [f"skipped {s.layer}: {s.reason}" for s in self.skipped]
         lines += [f"- {change}" for change in self.changes]
+        lines += [
+            f"inserted {i.module} as {i.norm} after {i.layer} ({i.position}-activation)"
+            + ("; bias removed" if i.bias_removed else "")
+            for i in self.insertions
+        ]
+        lines += [f"renamed key {old} -> {new}" for old, new in self.renamed_keys.items()]
+        lines += [f"removed key {key}" for key in self.removed_keys]
         return "\n".join(lines)
 
 
@@ -129,17 +144,24 @@ def validate_options(
     overrides: Any = None,
     distribution: Any = "normal",
     mode: Any = "fan_in",
+    position: Any = "pre",
+    exclude: Any = None,
 ) -> None:
     """Check ``prepare``'s options without a model.
 
     Raises:
         ValueError: naming the bad value and the values allowed.
-        TypeError: for an ``overrides`` that is not a mapping of patterns to schemes.
+        TypeError: for an ``overrides`` that is not a mapping of patterns to schemes, an ``exclude`` that is not a
+            list of patterns, or a ``norm`` that is no name, class or partial.
     """
     if init not in INIT_CHOICES:
         raise ValueError(f"Expected `init` to be one of {list(INIT_CHOICES)} but got {init!r}")
-    if norm is not None:
-        raise ValueError(f"Expected `norm=None`: norm insertion not available yet, but got norm={norm!r}")
+    if norm is not None and norm != "auto" and get_norm_layer(norm) is None:
+        raise ValueError(f"Expected `norm` to be a norm, 'auto' or None but got {norm!r}")
+    if position not in POSITIONS:
+        raise ValueError(f"Expected `position` to be one of {list(POSITIONS)} but got {position!r}")
+    if exclude is not None and (isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude)):
+        raise TypeError(f"Expected `exclude` to be a list of glob patterns (str) but got {exclude!r}")
     if distribution not in _DISTRIBUTIONS:
         raise ValueError(f"Expected `distribution` to be one of {list(_DISTRIBUTIONS)} but got {distribution!r}")
     if mode not in _MODES:
@@ -226,6 +248,9 @@ def prepare(
     norm: Any = None,
     overrides: dict[str, str] | None = None,
     *,
+    position: str = "pre",
+    exclude: list[str] | None = None,
+    keep_bias: bool = False,
     distribution: str = "normal",
     mode: str = "fan_in",
     zero_init_residual: bool = False,
@@ -233,11 +258,13 @@ def prepare(
     max_iters: int = 10,
     seed: int | None = None,
 ) -> Report:
-    """Initialize ``model`` in place to match the activation after each layer, and report what was done.
+    """Initialize ``model`` in place to match the activation after each layer, optionally insert norms, and report.
 
     Steps: validate the options -> trace the activations (:func:`~lightning_bn.init.trace_activations`) -> plan a
-    scheme per layer -> validate the plan -> initialize -> data-driven rescaling where planned -> :class:`Report`.
-    Nothing is changed until every check has passed, and a failure while changing restores the ``state_dict``.
+    scheme per layer -> plan and build the norms (:func:`~lightning_bn.norms.plan_insertions`) -> initialize ->
+    data-driven rescaling where planned -> insert the norms -> :class:`Report`. Nothing is changed until every check
+    has passed, and a failure while changing restores the ``state_dict`` and module tree. The init runs before the
+    insertion, on the traced structure, so each layer still gets the gain of the activation after it.
 
     ``init="auto"`` asks the registry per layer: Xavier for tanh / sigmoid / identity (logits), He for the ReLU family,
     LeCun for SELU, and the numeric gain otherwise (GELU, SiLU, Mish, ELU, user-registered kinds); since no fixed gain
@@ -251,8 +278,15 @@ def prepare(
         example_input: a Tensor, tuple of args or dict of kwargs for ``forward``; default:
             ``model.example_input_array``.
         init: ``"auto"``, ``"lsuv"`` or a scheme of :data:`lightning_bn.init.SCHEMES`.
-        norm: reserved for norm insertion; only ``None`` for now.
+        norm: ``None`` (no insertion), ``"auto"``, ``"batch"``, ``"layer"``, ``"group"``, ``"rms"``, ``"instance"``,
+            ``"sync_batch"``, any registered name, a norm class or a ``functools.partial``: a norm after every hidden
+            Linear / Conv (never after the output layer, nor where a norm already follows); see
+            :func:`lightning_bn.norms.insert_norms` for the shape rules. With a norm before the activation,
+            ``std_after`` is measured at the norm's output (in eval mode, so with its running statistics).
         overrides: glob pattern on qualified layer names -> ``init`` choice or ``"skip"``; the first match wins.
+        position: ``"pre"`` (norm between layer and activation) or ``"post"`` (after an activation module).
+        exclude: glob patterns on qualified layer names that get no norm.
+        keep_bias: keep the biases a following BatchNorm / InstanceNorm makes redundant (removed by default).
         distribution: ``"normal"``, ``"uniform"`` or ``"truncated_normal"``.
         mode: ``"fan_in"`` or ``"fan_out"``.
         zero_init_residual: zero the weight of the last norm in each residual branch found by the trace.
@@ -265,8 +299,10 @@ def prepare(
         a :class:`Report`.
 
     Raises:
-        ValueError: for an unknown scheme / distribution / mode, a ``norm``, no example input, an example input that
-            fails in ``forward``, a model without a layer to initialize, or an override pattern matching no layer.
+        ValueError: for an unknown scheme / distribution / mode / norm / position, no example input, an example input
+            that fails in ``forward``, a model without a layer to initialize, an override pattern matching no layer,
+            ``position="post"`` where the activation is a function, or a layer output the norm cannot normalize (the
+            message names the layer).
         TypeError: for ``overrides`` that is not a dict of patterns.
 
     Example::
@@ -276,7 +312,7 @@ def prepare(
         >>> [row.scheme for row in report.layers]
         ['xavier', 'xavier', 'lecun']
     """
-    validate_options(init, norm, overrides, distribution, mode)
+    validate_options(init, norm, overrides, distribution, mode, position, exclude)
     overrides = dict(overrides or {})
     if not any(isinstance(m, LAYER_TYPES) for m in model.modules()):
         raise ValueError(
@@ -291,22 +327,37 @@ def prepare(
             f"Found no layer to initialize in {type(model).__name__}: none ran on the example input or all were "
             f"skipped ({[s.layer for s in skipped]})"
         )
-    # Norm insertion (next issue) plans here: after the layer plan is validated, before anything is mutated.
+    insertion = None
+    if norm is not None:
+        insertion = plan_insertions(model, example_input, traces, norm, position, exclude, keep_bias)
     names = [p.name for p in plans]
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
         changes = _apply(
             model, example_input, plans, traces, distribution, mode, zero_init_residual, tol, max_iters, seed
         )
+        inserted = insertion.apply(model) if insertion is not None else None
     except BaseException:
         model.load_state_dict(snapshot)
         raise
     after = output_stds(model, example_input, names)
-    return Report(
-        layers=[_row(p, after) for p in plans],
-        skipped=skipped,
-        changes=changes,
-    )
+    report = Report(layers=[_row(p, after) for p in plans], skipped=skipped, changes=changes)
+    if inserted is not None:
+        report.skipped += [Skipped(name, reason) for name, reason in inserted.skipped]
+        report.insertions, report.renamed_keys = inserted.insertions, inserted.renamed_keys
+        report.removed_keys = inserted.removed_keys
+        report.changes.append(_insertion_summary(inserted.insertions, len(inserted.renamed_keys)))
+    return report
+
+
+def _insertion_summary(insertions: list[NormInsertion], renamed: int) -> str:
+    counts = Counter(i.module for i in insertions)
+    kinds = ", ".join(m if c == 1 else f"{m} x{c}" for m, c in counts.items())
+    text = f"inserted {len(insertions)} norms ({kinds or 'none'})"
+    removed = sum(i.bias_removed for i in insertions)
+    if removed:
+        text += f"; removed {removed} bias{'es' if removed > 1 else ''} made redundant by the norm"
+    return text + f"; renamed {renamed} state_dict keys (see Report.renamed_keys)"
 
 
 def _layers(count: int) -> str:

@@ -52,6 +52,15 @@ MODEL_CASES: list[tuple[str, Callable[[nn.Module], object], type[Exception], str
     ("unknown scheme for one layer", lambda m: lbn_init.init_layer_(m[0], "glorot"), ValueError, "'glorot'"),
     ("init of a non-layer", lambda m: lbn_init.init_layer_(m[2], "kaiming"), TypeError, "ReLU"),
     ("LSUV on a layer that is not there", lambda m: lightning_bn.lsuv_(m, X, layers=["9"]), ValueError, "'9'"),
+    ("unknown norm", lambda m: lightning_bn.prepare(m, X, norm="batchy"), ValueError, "'batchy'"),
+    ("unknown norm position", lambda m: lightning_bn.prepare(m, X, norm="layer", position="mid"), ValueError, "'mid'"),
+    ("convert to an unknown norm", lambda m: lightning_bn.convert_norms(m, "nonsense"), ValueError, "'nonsense'"),
+    (
+        "convert with groups not dividing",
+        lambda m: lightning_bn.convert_norms(m, "group", num_groups=5),
+        ValueError,
+        "'1'.*5",
+    ),
     (
         "recalibrate zero batches",
         lambda m: lightning_bn.recalibrate(m, DataLoader(TensorDataset(X), batch_size=8), num_batches=0),

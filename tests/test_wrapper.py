@@ -163,7 +163,10 @@ BAD_CALLS = {
     "override matches nothing": (lambda: mlp(2, 8, in_features=4), {"overrides": {"enc*": "xavier"}}, ValueError,
                                  "'enc\\*'"),
     "bad override value": (lambda: mlp(2, 8, in_features=4), {"overrides": {"0": "zeros"}}, ValueError, "'zeros'"),
-    "norm given": (lambda: mlp(2, 8, in_features=4), {"norm": "batch"}, ValueError, "not available yet"),
+    "unknown norm": (lambda: mlp(2, 8, in_features=4), {"norm": "batchy"}, ValueError, "'batchy'"),
+    "post after a function": (lambda: FunctionalMLP(2, 8, F.silu, in_features=4),
+                              {"norm": "batch", "position": "post"}, ValueError, "'hidden.0'.*silu"),
+    "norm does not fit": (lambda: mlp(2, 8, in_features=4), {"norm": "instance"}, ValueError, "'0'.*rank >= 3"),
 }  # fmt: skip
 
 
@@ -173,12 +176,13 @@ def test_bad_input_raises_naming_the_value_and_leaves_the_model_untouched(case):
     build, kwargs, error, match = BAD_CALLS[case]
     torch.manual_seed(0)
     net = build()
-    before = _state(net)
+    before, tree = _state(net), str(net)
     kwargs = {"example_input": torch.randn(3, 4)} | kwargs
     with pytest.raises(error, match=match):
         prepare(net, **kwargs)
     after = net.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert str(net) == tree
 
 
 def test_example_input_from_example_input_array_or_a_clear_error():
@@ -268,8 +272,10 @@ def test_autoinit_rejects_bad_arguments_and_missing_example_input(tmp_path):
     """Bad arguments fail at construction naming the value; a module without example input fails at fit start."""
     with pytest.raises(MisconfigurationException, match="'glorot'"):
         AutoInit(init="glorot")
-    with pytest.raises(MisconfigurationException, match="not available yet"):
-        AutoInit(norm="batch")
+    with pytest.raises(MisconfigurationException, match="'batchy'"):
+        AutoInit(norm="batchy")
+    with pytest.raises(MisconfigurationException, match="'middle'"):
+        AutoInit(norm="batch", position="middle")
     with pytest.raises(MisconfigurationException, match="'1'"):
         AutoInit(seed="1")
     module = BoringClassifier(mlp(2, 16))

@@ -1,4 +1,4 @@
-"""AutoInit: initialize the LightningModule to match its activations when fitting starts.
+"""AutoInit: initialize the LightningModule to match its activations, and optionally insert norms, when fitting starts.
 
 Runs :func:`lightning_bn.wrapper.prepare` in ``setup`` (before optimizers exist and before DDP wraps the model) and
 logs the report on rank zero: printed, and as TensorBoard text ``lightning_bn/init_report`` when that logger is present.
@@ -25,6 +25,11 @@ REPORT_TAG = "lightning_bn/init_report"
 class AutoInit(Callback):
     r"""Initialize every Linear / Conv / Embedding / RNN layer for the activation that follows it, once, at fit start.
 
+    With ``norm=...`` it also inserts a norm after every hidden Linear / Conv (see
+    :func:`lightning_bn.norms.insert_norms`). This happens in ``setup``, before ``configure_optimizers`` runs, so the
+    optimizer gets the new norms' parameters; on resume the same insertion runs again before the checkpoint (saved with
+    the norms) is loaded, so its keys match.
+
     The activations are found by one traced forward pass on an example input (``example_input`` or the module's
     ``example_input_array``); see :func:`lightning_bn.wrapper.prepare` for the schemes. Because ``setup`` runs before
     a checkpoint is restored, ``trainer.fit(ckpt_path=...)`` ends with the checkpoint's weights. All processes draw
@@ -34,13 +39,17 @@ class AutoInit(Callback):
     Args:
         init: ``"auto"``, ``"lsuv"`` or a scheme (``"xavier"``, ``"kaiming"``, ``"lecun"``, ``"orthogonal"``,
             ``"numeric"``).
-        norm: reserved for norm insertion; only ``None`` for now.
+        norm: ``None`` (no insertion), ``"auto"``, ``"batch"``, ``"layer"``, ``"group"``, ``"rms"``, ``"instance"``,
+            ``"sync_batch"``, a registered name, a norm class or a ``functools.partial``.
         example_input: a Tensor, tuple of args or dict of kwargs for ``forward``; default: ``example_input_array``.
         overrides: glob pattern on qualified layer names -> scheme or ``"skip"``.
         zero_init_residual: zero the weight of the last norm in each residual branch.
         distribution: ``"normal"``, ``"uniform"`` or ``"truncated_normal"``.
         mode: ``"fan_in"`` or ``"fan_out"``.
         seed: seed of the init's random draws; default: ``torch.initial_seed()`` of rank zero.
+        position: ``"pre"`` (norm before the activation) or ``"post"`` (after an activation module).
+        exclude: glob patterns on qualified layer names that get no norm.
+        keep_bias: keep the biases a following BatchNorm makes redundant.
 
     Raises:
         MisconfigurationException: for a bad argument (at construction), or at fit start when there is no example
@@ -50,7 +59,7 @@ class AutoInit(Callback):
 
         >>> from lightning.pytorch import Trainer
         >>> from lightning_bn.callbacks.auto_init import AutoInit
-        >>> trainer = Trainer(callbacks=[AutoInit(init="auto")])
+        >>> trainer = Trainer(callbacks=[AutoInit(init="auto", norm="batch")])
     """
 
     def __init__(
@@ -63,9 +72,12 @@ class AutoInit(Callback):
         distribution: str = "normal",
         mode: str = "fan_in",
         seed: int | None = None,
+        position: str = "pre",
+        exclude: list[str] | None = None,
+        keep_bias: bool = False,
     ) -> None:
         try:
-            validate_options(init, norm, overrides, distribution, mode)
+            validate_options(init, norm, overrides, distribution, mode, position, exclude)
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(f"`AutoInit`: {err}") from err
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -78,6 +90,9 @@ class AutoInit(Callback):
         self.distribution = distribution
         self.mode = mode
         self.seed = seed
+        self.position = position
+        self.exclude = exclude
+        self.keep_bias = keep_bias
         self.report: Report | None = None
 
     @override
@@ -104,6 +119,9 @@ class AutoInit(Callback):
                 example,
                 init=self.init,
                 norm=self.norm,
+                position=self.position,
+                exclude=self.exclude,
+                keep_bias=self.keep_bias,
                 overrides=self.overrides,
                 distribution=self.distribution,
                 mode=self.mode,
