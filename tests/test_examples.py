@@ -1,0 +1,74 @@
+"""The example scripts reproduce their classic results in ``--fast`` mode: each writes a PNG and a JSON summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, out: Path) -> dict:
+    """Run ``examples/<name>.py --fast --out <out>``; return its ``<out>/<name>.json`` after checking the PNG exists."""
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), "--fast", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=out,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / f"{name}.png").stat().st_size > 0
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_sigmoid_top_layer_driven_towards_zero(tmp_path: Path) -> None:
+    """Glorot & Bengio's Figure 2: under the standard init the top sigmoid layer's act_mean falls far below 0.5 while
+    the lower layers stay near or above 0.5; act_saturation is logged for the top layer of both inits."""
+    summary = run_example("sigmoid_saturation", tmp_path)
+    standard = summary["standard"]
+    top = standard["top_layer"]
+    lower = [layer for layer in standard["mean_at_end"] if layer != top]
+    assert standard["mean_at_init"][top] == pytest.approx(0.5, abs=0.05)
+    assert standard["mean_at_end"][top] < 0.15
+    assert all(standard["mean_at_end"][layer] > 0.45 for layer in lower), standard["mean_at_end"]
+    for init in ("standard", "xavier"):
+        assert 0.0 <= summary[init]["top_saturation_avg"] <= 1.0
+
+
+def test_deep_relu_xavier_vanishes_he_and_autoinit_hold(tmp_path: Path) -> None:
+    """He et al. 2015: at init Xavier's deepest ReLU std is < 1/100 of the first layer's and its loss stays at
+    ln 10, while He and AutoInit keep every layer's std within [0.5, 2] of the first and their loss falls."""
+    summary = run_example("deep_relu_init", tmp_path)
+    assert summary["xavier"]["std_ratio_last_to_first"] < 1e-2
+    assert summary["xavier"]["loss_last"] == pytest.approx(math.log(10), abs=0.05)
+    for init in ("he", "autoinit"):
+        assert 0.5 <= summary[init]["std_ratio_min"] <= summary[init]["std_ratio_max"] <= 2.0, summary[init]
+        assert summary[init]["loss_last"] < summary["xavier"]["loss_last"] - 0.5
+
+
+def test_bn_scale_invariance_identities(tmp_path: Path) -> None:
+    """BN((aW)u) = BN(Wu) and grad(aW) = grad(W)/a hold to 1e-5 (relative, float64) for a in 0.1, 10, 100, and
+    GradientMonitor's update_ratio at step 0 is 1/a^2 = 100 times smaller for weights scaled by 10."""
+    summary = run_example("bn_scale_invariance", tmp_path)
+    assert set(summary["identities"]) == {"0.1", "10", "100"}
+    assert summary["max_relative_error"] < 1e-5
+    for layer, figures in summary["update_ratio"].items():
+        assert figures["step0_quotient"] == pytest.approx(100.0, rel=0.01), layer
+        assert figures["average"][1] < figures["average"][0] / 10, layer
+
+
+def test_eval_mode_pitfall_train_mode_loses_accuracy_and_guards_warn(tmp_path: Path) -> None:
+    """Inference in train mode on batches of 4 loses accuracy against eval mode; guard() and BatchNormGuard warn."""
+    summary = run_example("eval_mode_pitfall", tmp_path)
+    assert summary["eval_accuracy"] > 0.85
+    assert summary["train_mode_accuracy"]["4"] < summary["eval_accuracy"] - 0.05
+    assert summary["guard_warned"]
+    assert any("training mode" in m for m in summary["guard_messages"])
+    assert summary["callback_warned"]
+    assert any("training mode during validation" in m for m in summary["callback_messages"])
