@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_bn.activations import Activation, activation_of_module, get_activation
 from lightning_bn.init import as_call, trace_activations
+from lightning_bn.probes import HookSet
 
 __all__ = [
     "BatchNormWarning",
@@ -153,16 +154,20 @@ def leak_message(names: Sequence[str], where: str) -> str:
     )
 
 
-class EvalModeGuard:
+class EvalModeGuard(HookSet):
     """Handle returned by :func:`guard`: forward pre-hooks on the BatchNorm-family modules of one model.
 
     Use it as a context manager or call :meth:`remove`. It warns once (category :class:`BatchNormWarning`).
     """
 
     def __init__(self, model: nn.Module) -> None:
+        super().__init__()
         self._norms = running_stat_norms(model)
-        self._handles: list[RemovableHandle] = [m.register_forward_pre_hook(self._check) for _, m in self._norms]
         self.warned = False
+        self.attach()
+
+    def _register(self) -> list[RemovableHandle]:
+        return [m.register_forward_pre_hook(self._check) for _, m in self._norms]
 
     def _check(self, module: nn.Module, args: tuple) -> None:
         # eval mode (the common case) costs one attribute read
@@ -175,19 +180,11 @@ class EvalModeGuard:
 
     @property
     def active(self) -> bool:
-        return bool(self._handles)
+        return self.attached
 
     def remove(self) -> None:
         """Remove every hook; the model runs exactly as before."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> EvalModeGuard:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+        self.detach()
 
 
 def guard(model: nn.Module) -> EvalModeGuard:
@@ -234,7 +231,7 @@ def values_per_channel(x: Tensor) -> int:
     return x.numel() // max(x.shape[1], 1)
 
 
-class BatchSizeRecorder:
+class BatchSizeRecorder(HookSet):
     """Record, per BatchNorm, the largest number of values per channel it normalized in training mode.
 
     Attach it for a few training steps only; :attr:`values` maps module names to counts on this device.
@@ -249,23 +246,12 @@ class BatchSizeRecorder:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        super().__init__()
         self._norms = batch_norms(model)
         self.values: dict[str, int] = {}
-        self._handles: list[RemovableHandle] = []
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    def attach(self) -> None:
-        if self._handles:
-            return
-        self._handles = [m.register_forward_pre_hook(self._record(n)) for n, m in self._norms]
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _register(self) -> list[RemovableHandle]:
+        return [m.register_forward_pre_hook(self._record(n)) for n, m in self._norms]
 
     def _record(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -273,13 +259,6 @@ class BatchSizeRecorder:
                 self.values[name] = max(self.values.get(name, 0), values_per_channel(args[0]))
 
         return hook
-
-    def __enter__(self) -> BatchSizeRecorder:
-        self.attach()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
 
 
 def small_batch_norms(values: Mapping[str, int], min_values: int = DEFAULT_MIN_VALUES_PER_CHANNEL) -> list[str]:

@@ -8,7 +8,7 @@ all-reduces them across processes (two collectives) and moves everything to the 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -84,6 +84,41 @@ def select_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple
     return [(n, m) for n, m in named if any(matches(e, n, m) for e in entries)]
 
 
+class HookSet:
+    """Hooks registered together and removed together: ``attach`` / ``detach``, or use it as a context manager.
+
+    Subclasses say what to register in :meth:`_register`; the handles are kept here and nowhere else.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _register(self) -> Iterable[RemovableHandle]:
+        raise NotImplementedError
+
+    def attach(self) -> None:
+        """Register the hooks (idempotent)."""
+        if not self._handles:
+            self._handles = list(self._register())
+
+    def detach(self) -> None:
+        """Remove every hook this set registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self):  # noqa: ANN204 - returns the subclass
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
 def _eager(fn: Callable) -> Callable:
     """Run ``fn`` eagerly when called from a ``torch.compile``'d forward (a graph break there, not a retrace)."""
     return torch.compiler.disable(fn)
@@ -109,7 +144,7 @@ class _Target:
     hist: Tensor | None = None
 
 
-class ActivationProbe:
+class ActivationProbe(HookSet):
     """Summarize the outputs (and, for activations, the saturation) of chosen modules during one forward pass.
 
     Args:
@@ -134,10 +169,10 @@ class ActivationProbe:
         histogram_bins: int = 0,
         zero_tol: float = stats.DEFAULT_ZERO_TOL,
     ) -> None:
+        super().__init__()
         self._targets = [_Target(name, module, activation_of_module(module)) for name, module in targets]
         self.histogram_bins = histogram_bins
         self.zero_tol = zero_tol
-        self._handles: list[RemovableHandle] = []
         # built once, so every attach registers the same callables; run eagerly inside torch.compile'd models
         self._hooks = [
             (
@@ -149,32 +184,12 @@ class ActivationProbe:
             for t in self._targets
         ]
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    def attach(self) -> None:
-        """Register the hooks (idempotent)."""
-        if self._handles:
-            return
+    def _register(self) -> Iterator[RemovableHandle]:
         for target, (pre_hook, hook) in zip(self._targets, self._hooks):
             target.row = target.alive = target.pending = target.hist = None
             if pre_hook is not None:
-                self._handles.append(target.module.register_forward_pre_hook(pre_hook))
-            self._handles.append(target.module.register_forward_hook(hook))
-
-    def detach(self) -> None:
-        """Remove every hook this probe registered."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> ActivationProbe:
-        self.attach()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
+                yield target.module.register_forward_pre_hook(pre_hook)
+            yield target.module.register_forward_hook(hook)
 
     def _pre_hook(self, target: _Target) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -261,7 +276,7 @@ class ActivationProbe:
         return result
 
 
-class ForwardOrder:
+class ForwardOrder(HookSet):
     """Record the order in which modules first run during a forward pass (to name the *first* bad layer).
 
     Example::
@@ -274,23 +289,17 @@ class ForwardOrder:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        super().__init__()
         self.model = model
         self.names: list[str] = []
         self._seen: set[str] = set()
-        self._handles: list[RemovableHandle] = []
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    def attach(self) -> None:
-        if self._handles:
-            return
+    def _register(self) -> Iterator[RemovableHandle]:
         self.names = []
         self._seen = set()
         for name, module in self.model.named_modules():
             if name and next(module.children(), None) is None:
-                self._handles.append(module.register_forward_pre_hook(self._record(name)))
+                yield module.register_forward_pre_hook(self._record(name))
 
     def _record(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -299,15 +308,3 @@ class ForwardOrder:
                 self.names.append(name)
 
         return hook
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> ForwardOrder:
-        self.attach()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
