@@ -23,6 +23,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _timing import WARMUP_STEPS, StepTimer, step_time  # the script's directory is on sys.path
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
@@ -31,7 +32,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bn import ActivationMonitor, GradientMonitor
 
-WARMUP_STEPS = 10
 TARGETS = {50: 1.03, 1: 1.25}
 
 
@@ -51,28 +51,6 @@ class MLP(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
-
-
-class StepTimer(Callback):
-    """Wall time of each training batch. Put ``timer`` first and ``timer.stop`` last among the callbacks, so the
-    window opens before every other callback's ``on_train_batch_start`` and closes after every ``on_train_batch_end``.
-    """
-
-    def __init__(self) -> None:
-        self.times: list[tuple[int, float]] = []  # (global step, seconds)
-        self._start = 0.0
-        self.stop = _StopTimer(self)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._start = time.perf_counter()
-
-
-class _StopTimer(Callback):
-    def __init__(self, timer: StepTimer) -> None:
-        self.timer = timer
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self.timer.times.append((trainer.global_step - 1, time.perf_counter() - self.timer._start))
 
 
 def monitors(every_n_steps: int, histograms: bool | None = None) -> Callable[[], list[Callback]]:
@@ -99,16 +77,6 @@ CONFIGS: dict[str, tuple[int | None, Callable[[], list[Callback]]]] = {
     "every_n=1, no histograms": (1, monitors(1, histograms=False)),
     "every_n=1, all histograms": (1, monitors(1, histograms=True)),
 }
-
-
-def step_time(times: list[tuple[int, float]], every_n_steps: int | None) -> float:
-    """Amortized step time, robust to a busy machine: medians of logging and other steps, weighted by frequency."""
-    if every_n_steps is None or every_n_steps == 1:
-        return statistics.median(t for _, t in times)
-    logging_steps = [t for step, t in times if step % every_n_steps == 0]
-    other_steps = [t for step, t in times if step % every_n_steps != 0]
-    share = 1 / every_n_steps
-    return share * statistics.median(logging_steps) + (1 - share) * statistics.median(other_steps)
 
 
 def run_once(config: tuple[int | None, Callable[[], list[Callback]]], data: TensorDataset, args: Any) -> float:

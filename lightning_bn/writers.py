@@ -68,20 +68,29 @@ def _write_summary(logger: Any, metrics: Mapping[str, float], step: int) -> None
 
 
 def log_histograms(writers: Sequence[Any], prefix: str, histograms: Sequence[Mapping[str, Any]], step: int) -> None:
-    """Write pre-binned histograms (from :class:`lightning_bn.probes.ProbeResult`) as ``<prefix>/<name>``."""
-    for writer in writers:
-        for h in histograms:
-            writer.add_histogram_raw(
-                metric_key(prefix, h["name"]),
+    """Write pre-binned histograms (from :class:`lightning_bn.probes.ProbeResult`) as ``<prefix>/<name>``, all of a
+    step's histograms in one event."""
+    if not histograms:
+        return
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+    values = [
+        Summary.Value(
+            tag=metric_key(prefix, h["name"]),
+            histo=HistogramProto(
                 min=h["min"],
                 max=h["max"],
                 num=h["num"],
                 sum=h["sum"],
                 sum_squares=h["sum_squares"],
-                bucket_limits=h["bucket_limits"],
-                bucket_counts=h["bucket_counts"],
-                global_step=step,
-            )
+                bucket_limit=h["bucket_limits"],
+                bucket=h["bucket_counts"],
+            ),
+        )
+        for h in histograms
+    ]
+    for writer in writers:
+        writer._get_file_writer().add_summary(Summary(value=values), step)
 
 
 def write_layout(writers: Sequence[Any], category: str, statistics: Sequence[str]) -> None:
