@@ -72,3 +72,33 @@ def test_eval_mode_pitfall_train_mode_loses_accuracy_and_guards_warn(tmp_path: P
     assert any("training mode" in m for m in summary["guard_messages"])
     assert summary["callback_warned"]
     assert any("training mode during validation" in m for m in summary["callback_messages"])
+
+
+def test_bn_learning_rate_batchnorm_widens_trainable_range(tmp_path: Path) -> None:
+    """Ioffe & Szegedy 2015 / Bjorck et al. 2018: the range of learning rates that train (eval-mode validation accuracy
+    >= 0.8 after 150 SGD steps) is wider with BN than without, and BN's largest trainable learning rate is at least
+    10x the largest without (measured 30x vs 100-300x range, max 3 vs 0.3, on seeds 0, 1, 2)."""
+    summary = run_example("bn_learning_rate", tmp_path)
+    plain, bn = summary["plain"]["range"], summary["batchnorm"]["range"]
+    assert plain["count"] >= 2 and bn["count"] >= 2, (plain, bn)
+    assert bn["factor"] > plain["factor"], (plain, bn)
+    assert bn["max_lr"] >= 10 * plain["max_lr"], (plain, bn)
+    lrs = summary["learning_rates"]
+    assert max(lrs) / min(lrs) >= 1000
+    assert min(summary["plain"]["accuracy"]) < 0.2  # the largest learning rates diverge without BN
+
+
+def test_small_batch_batchnorm_loses_to_groupnorm_and_layernorm_at_batch_2(tmp_path: Path) -> None:
+    """Wu & He 2018: at batch 2 BatchNorm's eval-mode accuracy falls far below GroupNorm's and LayerNorm's (measured
+    ~0.56 vs >= 0.93 on seeds 0, 1, 2) though all three are close at batch 32; BatchNormGuard warns about the tiny
+    batch, naming GroupNorm/LayerNorm, only for the BatchNorm run at batch 2."""
+    summary = run_example("small_batch", tmp_path)
+    results = summary["results"]
+    at2 = {norm: results[norm]["2"]["accuracy"] for norm in ("batch", "group", "layer")}
+    assert at2["batch"] < at2["group"] - 0.2, at2
+    assert at2["batch"] < at2["layer"] - 0.2, at2
+    assert min(results[norm]["32"]["accuracy"] for norm in ("batch", "group", "layer")) > 0.85, results
+    assert summary["guard_small_batch_warned"]
+    assert any("GroupNorm or LayerNorm" in m for m in summary["guard_messages"])
+    assert results["batch"]["2"]["guard_warned"]
+    assert not any(results[norm][b]["guard_warned"] for norm in ("group", "layer") for b in ("2", "32"))
