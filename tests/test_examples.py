@@ -28,17 +28,21 @@ def run_example(name: str, out: Path) -> dict:
 
 
 def test_sigmoid_top_layer_driven_towards_zero(tmp_path: Path) -> None:
-    """Glorot & Bengio's Figure 2: under the standard init the top sigmoid layer's act_mean falls far below 0.5 while
-    the lower layers stay near or above 0.5; act_saturation is logged for the top layer of both inits."""
+    """Glorot & Bengio's Figure 2: under the standard init the top sigmoid layer's act_mean falls from 0.5 to ~0 while
+    the lower layers stay near or above 0.5, and its act_saturation is clearly higher than under Xavier: > 0.9 over
+    the second half of the run against Xavier's <= standard - 0.08 (seeds 0-2 of --fast: 0.96/0.95/1.00 vs
+    0.84/0.74/0.80; averaged over the whole run 0.86/0.84/0.96 vs 0.78/0.68/0.76)."""
     summary = run_example("sigmoid_saturation", tmp_path)
-    standard = summary["standard"]
+    standard, xavier = summary["standard"], summary["xavier"]
     top = standard["top_layer"]
     lower = [layer for layer in standard["mean_at_end"] if layer != top]
     assert standard["mean_at_init"][top] == pytest.approx(0.5, abs=0.05)
-    assert standard["mean_at_end"][top] < 0.15
+    assert standard["mean_at_end"][top] < 0.01
     assert all(standard["mean_at_end"][layer] > 0.45 for layer in lower), standard["mean_at_end"]
-    for init in ("standard", "xavier"):
-        assert 0.0 <= summary[init]["top_saturation_avg"] <= 1.0
+    assert standard["top_saturation_late"] > 0.9, standard
+    assert xavier["top_saturation_late"] < standard["top_saturation_late"] - 0.08, (standard, xavier)
+    assert xavier["top_saturation_avg"] < standard["top_saturation_avg"] - 0.04, (standard, xavier)
+    assert summary["standard_saturates_more"]
 
 
 def test_deep_relu_xavier_vanishes_he_and_autoinit_hold(tmp_path: Path) -> None:
