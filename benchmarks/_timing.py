@@ -14,9 +14,16 @@ from collections import defaultdict
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
 WARMUP_STEPS = 10
+
+
+def _drain(pl_module: pl.LightningModule) -> None:
+    """On CUDA, wait for queued kernels so a step's wall time holds its own GPU work (same in every configuration)."""
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
 
 
 class StepTimer(Callback):
@@ -28,6 +35,7 @@ class StepTimer(Callback):
         self.stop = _StopTimer(self)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        _drain(pl_module)
         self._start = time.perf_counter()
 
 
@@ -36,6 +44,7 @@ class _StopTimer(Callback):
         self.timer = timer
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        _drain(pl_module)
         self.timer.times.append((trainer.global_step - 1, time.perf_counter() - self.timer._start))
 
 

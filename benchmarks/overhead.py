@@ -87,7 +87,8 @@ def run_once(config: tuple[int | None, Callable[[], list[Callback]]], data: Tens
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as logdir:
         trainer = pl.Trainer(
-            accelerator="cpu",
+            accelerator=args.accelerator,
+            devices=1,
             max_steps=WARMUP_STEPS + args.steps,
             logger=TensorBoardLogger(logdir, name="", version=0),
             log_every_n_steps=50,
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=4, help="hidden layers")
     parser.add_argument("--features", type=int, default=256)
+    parser.add_argument("--accelerator", default="cpu", help="cpu or gpu (GPU step times include a sync per step)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
 
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"MLP {args.features}-{'-'.join([str(args.width)] * args.depth)}-10, batch {args.batch_size}, "
         f"{args.steps} measured steps after {WARMUP_STEPS} warm-up, {args.reps} reps, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.accelerator}"
     )
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     start = time.perf_counter()
