@@ -220,3 +220,20 @@ def test_state_dict_resumes_the_cadence(tmp_path):
     fresh = ActivationMonitor(every_n_steps=1)
     fresh.load_state_dict(state)
     assert fresh.state_dict() == state
+
+
+def test_gradient_monitor_hooks_only_the_first_batch(tmp_path):
+    """GradientMonitor learns the forward order on the first batch; later non-logging steps carry no hook at all."""
+    model = BoringClassifier(mlp(2, 8, nn.ReLU))
+    hooks_per_step = {}
+
+    class Inspect(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            hooks_per_step[trainer.global_step] = sum(len(m._forward_pre_hooks) for m in pl_module.modules())
+
+    t = trainer(
+        tmp_path, logger=CSVLogger(tmp_path), max_steps=4, callbacks=[GradientMonitor(every_n_steps=3), Inspect()]
+    )
+    t.fit(model)
+    assert hooks_per_step[0] > 0
+    assert hooks_per_step[1] == hooks_per_step[2] == hooks_per_step[3] == 0

@@ -90,8 +90,8 @@ class GradientMonitor(PeriodicMonitor):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not self._module_rank and self._order is not None:
-            self._order.attach()  # once per fit: learn the forward order of layers
+        if self._order is not None:
+            self._order.attach()  # first batch of the fit only: learn the forward order of layers
 
     @override
     def on_before_optimizer_step(
@@ -103,9 +103,10 @@ class GradientMonitor(PeriodicMonitor):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._order is not None and self._order.attached:
+        if self._order is not None:
             self._order.detach()
             self._module_rank = {name: i for i, name in enumerate(self._order.names)}
+            self._order = None  # recorded: no hook on any later step, even if no leaf module ran
         self._flush(trainer)
 
     def _measure_gradients(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
