@@ -7,6 +7,7 @@ all-reduces them across processes (two collectives) and moves everything to the 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,17 +19,36 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_bn import stats
 from lightning_bn.activations import Activation, activation_of_module
+from lightning_bn.tracing import HookSet as _HookSet
+from lightning_bn.tracing import ModelMap
 
-__all__ = ["ActivationProbe", "ForwardOrder", "ModuleFilter", "ProbeResult", "select_modules"]
+__all__ = ["ActivationProbe", "ForwardOrder", "ModuleFilter", "ProbeResult", "WatchTarget", "select_modules",
+           "watch_targets"]  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HookSet":
+        import warnings
+
+        warnings.warn(
+            "`lightning_bn.probes.HookSet` moved to `lightning_bn.tracing.HookSet`; the old path goes away in the next "
+            "release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _HookSet
+    raise AttributeError(f"module 'lightning_bn.probes' has no attribute {name!r}")
+
 
 #: What a user may pass to choose modules: types, glob patterns on qualified names, or a ``(name, module)`` predicate.
 ModuleFilter = Union[Sequence[str | type], Callable[[str, nn.Module], bool], None]
 
 
 def default_module_filter(name: str, module: nn.Module) -> bool:
-    """Every activation module, and every leaf layer that owns a weight."""
-    if activation_of_module(module) is not None:
-        return True
+    """Every activation module (not the ``nn.Identity`` placeholder), and every leaf layer that owns a weight."""
+    activation = activation_of_module(module)
+    if activation is not None:
+        return not activation.is_identity
     is_leaf = next(module.children(), None) is None
     return is_leaf and isinstance(getattr(module, "weight", None), Tensor)
 
@@ -84,41 +104,6 @@ def select_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple
     return [(n, m) for n, m in named if any(matches(e, n, m) for e in entries)]
 
 
-class HookSet:
-    """Hooks registered together and removed together: ``attach`` / ``detach``, or use it as a context manager.
-
-    Subclasses say what to register in :meth:`_register`; the handles are kept here and nowhere else.
-    """
-
-    def __init__(self) -> None:
-        self._handles: list[RemovableHandle] = []
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    def _register(self) -> Iterable[RemovableHandle]:
-        raise NotImplementedError
-
-    def attach(self) -> None:
-        """Register the hooks (idempotent)."""
-        if not self._handles:
-            self._handles = list(self._register())
-
-    def detach(self) -> None:
-        """Remove every hook this set registered."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self):  # noqa: ANN204 - returns the subclass
-        self.attach()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
-
-
 def _eager(fn: Callable) -> Callable:
     """Run ``fn`` eagerly when called from a ``torch.compile``'d forward (a graph break there, not a retrace)."""
     return torch.compiler.disable(fn)
@@ -134,21 +119,122 @@ class ProbeResult:
 
 
 @dataclass
-class _Target:
+class WatchTarget:
+    """One thing a probe watches, and how.
+
+    Attributes:
+        name: the name its figures are logged under.
+        module: the module hooked.
+        activation: the activation whose saturation is judged (``None``: values only).
+        hook: ``"layer"`` (the module's output, values only), ``"module"`` (an activation module: its input and
+            output), ``"input"`` (the module's output feeds ``activation``: the activation is applied to it) or
+            ``"output"`` (the module's output is ``activation``'s output).
+        unit_dim: the dimension that indexes units (from the model map's layout); ``None``: read from the rank.
+    """
+
     name: str
     module: nn.Module
-    activation: Activation | None
+    activation: Activation | None = None
+    hook: str = "layer"
+    unit_dim: int | None = None
+
+
+@dataclass
+class _Target:
+    spec: WatchTarget
     row: Tensor | None = None
     alive: Tensor | None = None
     pending: Tensor | None = None
     hist: Tensor | None = None
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
-class ActivationProbe(HookSet):
+    @property
+    def activation(self) -> Activation | None:
+        return self.spec.activation
+
+
+def _as_target(target: WatchTarget | tuple[str, nn.Module]) -> WatchTarget:
+    if isinstance(target, WatchTarget):
+        return target
+    name, module = target
+    activation = activation_of_module(module)
+    if activation is None or activation.is_identity:
+        return WatchTarget(name, module)
+    return WatchTarget(name, module, activation, "module")
+
+
+def watch_targets(model: nn.Module, model_map: ModelMap | None, modules: ModuleFilter = None) -> list[WatchTarget]:
+    """What a monitor watches: every activation site of ``model_map`` (module or functional) and every leaf layer
+    with a weight, in module order; placeholders (``nn.Identity``, dropout, drop-path) never count as activations.
+
+    Without a map, the activation modules of the registry. ``modules`` narrows the choice (see :data:`ModuleFilter`):
+    patterns match a site's name or its module's name, types and predicates the module.
+
+    Raises:
+        ValueError: when a pattern or type in ``modules`` matches nothing; the message names it.
+
+    Example::
+
+        >>> import torch.nn.functional as F
+        >>> from lightning_bn.tracing import trace_model
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+        ...     def forward(self, x):
+        ...         return self.out(F.relu(self.fc(x)))
+        >>> net = Net()
+        >>> [(t.name, t.hook) for t in watch_targets(net, trace_model(net, torch.randn(2, 4)))]
+        [('fc', 'layer'), ('fc.relu', 'input'), ('out', 'layer')]
+    """
+    if model_map is None:
+        return [_as_target(t) for t in select_modules(model, modules)]
+    validate_module_filter(modules)
+    placeholders = set(model_map.placeholders)
+    sites: dict[int, list[WatchTarget]] = {}
+    for site in model_map.sites:
+        target = WatchTarget(site.name, site.module, site.activation, site.hook, site.layout.unit_dim)
+        sites.setdefault(id(site.module), []).append(target)
+    candidates: list[tuple[str, nn.Module, WatchTarget]] = []
+    for name, module in model.named_modules():
+        if not name or name in placeholders:
+            continue
+        own = [t for t in sites.get(id(module), []) if t.hook == "module"]
+        if own:
+            candidates += [(name, module, t) for t in own]
+        elif modules is not None or default_module_filter(name, module):
+            candidates.append((name, module, _as_target((name, module))))
+        candidates += [(t.name, module, t) for t in sites.get(id(module), []) if t.hook != "module"]
+    if modules is None:
+        chosen = [t for _, _, t in candidates]
+    elif callable(modules) and not isinstance(modules, type):
+        chosen = [t for n, m, t in candidates if modules(n, m)]
+    else:
+        entries = [modules] if isinstance(modules, (str, type)) else list(modules)
+
+        def matches(entry: str | type, name: str, module: nn.Module) -> bool:
+            if isinstance(entry, str):
+                return fnmatch.fnmatchcase(name, entry)
+            return isinstance(module, entry)
+
+        for entry in entries:
+            if not any(matches(entry, n, m) for n, m, _ in candidates):
+                raise ValueError(
+                    f"Expected `modules` entry {entry!r} to match a module of the model, but it matches none"
+                )
+        chosen = [t for n, m, t in candidates if any(matches(e, n, m) for e in entries)]
+    return list({id(t): t for t in chosen}.values())
+
+
+class ActivationProbe(_HookSet):
     """Summarize the outputs (and, for activations, the saturation) of chosen modules during one forward pass.
 
     Args:
-        targets: ``(name, module)`` pairs, e.g. from :func:`select_modules`.
+        targets: :class:`WatchTarget` objects (e.g. from :func:`watch_targets`), or ``(name, module)`` pairs (e.g.
+            from :func:`select_modules`), for which an activation module is judged by its registered kind.
         histogram_bins: bins per module histogram; 0 for none. Histograms are rank-local under DDP.
         zero_tol: ``|x|`` at or below this counts as near zero.
 
@@ -165,37 +251,51 @@ class ActivationProbe(HookSet):
 
     def __init__(
         self,
-        targets: Sequence[tuple[str, nn.Module]],
+        targets: Sequence[WatchTarget | tuple[str, nn.Module]],
         histogram_bins: int = 0,
         zero_tol: float = stats.DEFAULT_ZERO_TOL,
     ) -> None:
         super().__init__()
-        self._targets = [_Target(name, module, activation_of_module(module)) for name, module in targets]
+        self._targets = [_Target(_as_target(t)) for t in targets]
         self.histogram_bins = histogram_bins
         self.zero_tol = zero_tol
+        self._paused = False
         # built once, so every attach registers the same callables; run eagerly inside torch.compile'd models
         self._hooks = [
             (
                 _eager(self._pre_hook(t))
-                if t.activation is not None and t.activation.kind.output_derivative is None
+                if t.spec.hook == "module" and t.activation.kind.output_derivative is None
                 else None,
                 _eager(self._hook(t)),
             )
             for t in self._targets
         ]
 
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self._targets]
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """While inside, the attached hooks record nothing (a forward pass that is no training step)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def _register(self) -> Iterator[RemovableHandle]:
         for target, (pre_hook, hook) in zip(self._targets, self._hooks):
             target.row = target.alive = target.pending = target.hist = None
             if pre_hook is not None:
-                yield target.module.register_forward_pre_hook(pre_hook)
-            yield target.module.register_forward_hook(hook)
+                yield target.spec.module.register_forward_pre_hook(pre_hook)
+            yield target.spec.module.register_forward_hook(hook)
 
     def _pre_hook(self, target: _Target) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            if not args or not isinstance(args[0], Tensor):
+            if self._paused or not args or not isinstance(args[0], Tensor):
                 return
-            self._record_saturation(target, stats.saturation(args[0], target.activation))
+            self._record_saturation(target, stats.saturation(args[0], target.activation, target.spec.unit_dim))
 
         return hook
 
@@ -207,14 +307,23 @@ class ActivationProbe(HookSet):
         target.alive = torch.maximum(target.alive, alive) if same else alive
 
     def _hook(self, target: _Target) -> Callable:
+        spec = target.spec
+
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if isinstance(output, (tuple, list)) and output:
                 output = output[0]
-            if not isinstance(output, Tensor) or not output.is_floating_point():
+            if self._paused or not isinstance(output, Tensor) or not output.is_floating_point():
                 return
+            if spec.hook == "input":  # the output feeds a functional activation: judge its input, sum its output
+                x = output.detach()
+                self._record_saturation(target, stats.saturation(x, spec.activation, spec.unit_dim))
+                output = spec.activation(x)
+            elif spec.activation is not None and (
+                spec.hook == "output" or spec.activation.kind.output_derivative is not None
+            ):
+                found = stats.saturation(output, spec.activation, spec.unit_dim, from_output=True)
+                self._record_saturation(target, found)
             values = stats.value_stats(output, self.zero_tol)
-            if target.activation is not None and target.activation.kind.output_derivative is not None:
-                self._record_saturation(target, stats.saturation(output, target.activation, from_output=True))
             extra = target.pending if target.pending is not None else values.new_zeros(3)
             target.pending = None
             row = torch.cat([values, extra])
@@ -276,7 +385,7 @@ class ActivationProbe(HookSet):
         return result
 
 
-class ForwardOrder(HookSet):
+class ForwardOrder(_HookSet):
     """Record the order in which modules first run during a forward pass (to name the *first* bad layer).
 
     Example::

@@ -10,15 +10,16 @@ across DDP ranks, with one all-reduce.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
 
-from lightning_bn.guards import calibrating
+from lightning_bn.tracing import HookSet, model_state
 
 __all__ = ["default_forward", "recalibrate"]
 
@@ -58,6 +59,18 @@ class _Accumulator:
         self.count += values.shape[1]
         self.total += values.sum(1)
         self.total_sq += values.square().sum(1)
+
+
+class _Accumulation(HookSet):
+    """The forward pre-hooks that feed each BatchNorm's input to its accumulator, attached for one pass."""
+
+    def __init__(self, accumulators: list[_Accumulator]) -> None:
+        super().__init__()
+        self.accumulators = accumulators
+
+    def _register(self) -> Iterator[RemovableHandle]:
+        for accumulator in self.accumulators:
+            yield accumulator.module.register_forward_pre_hook(accumulator.hook)
 
 
 def _layout(accumulators: list[_Accumulator]) -> Tensor:
@@ -121,13 +134,11 @@ def recalibrate(
         start += m.num_features
         accumulators.append(_Accumulator(m, shift, zeros.new_zeros(()), zeros.clone(), zeros.clone()))
     old = [(m.running_mean.detach().clone(), m.running_var.detach().clone(), m.momentum) for _, m in norms]
-    modes = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_pre_hook(a.hook) for (_, m), a in zip(norms, accumulators)]
     try:
         for _, m in norms:
             m.momentum = 0.0  # leave the buffers alone during the pass; they are written once at the end
-        model.train()
-        with torch.no_grad(), calibrating():
+        # training mode without gradients, marked as calibration (the eval-mode guard stays quiet); modes restored
+        with _Accumulation(accumulators), model_state(model, train=True, grad=False, calibration=True):
             for index, batch in enumerate(dataloader):
                 if index >= num_batches:
                     break
@@ -142,12 +153,8 @@ def recalibrate(
             m.running_var.copy_(var)
         raise
     finally:
-        for handle in handles:
-            handle.remove()
         for (_, m), (_mean, _var, momentum) in zip(norms, old):
             m.momentum = momentum
-        for m, mode in modes.items():
-            m.training = mode
     return result
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -18,26 +18,21 @@ import torch
 from torch import nn
 
 from lightning_bn.activations import Activation, get_activation
-from lightning_bn.init import (
-    LAYER_TYPES,
-    SCHEMES,
-    LayerTrace,
-    init_layer_,
-    output_stds,
-    rescale_to_unit_variance_,
-    trace_activations,
-    zero_init_residual_,
-)
-from lightning_bn.norms import POSITIONS, NormInsertion, get_norm_layer, plan_insertions
+from lightning_bn.init import LayerStep, init_layer_, sequential_init_, zero_init_residual_
+from lightning_bn.norms import NormInsertion, plan_insertions
+from lightning_bn.options import INIT_CHOICES, OVERRIDE_CHOICES, PrepareOptions
+from lightning_bn.tracing import LAYER_TYPES, LayerTrace, trace_model
 
-__all__ = ["INIT_CHOICES", "OVERRIDE_CHOICES", "LayerReport", "Report", "Skipped", "prepare", "validate_options"]
-
-#: What ``init=`` accepts: ``"auto"`` (per layer, from the activation), ``"lsuv"``, or one scheme for every layer.
-INIT_CHOICES = ("auto", "lsuv", *SCHEMES)
-#: What an ``overrides`` value accepts: any ``init`` choice, or ``"skip"`` to leave the layer as it is.
-OVERRIDE_CHOICES = (*INIT_CHOICES, "skip")
-_DISTRIBUTIONS = ("normal", "uniform", "truncated_normal")
-_MODES = ("fan_in", "fan_out")
+__all__ = [
+    "INIT_CHOICES",
+    "OVERRIDE_CHOICES",
+    "LayerReport",
+    "PrepareOptions",
+    "Report",
+    "Skipped",
+    "prepare",
+    "validate_options",
+]
 
 
 @dataclass
@@ -147,36 +142,14 @@ def validate_options(
     position: Any = "pre",
     exclude: Any = None,
 ) -> None:
-    """Check ``prepare``'s options without a model.
+    """Check ``prepare``'s options without a model (kept for compatibility: :class:`PrepareOptions` does the checks).
 
     Raises:
         ValueError: naming the bad value and the values allowed.
-        TypeError: for an ``overrides`` that is not a mapping of patterns to schemes, an ``exclude`` that is not a
-            list of patterns, or a ``norm`` that is no name, class or partial.
+        TypeError: for an ``overrides`` that is not a mapping of patterns to schemes, or an ``exclude`` that is not a
+            list of patterns.
     """
-    if init not in INIT_CHOICES:
-        raise ValueError(f"Expected `init` to be one of {list(INIT_CHOICES)} but got {init!r}")
-    if norm is not None and norm != "auto" and get_norm_layer(norm) is None:
-        raise ValueError(f"Expected `norm` to be a norm, 'auto' or None but got {norm!r}")
-    if position not in POSITIONS:
-        raise ValueError(f"Expected `position` to be one of {list(POSITIONS)} but got {position!r}")
-    if exclude is not None and (isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude)):
-        raise TypeError(f"Expected `exclude` to be a list of glob patterns (str) but got {exclude!r}")
-    if distribution not in _DISTRIBUTIONS:
-        raise ValueError(f"Expected `distribution` to be one of {list(_DISTRIBUTIONS)} but got {distribution!r}")
-    if mode not in _MODES:
-        raise ValueError(f"Expected `mode` to be one of {list(_MODES)} but got {mode!r}")
-    if overrides is None:
-        return
-    if not isinstance(overrides, Mapping):
-        raise TypeError(f"Expected `overrides` to be a dict of glob pattern -> scheme but got {overrides!r}")
-    for pattern, scheme in overrides.items():
-        if not isinstance(pattern, str):
-            raise TypeError(f"Expected each `overrides` key to be a glob pattern (str) but got {pattern!r}")
-        if scheme not in OVERRIDE_CHOICES:
-            raise ValueError(
-                f"Expected `overrides[{pattern!r}]` to be one of {list(OVERRIDE_CHOICES)} but got {scheme!r}"
-            )
+    PrepareOptions(init, norm, overrides, position, exclude, distribution=distribution, mode=mode)
 
 
 def _example_input(model: nn.Module, example_input: Any) -> Any:
@@ -257,14 +230,18 @@ def prepare(
     tol: float = 0.1,
     max_iters: int = 10,
     seed: int | None = None,
+    options: PrepareOptions | None = None,
 ) -> Report:
     """Initialize ``model`` in place to match the activation after each layer, optionally insert norms, and report.
 
-    Steps: validate the options -> trace the activations (:func:`~lightning_bn.init.trace_activations`) -> plan a
-    scheme per layer -> plan and build the norms (:func:`~lightning_bn.norms.plan_insertions`) -> initialize ->
-    data-driven rescaling where planned -> insert the norms -> :class:`Report`. Nothing is changed until every check
-    has passed, and a failure while changing restores the ``state_dict`` and module tree. The init runs before the
-    insertion, on the traced structure, so each layer still gets the gain of the activation after it.
+    Steps: validate the options (:class:`~lightning_bn.options.PrepareOptions`) -> trace the model once
+    (:func:`~lightning_bn.tracing.trace_model`) -> plan a scheme per layer -> plan and build the norms
+    (:func:`~lightning_bn.norms.plan_insertions`, no forward pass) -> one forward pass in which each layer is
+    initialized, rescaled where planned and measured inside its own hook, with the planned norms applied
+    (:func:`~lightning_bn.init.sequential_init_`) -> insert the norms -> :class:`Report`. The model runs exactly twice.
+    Nothing is changed until every check has passed, and a failure while changing restores the ``state_dict`` and
+    module tree. The init runs before the insertion, on the traced structure, so each layer still gets the gain of
+    the activation after it.
 
     ``init="auto"`` asks the registry per layer: Xavier for tanh / sigmoid / identity (logits), He for the ReLU family,
     LeCun for SELU, and the numeric gain otherwise (GELU, SiLU, Mish, ELU, user-registered kinds); since no fixed gain
@@ -294,6 +271,8 @@ def prepare(
         max_iters: rescaling passes per layer.
         seed: seed a private generator for the random draws (same seed, same weights on every process);
             ``None`` draws from the global generator.
+        options: all of the above as one :class:`~lightning_bn.options.PrepareOptions` (then the keyword arguments
+            are ignored).
 
     Returns:
         a :class:`Report`.
@@ -312,36 +291,40 @@ def prepare(
         >>> [row.scheme for row in report.layers]
         ['xavier', 'xavier', 'lecun']
     """
-    validate_options(init, norm, overrides, distribution, mode, position, exclude)
-    overrides = dict(overrides or {})
+    if options is None:
+        options = PrepareOptions(
+            init, norm, overrides, position, exclude, keep_bias, distribution, mode, zero_init_residual, tol,
+            max_iters, seed,
+        )  # fmt: skip
+    return _prepare(model, example_input, options)
+
+
+def _prepare(model: nn.Module, example_input: Any, o: PrepareOptions) -> Report:
     if not any(isinstance(m, LAYER_TYPES) for m in model.modules()):
         raise ValueError(
             f"Found no layer to initialize in {type(model).__name__}: expected a Linear, Conv, ConvTranspose, "
             "Embedding or RNN module"
         )
     example_input = _example_input(model, example_input)
-    traces = trace_activations(model, example_input)
-    plans, skipped = _plan(model, traces, init, overrides)
+    traces = trace_model(model, example_input).layers
+    plans, skipped = _plan(model, traces, o.init, o.overrides)
     if not plans:
         raise ValueError(
             f"Found no layer to initialize in {type(model).__name__}: none ran on the example input or all were "
             f"skipped ({[s.layer for s in skipped]})"
         )
     insertion = None
-    if norm is not None:
-        insertion = plan_insertions(model, example_input, traces, norm, position, exclude, keep_bias)
-    names = [p.name for p in plans]
+    if o.norm is not None:
+        insertion = plan_insertions(model, example_input, traces, o.norm, o.position, o.exclude, o.keep_bias)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
-        changes = _apply(
-            model, example_input, plans, traces, distribution, mode, zero_init_residual, tol, max_iters, seed
-        )
+        after = {site.target: site.norm for site in insertion.sites} if insertion is not None else {}
+        changes, stds = _apply(model, example_input, plans, traces, o, after)
         inserted = insertion.apply(model) if insertion is not None else None
     except BaseException:
         model.load_state_dict(snapshot)
         raise
-    after = output_stds(model, example_input, names)
-    report = Report(layers=[_row(p, after) for p in plans], skipped=skipped, changes=changes)
+    report = Report(layers=[_row(p, stds) for p in plans], skipped=skipped, changes=changes)
     if inserted is not None:
         report.skipped += [Skipped(name, reason) for name, reason in inserted.skipped]
         report.insertions, report.renamed_keys = inserted.insertions, inserted.renamed_keys
@@ -369,40 +352,43 @@ def _apply(
     example_input: Any,
     plans: list[_Plan],
     traces: dict[str, LayerTrace],
-    distribution: str,
-    mode: str,
-    zero_init_residual: bool,
-    tol: float,
-    max_iters: int,
-    seed: int | None,
-) -> list[str]:
-    generators = _generators(model, seed)
-    gains: dict[str, float] = {}
-    for plan in plans:
-        generator = generators.get(next(plan.module.parameters()).device)
-        gain = 1.0 if plan.lsuv else None
-        gains[plan.name] = init_layer_(plan.module, plan.scheme, plan.activation, distribution, mode, gain, generator)
-    for plan in plans:
-        plan.gain = gains[plan.name]
-    schemes = sorted({p.scheme for p in plans})
-    changes = [f"initialized {_layers(len(plans))} ({', '.join(schemes)}); biases zeroed"]
-    if zero_init_residual:
+    o: PrepareOptions,
+    after: dict[str, nn.Module],
+) -> tuple[list[str], dict[str, float]]:
+    """Initialize, rescale and measure every planned layer in one forward pass; the changes in words and the stds."""
+    generators = _generators(model, o.seed)
+
+    def initializer(plan: _Plan) -> Callable[[nn.Module], None]:
+        def initialize(module: nn.Module) -> None:
+            generator = generators.get(next(module.parameters()).device)
+            gain = 1.0 if plan.lsuv else None
+            plan.gain = init_layer_(module, plan.scheme, plan.activation, o.distribution, o.mode, gain, generator)
+
+        return initialize
+
+    changes = []
+    if o.zero_init_residual:
         zeroed = zero_init_residual_(model, traces)
+    steps = [LayerStep(p.name, initializer(p), rescale=p.lsuv or p.correct) for p in plans]
+    results = sequential_init_(model, example_input, steps, after=after, tol=o.tol, max_iters=o.max_iters)
+    for plan, step in zip(plans, steps):
+        if plan.name not in results:  # did not run this time: initialized without data
+            step.initialize(plan.module)
+    schemes = sorted({p.scheme for p in plans})
+    changes.append(f"initialized {_layers(len(plans))} ({', '.join(schemes)}); biases zeroed")
+    if o.zero_init_residual:
         changes.append(f"zeroed the weight of the last norm in {len(zeroed)} residual branches: {zeroed}")
-    rescale = [p.name for p in plans if p.lsuv or p.correct]
-    if rescale:
-        rescale_to_unit_variance_(model, example_input, rescale, tol=tol, max_iters=max_iters)
-        lsuv = [p.name for p in plans if p.lsuv]
-        corrected = [p.name for p in plans if p.correct]
-        if lsuv:
-            changes.append(f"LSUV: rescaled {_layers(len(lsuv))} to unit output variance on the example input")
-        if corrected:
-            kinds = sorted({p.activation.name for p in plans if p.correct})
-            changes.append(
-                f"rescaled {_layers(len(corrected))} before {', '.join(kinds)} to unit output variance on the example "
-                "input (not positively homogeneous: no fixed gain holds the variance at depth)"
-            )
-    return changes
+    lsuv = [p.name for p in plans if p.lsuv]
+    corrected = [p.name for p in plans if p.correct]
+    if lsuv:
+        changes.append(f"LSUV: rescaled {_layers(len(lsuv))} to unit output variance on the example input")
+    if corrected:
+        kinds = sorted({p.activation.name for p in plans if p.correct})
+        changes.append(
+            f"rescaled {_layers(len(corrected))} before {', '.join(kinds)} to unit output variance on the example "
+            "input (not positively homogeneous: no fixed gain holds the variance at depth)"
+        )
+    return changes, {n: r.std for n, r in results.items()}
 
 
 def _row(plan: _Plan, after: dict[str, float]) -> LayerReport:

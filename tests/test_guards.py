@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 from lightning_bn import guards
 from lightning_bn.callbacks.norm_guard import BatchNormGuard
 from lightning_bn.guards import BatchNormWarning, guard, init_mismatches
+from lightning_bn.tracing import module_order_activations
 from tests.helpers import BoringClassifier, mlp, trainer
 
 
@@ -243,7 +244,8 @@ def test_init_mismatch_reports_overflow_before_batchnorm():
 def test_fallback_activation_heuristic():
     """Each layer gets the next activation module unless another weighted layer comes first; the last is identity."""
     net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    names = {k: v.name for k, v in guards._fallback_activations(net).items()}
+    found = module_order_activations(net, (nn.Linear, nn.modules.conv._ConvNd))
+    names = {k: v.name for k, v in found.items()}
     assert names == {"0": "tanh", "2": "identity", "3": "relu", "5": "identity"}
 
 

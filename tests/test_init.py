@@ -10,14 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_bn.activations import get_activation
-from lightning_bn.init import (
-    init_layer_,
-    layer_fans,
-    lsuv_,
-    output_stds,
-    trace_activations,
-    zero_init_residual_,
-)
+from lightning_bn.init import init_layer_, layer_fans, lsuv_, zero_init_residual_
+from lightning_bn.tracing import output_stds, trace_activations
 
 
 class FourWays(nn.Module):

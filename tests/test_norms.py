@@ -11,7 +11,6 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_bn.callbacks.auto_init import AutoInit
-from lightning_bn.init import output_stds
 from lightning_bn.norms import (
     BatchNormXd,
     ChannelsFirst,
@@ -22,6 +21,7 @@ from lightning_bn.norms import (
     insert_norms,
     register_norm,
 )
+from lightning_bn.tracing import output_stds
 from lightning_bn.wrapper import prepare
 from tests.helpers import BoringClassifier, digits_data, mlp, trainer
 

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_bn.callbacks.auto_init import REPORT_TAG, AutoInit
-from lightning_bn.init import output_stds
+from lightning_bn.tracing import output_stds
 from lightning_bn.wrapper import Report, prepare
 from tests.helpers import BoringClassifier, digits_data, event_tags, mlp, trainer
 from tests.test_init import resnet18

@@ -6,6 +6,7 @@ logs the report on rank zero: printed, and as TensorBoard text ``lightning_bn/in
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,7 +17,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_bn import writers
-from lightning_bn.wrapper import Report, prepare, validate_options
+from lightning_bn.options import PrepareOptions
+from lightning_bn.wrapper import Report, prepare
 
 #: TensorBoard text tag of the report.
 REPORT_TAG = "lightning_bn/init_report"
@@ -77,23 +79,21 @@ class AutoInit(Callback):
         keep_bias: bool = False,
     ) -> None:
         try:
-            validate_options(init, norm, overrides, distribution, mode, position, exclude)
+            self.options = PrepareOptions(
+                init, norm, overrides, position, exclude, keep_bias, distribution, mode, zero_init_residual,
+                seed=seed,
+            )  # fmt: skip
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(f"`AutoInit`: {err}") from err
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise MisconfigurationException(f"Expected `seed` to be an integer or None but got {seed!r}")
-        self.init = init
-        self.norm = norm
         self.example_input = example_input
-        self.overrides = overrides
-        self.zero_init_residual = zero_init_residual
-        self.distribution = distribution
-        self.mode = mode
-        self.seed = seed
-        self.position = position
-        self.exclude = exclude
-        self.keep_bias = keep_bias
         self.report: Report | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # `callback.init`, `callback.norm`, ...: the options, read through
+        options = self.__dict__.get("options")
+        if options is not None and name in PrepareOptions.names():
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -112,22 +112,9 @@ class AutoInit(Callback):
                 "`self.example_input_array = torch.randn(batch, ...)` in the LightningModule's `__init__`, or pass "
                 "`AutoInit(example_input=...)` (a Tensor, a tuple of args or a dict of kwargs)"
             )
-        seed = self.seed if self.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
+        seed = self.options.seed if self.options.seed is not None else trainer.strategy.broadcast(torch.initial_seed())
         try:
-            self.report = prepare(
-                pl_module,
-                example,
-                init=self.init,
-                norm=self.norm,
-                position=self.position,
-                exclude=self.exclude,
-                keep_bias=self.keep_bias,
-                overrides=self.overrides,
-                distribution=self.distribution,
-                mode=self.mode,
-                zero_init_residual=self.zero_init_residual,
-                seed=int(seed),
-            )
+            self.report = prepare(pl_module, example, options=dataclasses.replace(self.options, seed=int(seed)))
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(f"`AutoInit`: {err}") from err
         if trainer.is_global_zero:

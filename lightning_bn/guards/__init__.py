@@ -1,0 +1,96 @@
+"""Checks for the classic normalization pitfalls, in plain PyTorch: each check returns findings, never mutates.
+
+- *inference on batch statistics* (:mod:`~lightning_bn.guards.eval_mode`): BatchNorm-family modules left in training
+  mode (:func:`find_train_mode_norms`), running statistics changed by evaluation data (:func:`running_stats_snapshot`,
+  :func:`changed_running_stats`), and :func:`guard`, which warns live when a BatchNorm in training mode runs under
+  ``torch.no_grad()`` / ``torch.inference_mode()`` (the forgotten ``model.eval()``).
+- *tiny batches* (:mod:`~lightning_bn.guards.batch_size`): :class:`BatchSizeRecorder` + :func:`small_batch_norms`
+  (values per channel = batch × spatial).
+- *uncalibrated running statistics* (:mod:`~lightning_bn.guards.calibration`): :func:`uncalibrated_norms`.
+- *init mismatch* (:mod:`~lightning_bn.guards.init_check`): :func:`init_mismatches` (weight scale vs. what the
+  activation needs, and the consequence in one forward pass: inf/NaN, vanishing or exploding signal).
+
+Every warning has the category :class:`BatchNormWarning` and is one line: what is wrong, where, what to do.
+The guards build on :mod:`lightning_bn.tracing` (hooks, the calibration flag, the one data-flow trace) only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from lightning_bn.guards._common import BatchNormWarning, batch_norms, running_stat_norms
+from lightning_bn.guards.batch_size import (
+    DEFAULT_MIN_VALUES_PER_CHANNEL,
+    BatchSizeRecorder,
+    small_batch_message,
+    small_batch_norms,
+    values_per_channel,
+)
+from lightning_bn.guards.calibration import uncalibrated_message, uncalibrated_norms
+from lightning_bn.guards.eval_mode import (
+    EvalModeGuard,
+    changed_running_stats,
+    find_train_mode_norms,
+    guard,
+    leak_message,
+    running_stats_snapshot,
+    train_mode_message,
+)
+from lightning_bn.guards.init_check import (
+    DEFAULT_DEPTH_RATIO,
+    DEFAULT_INIT_FACTOR,
+    InitFinding,
+    init_messages,
+    init_mismatches,
+)
+
+__all__ = [
+    "DEFAULT_DEPTH_RATIO",
+    "DEFAULT_INIT_FACTOR",
+    "DEFAULT_MIN_VALUES_PER_CHANNEL",
+    "BatchNormWarning",
+    "BatchSizeRecorder",
+    "EvalModeGuard",
+    "InitFinding",
+    "batch_norms",
+    "changed_running_stats",
+    "find_train_mode_norms",
+    "guard",
+    "init_messages",
+    "init_mismatches",
+    "leak_message",
+    "running_stat_norms",
+    "running_stats_snapshot",
+    "small_batch_message",
+    "small_batch_norms",
+    "train_mode_message",
+    "uncalibrated_message",
+    "uncalibrated_norms",
+    "values_per_channel",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """``lightning_bn.guards.calibrating`` still works for this release, with a ``DeprecationWarning``.
+
+    Example::
+
+        >>> import warnings
+        >>> import lightning_bn.guards
+        >>> from lightning_bn.tracing import calibrating
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     lightning_bn.guards.calibrating is calibrating, caught[0].category.__name__
+        (True, 'DeprecationWarning')
+    """
+    if name == "calibrating":
+        from lightning_bn.tracing import calibrating
+
+        warnings.warn(
+            "lightning_bn.guards.calibrating moved to lightning_bn.tracing.calibrating",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return calibrating
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,101 @@
+"""Tiny batches: :class:`BatchSizeRecorder` + :func:`small_batch_norms` (values per channel = batch × spatial)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_bn.guards._common import _names, batch_norms
+from lightning_bn.tracing import HookSet
+
+__all__ = [
+    "DEFAULT_MIN_VALUES_PER_CHANNEL",
+    "BatchSizeRecorder",
+    "small_batch_message",
+    "small_batch_norms",
+    "values_per_channel",
+]
+
+#: Below this many values per channel (batch × spatial) batch statistics are too noisy: BN's error rises fast as the
+#: per-device batch drops below 16 (Wu & He, "Group Normalization", ECCV 2018).
+DEFAULT_MIN_VALUES_PER_CHANNEL = 16
+
+
+def values_per_channel(x: Tensor) -> int:
+    """How many values a BatchNorm normalizes per channel for input ``x``: batch × spatial.
+
+    Example::
+
+        >>> import torch
+        >>> values_per_channel(torch.zeros(2, 16)), values_per_channel(torch.zeros(2, 8, 4, 4))
+        (2, 32)
+    """
+    if x.ndim < 2:
+        return x.numel()
+    return x.numel() // max(x.shape[1], 1)
+
+
+class BatchSizeRecorder(HookSet):
+    """Record, per BatchNorm, the largest number of values per channel it normalized in training mode.
+
+    Attach it for a few training steps only; :attr:`values` maps module names to counts on this device.
+
+    Example::
+
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        >>> with BatchSizeRecorder(net) as recorder:
+        ...     _ = net(torch.randn(2, 4))
+        >>> recorder.values, small_batch_norms(recorder.values)
+        ({'1': 2}, ['1'])
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._norms = batch_norms(model)
+        self.values: dict[str, int] = {}
+
+    def _register(self) -> list[RemovableHandle]:
+        return [m.register_forward_pre_hook(self._record(n)) for n, m in self._norms]
+
+    def _record(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if module.training and args and isinstance(args[0], Tensor):
+                self.values[name] = max(self.values.get(name, 0), values_per_channel(args[0]))
+
+        return hook
+
+
+def small_batch_norms(values: Mapping[str, int], min_values: int = DEFAULT_MIN_VALUES_PER_CHANNEL) -> list[str]:
+    """Names of the BatchNorms that normalized fewer than ``min_values`` values per channel."""
+    return [name for name, count in values.items() if count < min_values]
+
+
+def small_batch_message(
+    names: Sequence[str],
+    values: Mapping[str, int],
+    min_values: int = DEFAULT_MIN_VALUES_PER_CHANNEL,
+    world_size: int = 1,
+    synced: bool = False,
+) -> str:
+    """One line for BatchNorms with too few values per channel, naming the fixes (and SyncBatchNorm under DDP).
+
+    Example::
+
+        >>> print(small_batch_message(["bn"], {"bn": 4}).split(": ")[1])
+        their batch statistics are noisy. Use GroupNorm or LayerNorm (`lightning_bn.convert_norms`), or a larger batch.
+    """
+    smallest = min(values[n] for n in names)
+    line = (
+        f"BatchNorm modules {_names(names)} normalize only {smallest} value(s) per channel (batch x spatial) on this "
+        f"device, fewer than {min_values}: their batch statistics are noisy. Use GroupNorm or LayerNorm "
+        "(`lightning_bn.convert_norms`)"
+    )
+    if world_size > 1 and not synced:
+        line += (
+            f", or SyncBatchNorm (`Trainer(sync_batchnorm=True)`) to normalize over the global batch of "
+            f"{smallest * world_size} values per channel across {world_size} devices"
+        )
+    return line + ", or a larger batch."

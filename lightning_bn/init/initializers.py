@@ -1,0 +1,209 @@
+"""Initializers matched to the activation that follows a layer, in place (timm style): nothing here runs a model.
+
+:func:`init_layer_` draws one layer's weights for a scheme and an activation's gain; :func:`layer_fans` gives the fans
+every part of the library uses; :func:`zero_init_residual_` zeroes the last norm of each residual branch found by the
+trace. The data-driven half (LSUV, rescaling to unit variance) is in :mod:`lightning_bn.init.sequential`.
+
+References: Glorot & Bengio (AISTATS 2010); He et al. (ICCV 2015); Klambauer et al. (NeurIPS 2017, LeCun init for
+SELU); Saxe et al. (ICLR 2014, orthogonal init); Mishkin & Matas (ICLR 2016, LSUV).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_bn.activations import Activation, get_activation
+from lightning_bn.tracing import LAYER_TYPES, LayerTrace
+
+__all__ = ["LAYER_TYPES", "SCHEMES", "init_layer_", "layer_fans", "zero_init_residual_"]
+
+#: Initialization schemes understood by :func:`init_layer_`.
+SCHEMES = ("xavier", "kaiming", "lecun", "orthogonal", "numeric")
+
+Scheme = Literal["xavier", "kaiming", "lecun", "orthogonal", "numeric"]
+Distribution = Literal["normal", "uniform", "truncated_normal"]
+FanMode = Literal["fan_in", "fan_out"]
+
+_TRUNC_STD = 0.8796256610342398  # std of N(0, 1) truncated to [-2, 2]
+
+
+# ---- initializers ------------------------------------------------------------------------------------------------
+
+
+def layer_fans(module: nn.Module) -> tuple[float, float]:
+    """``(fan_in, fan_out)`` of a layer: inputs feeding one output unit and outputs fed by one input unit.
+
+    A lookup in an Embedding reads one row, so both fans are 1; a transposed convolution's fan-in is divided by its
+    stride (taps that hit one output on average).
+
+    Example::
+
+        >>> layer_fans(nn.Conv2d(3, 16, 3))
+        (27.0, 144.0)
+    """
+    if isinstance(module, nn.Embedding):
+        return 1.0, 1.0
+    weight = module.weight
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        taps = math.prod(module.kernel_size) / math.prod(module.stride)
+        return max(1.0, weight.shape[0] // module.groups * taps), float(weight.shape[1] * math.prod(module.kernel_size))
+    receptive = math.prod(weight.shape[2:])
+    groups = getattr(module, "groups", 1)
+    return float(weight.shape[1] * receptive), float(weight.shape[0] // groups * receptive)
+
+
+def _fill_(weight: Tensor, std: float, distribution: str, generator: torch.Generator | None) -> None:
+    if distribution == "normal":
+        nn.init.normal_(weight, 0.0, std, generator=generator)
+    elif distribution == "uniform":
+        bound = math.sqrt(3.0) * std
+        nn.init.uniform_(weight, -bound, bound, generator=generator)
+    else:
+        scale = std / _TRUNC_STD
+        nn.init.trunc_normal_(weight, 0.0, scale, -2 * scale, 2 * scale, generator=generator)
+
+
+def _init_matrix_(
+    weight: Tensor,
+    scheme: str,
+    fans: tuple[float, float],
+    gain: float,
+    distribution: str,
+    mode: str,
+    generator: torch.Generator | None,
+) -> None:
+    fan_in, fan_out = fans
+    if scheme == "xavier":
+        variance = gain**2 * 2.0 / (fan_in + fan_out)
+    else:
+        variance = gain**2 / (fan_in if mode == "fan_in" else fan_out)
+    if scheme == "orthogonal" and weight.dim() >= 2 and weight.shape[0] > 1:
+        nn.init.orthogonal_(weight, generator=generator)
+        weight.mul_(math.sqrt(variance * weight.numel() / weight.pow(2).sum().item()))
+    else:
+        _fill_(weight, math.sqrt(variance), distribution, generator)
+
+
+def _check_choice(argument: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"Expected `{argument}` to be one of {list(allowed)} but got {value!r}")
+
+
+def init_layer_(
+    module: nn.Module,
+    scheme: Scheme,
+    activation: Activation | None = None,
+    distribution: Distribution = "normal",
+    mode: FanMode = "fan_in",
+    gain: float | None = None,
+    generator: torch.Generator | None = None,
+) -> float:
+    """Initialize one layer's weights in place for the activation that follows it; biases to zero.
+
+    Weights get zero mean and variance ``v``:
+
+    - ``"xavier"`` (Glorot & Bengio 2010): ``v = g² · 2 / (fan_in + fan_out)``;
+    - ``"kaiming"`` (He et al. 2015) and ``"numeric"``: ``v = g² / fan`` (``fan`` per ``mode``);
+    - ``"lecun"``: ``v = 1 / fan`` (the self-normalizing init for SELU), ``g`` only if given explicitly;
+    - ``"orthogonal"`` (Saxe et al. 2014): a random orthogonal matrix scaled to ``v = g² / fan``.
+
+    ``g`` is ``gain`` if given, else ``activation.gain`` = ``1 / sqrt(E[f(z)²])``, ``z ~ N(0, 1)``, by quadrature
+    (√2 for ReLU as in ``torch.nn.init.calculate_gain``; ≈ 1.59 for tanh where PyTorch uses 5/3, and ≈ 1.0 for SELU
+    where PyTorch uses 3/4: the numeric value is the one that keeps ``E[f(z)²]`` at the unit fixed point), else 1.
+    Embeddings take ``fan_in = fan_out = 1`` (a lookup reads one row). RNN layers get the scheme on each gate's
+    input weights with the gain of their own ``nonlinearity``, orthogonal recurrent weights (gain 1).
+
+    Args:
+        module: a layer of :data:`LAYER_TYPES`.
+        scheme: one of :data:`SCHEMES`.
+        activation: the activation consuming the layer's output (``None``: identity).
+        distribution: ``"normal"``, ``"uniform"`` or ``"truncated_normal"`` (truncated at ±2σ, rescaled so the
+            variance is still ``v``).
+        mode: ``"fan_in"`` (preserve forward variance) or ``"fan_out"`` (backward).
+        gain: overrides the activation's gain.
+        generator: random generator on the weights' device (``None``: the global one).
+
+    Returns:
+        the gain used.
+
+    Raises:
+        ValueError: for an unknown scheme, distribution or mode.
+        TypeError: for a module that is not a layer of :data:`LAYER_TYPES`.
+
+    Example::
+
+        >>> layer = nn.Linear(512, 512)
+        >>> init_layer_(layer, "kaiming", get_activation("relu"))  # doctest: +ELLIPSIS
+        1.414...
+        >>> round(layer.weight.var().item() * 512, 1), layer.bias.abs().max().item()
+        (2.0, 0.0)
+    """
+    _check_choice("scheme", scheme, SCHEMES)
+    _check_choice("distribution", distribution, ("normal", "uniform", "truncated_normal"))
+    _check_choice("mode", mode, ("fan_in", "fan_out"))
+    if not isinstance(module, LAYER_TYPES):
+        raise TypeError(f"Expected a Linear, Conv, Embedding or RNN layer but got {type(module).__name__}")
+    if isinstance(module, nn.RNNBase):
+        activation = get_activation(getattr(module, "nonlinearity", None))
+    if gain is None:
+        gain = 1.0 if scheme == "lecun" or activation is None else activation.gain
+    with torch.no_grad():
+        if isinstance(module, nn.RNNBase):
+            _init_rnn_(module, scheme, gain, distribution, mode, generator)
+        else:
+            _init_matrix_(module.weight, scheme, layer_fans(module), gain, distribution, mode, generator)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        for name, param in module.named_parameters(recurse=False):
+            if name.startswith("bias"):
+                param.zero_()
+    return gain
+
+
+def _init_rnn_(
+    module: nn.RNNBase, scheme: str, gain: float, distribution: str, mode: str, generator: torch.Generator | None
+) -> None:
+    for name, param in module.named_parameters(recurse=False):
+        if not name.startswith("weight"):
+            continue
+        gates = max(1, param.shape[0] // module.hidden_size) if not name.startswith("weight_hr") else 1
+        for chunk in param.chunk(gates, dim=0):
+            if name.startswith("weight_hh"):
+                nn.init.orthogonal_(chunk, generator=generator)
+            else:
+                fans = (float(chunk.shape[1]), float(chunk.shape[0]))
+                _init_matrix_(chunk, scheme, fans, gain, distribution, mode, generator)
+
+
+def zero_init_residual_(model: nn.Module, traces: dict[str, LayerTrace]) -> list[str]:
+    """Zero the weight (γ) of the last norm in each residual branch, so every residual block starts as identity.
+
+    Goyal et al. 2017 ("Accurate, Large Minibatch SGD"); the branches come from the trace
+    (``LayerTrace.residual_norm``). Returns the qualified names of the norms zeroed.
+
+    Example::
+
+        >>> from lightning_bn.tracing import trace_activations
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        ...     def forward(self, x):
+        ...         return torch.relu(x + self.bn(self.fc(x)))
+        >>> block = Block()
+        >>> zero_init_residual_(block, trace_activations(block, torch.randn(4, 8)))
+        ['bn']
+    """
+    modules = dict(model.named_modules())
+    zeroed = list(dict.fromkeys(t.residual_norm for t in traces.values() if t.residual_norm is not None))
+    with torch.no_grad():
+        for name in zeroed:
+            weight = getattr(modules[name], "weight", None)
+            if isinstance(weight, Tensor):
+                weight.zero_()
+    return [n for n in zeroed if isinstance(getattr(modules[n], "weight", None), Tensor)]

@@ -1,0 +1,479 @@
+"""One traced forward pass: which activation follows each layer, where every activation runs, and the layouts.
+
+:func:`trace_model` runs the model once on an example input with forward hooks on every module and a
+:class:`~torch.overrides.TorchFunctionMode`, and follows each tensor: which layer made it (through norms, dropout,
+pooling, reshapes, scaling by a constant and additions), which module's output it is, which dimension indexes its
+units, and which layers lie upstream of it. Activations are found as registered modules, as functional calls
+(``F.gelu``, ``torch.tanh``, ``x.relu()``), as unregistered modules recognized by what they compute
+(:func:`~lightning_bn.tracing.recognize`), and inside norm subclasses that apply one (timm's norm-act layers).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from lightning_bn.activations import Activation, activation_of_call, activation_of_module, get_activation
+from lightning_bn.tracing.hooks import as_call, model_state, run_forward
+from lightning_bn.tracing.model_map import ActivationSite, LayerTrace, Layout, ModelMap
+from lightning_bn.tracing.recognize import Recognition, recognize
+
+__all__ = ["LAYER_TYPES", "NORM_TYPES", "PASS_TYPES", "trace_activations", "trace_model"]
+
+#: Layers that get initialized: their output is what detection follows to the next nonlinearity.
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.RNNBase)
+#: Normalization layers: looked through, and remembered as the norm after a layer.
+NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t
+    for t in (
+        nn.modules.batchnorm._NormBase,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.LocalResponseNorm,
+        getattr(nn, "RMSNorm", None),
+    )
+    if t is not None
+)
+#: Shape-preserving or pooling modules looked through.
+PASS_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.dropout._DropoutNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+)
+_PLACEHOLDER_TYPES = (nn.modules.dropout._DropoutNd, nn.Identity)
+# Canonical names (lower case, no underscores) of shape-preserving calls looked through, and aliases.
+_LOOK_THROUGH = frozenset(
+    "view reshape flatten unflatten permute transpose t contiguous squeeze unsqueeze expand expandas viewas "
+    "reshapeas getitem narrow chunk split unbind clone detach to float double half bfloat16 typeas cat stack pad "
+    "movedim swapaxes swapdims repeat roll flip interpolate upsample mean add sub neg dropout dropout1d dropout2d "
+    "dropout3d alphadropout featurealphadropout batchnorm layernorm groupnorm instancenorm rmsnorm "
+    "localresponsenorm".split()
+)
+_NORM_CALLS = frozenset("batchnorm layernorm groupnorm instancenorm rmsnorm localresponsenorm".split())
+# calls whose output holds exactly the input's values at the same positions: the producing module's hook sees them
+_SAME_VALUES = frozenset("contiguous clone detach to float double half bfloat16 typeas dropout".split())
+_ALIASES = {"iadd": "add", "radd": "add", "isub": "sub", "rsub": "sub", "imul": "mul", "rmul": "mul"}
+_ALIASES |= {"truediv": "div", "itruediv": "div", "idiv": "div", "concat": "cat", "concatenate": "cat"}
+_SCALE_OPS = frozenset({"mul", "div"})
+
+
+@dataclass(frozen=True)
+class _Path:
+    through: tuple[str, ...] = ()
+    first_norm: str | None = None
+    last_norm: str | None = None
+
+    def step(self, what: str, norm: str | None = None) -> _Path:
+        return _Path(self.through + (what,), self.first_norm or norm, norm or self.last_norm)
+
+
+@dataclass
+class _Meta:
+    """What the trace knows of one live tensor."""
+
+    tags: dict[str, _Path] = field(default_factory=dict)  # layers it came from, through looked-through steps
+    depth: int = 0  # layers on the longest path to it (residual detection)
+    reach: frozenset[str] = frozenset()  # the last layers upstream of it, through any op
+    source: str | None = None  # the module whose output it is (same values, same positions)
+    layout: Layout | None = None
+    site: int | None = None  # index of the activation call whose output it is, when no hook can see that call
+
+
+@dataclass
+class _PendingCall:
+    activation: Activation
+    how: str
+    producer: str | None
+    layout: Layout
+
+
+def _canonical(func: Any) -> str:
+    name = getattr(func, "__name__", "").strip("_").replace("_", "").lower()
+    return _ALIASES.get(name, name)
+
+
+def _is_method(func: Any) -> bool:
+    return getattr(torch.Tensor, getattr(func, "__name__", ""), None) is func
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    return [t for t in tree_leaves(obj) if isinstance(t, Tensor)]
+
+
+def _is_torch_class(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.")
+
+
+def _layer_layout(module: nn.Module, output: Tensor) -> Layout:
+    ndim = output.ndim
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return Layout(1, ndim) if ndim == len(module.kernel_size) + 2 else Layout(0, ndim)
+    return Layout(max(ndim - 1, 0), max(ndim, 1))  # Linear, Embedding, RNN: features last
+
+
+def _permutation(name: str, args: tuple, ndim: int) -> list[int] | None:
+    dims = [a for a in args[1:] if isinstance(a, int)]
+    if len(args) > 1 and isinstance(args[1], (tuple, list)):
+        dims = list(args[1])
+    if name == "permute" and len(dims) == ndim:
+        return [d % ndim for d in dims]
+    if name in ("transpose", "swapaxes", "swapdims") and len(dims) == 2:
+        order = list(range(ndim))
+        a, b = dims[0] % ndim, dims[1] % ndim
+        order[a], order[b] = order[b], order[a]
+        return order
+    if name == "t" and ndim == 2:
+        return [1, 0]
+    return None
+
+
+class _Tracer:
+    """Bookkeeping of one traced forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {m: n for n, m in model.named_modules()}
+        self.recognized: dict[nn.Module, Recognition] = {}
+        self.roles: dict[nn.Module, str] = {m: self._role(m) for m in self.names}
+        self.info: dict[int, tuple[weakref.ref, _Meta]] = {}
+        self.layers: dict[str, LayerTrace] = {}
+        self.measured: dict[str, Tensor] = {}
+        self.found: dict[str, tuple[Activation, str, _Path, str | None]] = {}
+        self.norm_after: dict[str, str] = {}
+        self.residual_norm: dict[str, str] = {}
+        self.sites: list[ActivationSite] = []
+        self.site_keys: set[tuple[int, str, str]] = set()
+        self.pending: list[_PendingCall] = []
+        self.placeholders: list[str] = []
+        self.stack: list[nn.Module] = []
+        self.opaque = 0
+
+    def _role(self, module: nn.Module) -> str:
+        registered = activation_of_module(module)
+        if registered is not None:
+            self.recognized[module] = Recognition(registered, "placeholder" if registered.is_identity else "registry")
+            return "placeholder" if registered.is_identity else "activation"
+        if isinstance(module, LAYER_TYPES):
+            return "layer"
+        if isinstance(module, NORM_TYPES):
+            return "norm" if _is_torch_class(module) else "norm-act"  # a subclass may apply an activation inside
+        if isinstance(module, _PLACEHOLDER_TYPES):
+            return "placeholder"
+        if isinstance(module, PASS_TYPES):
+            return "pass"
+        if next(module.children(), None) is None and next(module.parameters(), None) is None:
+            return "candidate"  # decided on its first call, by what it computes
+        return "container"
+
+    # ---- tensor metadata ----
+    def get(self, t: Tensor) -> _Meta:
+        entry = self.info.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return _Meta()
+        return entry[1]
+
+    def put(self, outputs: Any, meta: _Meta) -> None:
+        for t in _tensors(outputs):
+            self.info[id(t)] = (weakref.ref(t), meta)
+
+    def gather(self, inputs: Any) -> tuple[list[tuple[_Meta, Tensor]], _Meta]:
+        seen = [(self.get(t), t) for t in _tensors(inputs)]
+        merged = _Meta()
+        for meta, _ in seen:
+            for producer, path in meta.tags.items():
+                merged.tags.setdefault(producer, path)
+            merged.reach |= meta.reach
+            merged.depth = max(merged.depth, meta.depth)
+        return seen, merged
+
+    def resolve(self, tags: dict[str, _Path], act: Activation, how: str, consumer: str | None = None) -> None:
+        for producer, path in tags.items():
+            self.found.setdefault(producer, (act, how, path, consumer))
+
+    def add_site(self, site: ActivationSite) -> None:
+        key = (id(site.module), site.hook, site.activation.describe())
+        if key in self.site_keys:
+            return  # the same hook already sees this activation at every call
+        self.site_keys.add(key)
+        taken = {s.name for s in self.sites}
+        name, k = site.name, 2
+        while name in taken:
+            name, k = f"{site.name}#{k}", k + 1
+        site.name = name
+        self.sites.append(site)
+
+    # ---- module hooks ----
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        role = self.roles[module]
+        if role == "candidate":
+            role = self._decide(module, args)
+        if role == "activation":
+            seen, merged = self.gather((args, kwargs))
+            name = self.names[module]
+            found = self.recognized[module]
+            how = "module" if found.how == "registry" else found.how
+            self.resolve(merged.tags, found.activation, how, name)
+            first = seen[0][1] if seen else None
+            if first is not None:
+                layout = seen[0][0].layout or Layout.from_rank(first.ndim)
+                producer = next(iter(merged.tags), None)
+                self.add_site(ActivationSite(name, found.activation, how, module, name, "module", layout, producer))
+        self.stack.append(module)
+        if role in ("layer", "norm", "pass", "placeholder", "activation"):
+            self.opaque += 1
+
+    def _decide(self, module: nn.Module, args: tuple) -> str:
+        like = next((a for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+        self.opaque += 1  # the grid evaluation is no step of the model
+        try:
+            found = recognize(module, like) if like is not None else None
+        finally:
+            self.opaque -= 1
+        if found is None:
+            role = "container"
+        else:
+            self.recognized[module] = found
+            role = "placeholder" if found.is_placeholder else "activation"
+        self.roles[module] = role
+        return role
+
+    def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        role = self.roles[module]
+        self.stack.pop()
+        if role in ("layer", "norm", "pass", "placeholder", "activation"):
+            self.opaque -= 1
+        name = self.names[module]
+        seen, merged = self.gather((args, kwargs))
+        main = output[0] if isinstance(output, (tuple, list)) and output else output
+        first = seen[0] if seen else (_Meta(), None)
+        same_shape = isinstance(main, Tensor) and first[1] is not None and first[1].shape == main.shape
+        layout = first[0].layout if same_shape else None
+        if role == "layer":
+            self._leave_layer(module, name, merged, output, main)
+        elif role == "norm":
+            for producer, path in merged.tags.items():
+                if path.first_norm is None:
+                    self.norm_after.setdefault(producer, name)
+            tags = {p: path.step(type(module).__name__, name) for p, path in merged.tags.items()}
+            self.put(output, _Meta(tags, merged.depth, merged.reach, name, layout))
+        elif role in ("pass", "placeholder"):
+            if role == "placeholder" and name not in self.placeholders:
+                self.placeholders.append(name)
+            tags = {p: path.step(type(module).__name__) for p, path in merged.tags.items()}
+            self.put(output, _Meta(tags, merged.depth, merged.reach, name, layout))
+        elif role == "activation":
+            self.put(output, _Meta({}, merged.depth, merged.reach, name, layout))
+        elif isinstance(main, Tensor):  # a container or norm-act module: what ran inside already tagged the output
+            meta = self.get(main)
+            if meta.site is not None:
+                self._watch_call_output(meta.site, module, name)
+            if meta.source is None or meta.site is not None:
+                self.put(main, _Meta(meta.tags, meta.depth, meta.reach, name, meta.layout))
+
+    def _leave_layer(self, module: nn.Module, name: str, merged: _Meta, output: Any, main: Any) -> None:
+        if name not in self.layers and isinstance(main, Tensor):
+            self.opaque += 1  # the measurement is no step of the model
+            x = main.detach().double()
+            finite = torch.isfinite(x)
+            std = x[finite].std() if x.numel() > 1 else x.new_tensor(float("nan"))
+            self.measured[name] = torch.stack([std, (~finite).sum().double()])
+            self.opaque -= 1
+            self.layers[name] = LayerTrace(
+                name, module, get_activation(None), "none", tuple(main.shape), layout=_layer_layout(module, main)
+            )
+        reach = frozenset({name})
+        self.put(output, _Meta({}, merged.depth + 1, reach))
+        if isinstance(main, Tensor):
+            layout = self.layers[name].layout if name in self.layers else _layer_layout(module, main)
+            self.put(main, _Meta({name: _Path()}, merged.depth + 1, reach, name, layout))
+
+    def _watch_call_output(self, index: int, module: nn.Module, name: str) -> None:
+        call = self.pending[index]
+        if call.activation.kind.output_derivative is None:
+            return  # saturation cannot be read off the output of this kind: stays unwatchable
+        site_name = f"{call.producer or name}.{call.activation.name}"
+        self.add_site(ActivationSite(site_name, call.activation, call.how, module, name, "output", call.layout,
+                                     call.producer))  # fmt: skip
+        self.pending[index] = _PendingCall(call.activation, "watched", call.producer, call.layout)
+
+    # ---- every torch function call outside the opaque modules ----
+    def call(self, func: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        seen, merged = self.gather((args, kwargs))
+        first_meta, first = seen[0] if seen else (_Meta(), None)
+        main = output[0] if isinstance(output, (tuple, list)) and output else output
+        name = _canonical(func)
+        same_shape = isinstance(main, Tensor) and first is not None and first.shape == main.shape
+        layout = first_meta.layout if same_shape else None
+        order = _permutation(name, args, first.ndim) if first is not None and first_meta.layout is not None else None
+        if order is not None:
+            layout = first_meta.layout.permuted(order)
+        source = first_meta.source if same_shape and name in _SAME_VALUES else None
+        act = activation_of_call(func, args, kwargs) if merged.tags or first is not None else None
+        if act is not None and not act.is_identity and first is not None:
+            how = "method" if _is_method(func) else "function"
+            self.resolve(merged.tags, act, how)
+            self._call_site(act, how, first_meta, first, merged, output)
+            return
+        if not merged.tags:
+            self.put(output, _Meta({}, merged.depth, merged.reach, source, layout))
+            return
+        big = [(m, t) for m, t in seen if t.numel() > 1]
+        if name in _SCALE_OPS and len(big) == 1:
+            tags = {p: path.step(name) for p, path in merged.tags.items()}
+        elif name in _NORM_CALLS and self._inside_norm() is not None:
+            norm = self._inside_norm()
+            for producer, path in merged.tags.items():
+                if path.first_norm is None:
+                    self.norm_after.setdefault(producer, norm)
+            tags = {p: path.step(name, norm) for p, path in merged.tags.items()}
+        elif name in _LOOK_THROUGH:
+            if name in ("add", "sub") and len(big) >= 2 and len({tuple(t.shape) for _, t in big}) == 1:
+                self._note_residual(big)
+            tags = {p: path.step(name) for p, path in merged.tags.items()}
+        else:
+            tags = {}
+        self.put(output, _Meta(tags, merged.depth, merged.reach, source, layout))
+
+    def _inside_norm(self) -> str | None:
+        if self.stack and self.roles[self.stack[-1]] == "norm-act":
+            return self.names[self.stack[-1]]
+        return None
+
+    def _call_site(self, act: Activation, how: str, meta: _Meta, first: Tensor, merged: _Meta, output: Any) -> None:
+        layout = meta.layout or Layout.from_rank(first.ndim)
+        producer = next(iter(merged.tags), None)
+        site_index = None
+        if meta.source is not None:
+            module = self._module(meta.source)
+            self.add_site(ActivationSite(f"{producer or meta.source}.{act.name}", act, how, module, meta.source,
+                                         "input", layout, producer))  # fmt: skip
+        else:
+            site_index = len(self.pending)
+            self.pending.append(_PendingCall(act, how, producer, layout))
+        self.put(output, _Meta({}, merged.depth, merged.reach, None, layout, site_index))
+
+    def _module(self, name: str) -> nn.Module:
+        return next(m for m, n in self.names.items() if n == name)
+
+    def _note_residual(self, operands: list[tuple[_Meta, Tensor]]) -> None:
+        deepest = max(m.depth for m, _ in operands)
+        if all(m.depth == deepest for m, _ in operands):
+            return  # no shallower shortcut: not recognizably a residual connection
+        for meta, _ in operands:
+            if meta.depth == deepest:
+                for producer, path in meta.tags.items():
+                    if path.last_norm is not None:
+                        self.residual_norm.setdefault(producer, path.last_norm)
+
+    def finish(self, output: Any) -> ModelMap:
+        final: frozenset[str] = frozenset()
+        for t in _tensors(output):
+            meta = self.get(t)
+            self.resolve(meta.tags, get_activation(None), "output")
+            final |= meta.reach
+        measured = torch.stack(list(self.measured.values())).cpu().tolist() if self.measured else []
+        for (name, trace), (std, nonfinite) in zip(self.layers.items(), measured):
+            if name in self.found:
+                act, how, path, consumer = self.found[name]
+                trace.activation, trace.how, trace.through, trace.consumer = act, how, list(path.through), consumer
+            trace.norm_after = self.norm_after.get(name)
+            trace.residual_norm = self.residual_norm.get(name)
+            trace.output_std, trace.nonfinite, trace.final = std, int(nonfinite), name in final
+        unwatchable = [
+            (f"{c.producer or '?'}.{c.activation.name}", "its input and output belong to no module")
+            for c in self.pending
+            if c.how != "watched"
+        ]
+        self.info.clear()
+        return ModelMap(self.layers, self.sites, self.placeholders, unwatchable)
+
+
+class _TraceMode(TorchFunctionMode):
+    def __init__(self, tracer: _Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if not self.tracer.opaque:
+            self.tracer.call(func, args, kwargs, output)
+        return output
+
+
+def _hooks(model: nn.Module, tracer: _Tracer) -> Iterator[Any]:
+    for module in model.modules():
+        yield module.register_forward_pre_hook(tracer.enter, with_kwargs=True)
+        yield module.register_forward_hook(tracer.leave, with_kwargs=True)
+
+
+def trace_model(model: nn.Module, example_input: Any, *, train: bool = False) -> ModelMap:
+    """Run ``model`` once on ``example_input`` and map its layers, activations, layouts and placeholders.
+
+    Activation modules are seen by forward pre-hooks; functional calls (``F.gelu``), torch functions
+    (``torch.tanh``) and tensor methods (``x.relu()``) by a ``TorchFunctionMode``, all asked of the registry
+    (:func:`~lightning_bn.activations.activation_of_call`); a module of no known class that acts element-wise is
+    recognized by what it computes (:func:`~lightning_bn.tracing.recognize`). Each layer's output is followed
+    through norms, dropout, pooling, reshapes, scaling by a constant and additions; the first activation it meets
+    wins. The pass runs under ``no_grad`` in eval mode (``train=True``: in training mode, with buffers and random
+    state restored afterwards) and restores every module's mode. No tensor is kept after it.
+
+    Args:
+        model: any ``nn.Module``; ``forward`` may have Python control flow and nested modules.
+        example_input: a Tensor, a tuple of positional args, or a dict of keyword args.
+        train: trace in training mode (batch statistics) instead of eval mode.
+
+    Returns:
+        a :class:`~lightning_bn.tracing.ModelMap`.
+
+    Raises:
+        ValueError: if ``forward`` raises on the example input; the message names the exception.
+
+    Example::
+
+        >>> import torch.nn.functional as F
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc, self.bn, self.out = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+        ...     def forward(self, x):
+        ...         return self.out(F.silu(self.bn(self.fc(x))))
+        >>> found = trace_model(Net(), torch.randn(3, 4))
+        >>> [(t.name, t.activation.name, t.how, t.through, str(t.layout)) for t in found.layers.values()]
+        [('fc', 'silu', 'function', ['BatchNorm1d'], '(N, C)'), ('out', 'identity', 'output', [], '(N, C)')]
+        >>> [(s.name, s.hook, s.module_name) for s in found.sites]
+        [('fc.silu', 'input', 'bn')]
+    """
+    args, kwargs = as_call(model, example_input)
+    tracer = _Tracer(model)
+    handles = list(_hooks(model, tracer))
+    try:
+        with model_state(model, train=train, grad=False, restore_buffers=train, fork_rng=train, calibration=train):
+            with _TraceMode(tracer):
+                output = run_forward(model, args, kwargs)
+            return tracer.finish(output)
+    finally:
+        for handle in handles:
+            handle.remove()
+        tracer.info.clear()
+
+
+def trace_activations(model: nn.Module, example_input: Any) -> dict[str, LayerTrace]:
+    """``{qualified name: LayerTrace}`` of every layer of :data:`LAYER_TYPES` that ran: :func:`trace_model`'s layers.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> [(n, t.activation.name) for n, t in trace_activations(net, torch.randn(3, 4)).items()]
+        [('0', 'tanh'), ('2', 'identity')]
+    """
+    return trace_model(model, example_input).layers
