@@ -18,53 +18,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from lightning_bn.activations import Activation, activation_of_call, activation_of_module, get_activation
 from lightning_bn.tracing.hooks import as_call, model_state, run_forward
 from lightning_bn.tracing.model_map import ActivationSite, LayerTrace, Layout, ModelMap
 from lightning_bn.tracing.recognize import Recognition, recognize
+from lightning_bn.tracing.types import (
+    _LOOK_THROUGH,
+    _NORM_CALLS,
+    _PLACEHOLDER_TYPES,
+    _SAME_VALUES,
+    _SCALE_OPS,
+    LAYER_TYPES,
+    NORM_TYPES,
+    PASS_TYPES,
+    _canonical,
+    _is_method,
+    _is_torch_class,
+    _layer_layout,
+    _permutation,
+    _tensors,
+)
 
 __all__ = ["LAYER_TYPES", "NORM_TYPES", "PASS_TYPES", "trace_activations", "trace_model"]
-
-#: Layers that get initialized: their output is what detection follows to the next nonlinearity.
-LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.RNNBase)
-#: Normalization layers: looked through, and remembered as the norm after a layer.
-NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
-    t
-    for t in (
-        nn.modules.batchnorm._NormBase,
-        nn.LayerNorm,
-        nn.GroupNorm,
-        nn.LocalResponseNorm,
-        getattr(nn, "RMSNorm", None),
-    )
-    if t is not None
-)
-#: Shape-preserving or pooling modules looked through.
-PASS_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.dropout._DropoutNd,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.modules.pooling._LPPoolNd,
-)
-_PLACEHOLDER_TYPES = (nn.modules.dropout._DropoutNd, nn.Identity)
-# Canonical names (lower case, no underscores) of shape-preserving calls looked through, and aliases.
-_LOOK_THROUGH = frozenset(
-    "view reshape flatten unflatten permute transpose t contiguous squeeze unsqueeze expand expandas viewas "
-    "reshapeas getitem narrow chunk split unbind clone detach to float double half bfloat16 typeas cat stack pad "
-    "movedim swapaxes swapdims repeat roll flip interpolate upsample mean add sub neg dropout dropout1d dropout2d "
-    "dropout3d alphadropout featurealphadropout batchnorm layernorm groupnorm instancenorm rmsnorm "
-    "localresponsenorm".split()
-)
-_NORM_CALLS = frozenset("batchnorm layernorm groupnorm instancenorm rmsnorm localresponsenorm".split())
-# calls whose output holds exactly the input's values at the same positions: the producing module's hook sees them
-_SAME_VALUES = frozenset("contiguous clone detach to float double half bfloat16 typeas dropout".split())
-_ALIASES = {"iadd": "add", "radd": "add", "isub": "sub", "rsub": "sub", "imul": "mul", "rmul": "mul"}
-_ALIASES |= {"truediv": "div", "itruediv": "div", "idiv": "div", "concat": "cat", "concatenate": "cat"}
-_SCALE_OPS = frozenset({"mul", "div"})
 
 
 @dataclass(frozen=True)
@@ -95,46 +71,6 @@ class _PendingCall:
     how: str
     producer: str | None
     layout: Layout
-
-
-def _canonical(func: Any) -> str:
-    name = getattr(func, "__name__", "").strip("_").replace("_", "").lower()
-    return _ALIASES.get(name, name)
-
-
-def _is_method(func: Any) -> bool:
-    return getattr(torch.Tensor, getattr(func, "__name__", ""), None) is func
-
-
-def _tensors(obj: Any) -> list[Tensor]:
-    return [t for t in tree_leaves(obj) if isinstance(t, Tensor)]
-
-
-def _is_torch_class(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.")
-
-
-def _layer_layout(module: nn.Module, output: Tensor) -> Layout:
-    ndim = output.ndim
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return Layout(1, ndim) if ndim == len(module.kernel_size) + 2 else Layout(0, ndim)
-    return Layout(max(ndim - 1, 0), max(ndim, 1))  # Linear, Embedding, RNN: features last
-
-
-def _permutation(name: str, args: tuple, ndim: int) -> list[int] | None:
-    dims = [a for a in args[1:] if isinstance(a, int)]
-    if len(args) > 1 and isinstance(args[1], (tuple, list)):
-        dims = list(args[1])
-    if name == "permute" and len(dims) == ndim:
-        return [d % ndim for d in dims]
-    if name in ("transpose", "swapaxes", "swapdims") and len(dims) == 2:
-        order = list(range(ndim))
-        a, b = dims[0] % ndim, dims[1] % ndim
-        order[a], order[b] = order[b], order[a]
-        return order
-    if name == "t" and ndim == 2:
-        return [1, 0]
-    return None
 
 
 class _Tracer:

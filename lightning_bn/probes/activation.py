@@ -1,0 +1,211 @@
+"""The activation probe: attach to chosen modules for one step, collect rows on the device, detach.
+
+A probe is attached only on steps that log; while attached, each hook reduces what it sees to a small row with
+:mod:`lightning_bn.stats` and keeps no reference to the tensor. :meth:`ActivationProbe.collect` stacks the rows,
+all-reduces them across processes (two collectives) and moves everything to the host in one transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_bn import stats
+from lightning_bn.activations import Activation
+from lightning_bn.probes.select import WatchTarget, _as_target, select_modules  # noqa: F401  (doctest)
+from lightning_bn.tracing import HookSet as _HookSet
+
+__all__ = ["ActivationProbe", "ProbeResult"]
+
+
+def _eager(fn: Callable) -> Callable:
+    """Run ``fn`` eagerly when called from a ``torch.compile``'d forward (a graph break there, not a retrace)."""
+    return torch.compiler.disable(fn)
+
+
+@dataclass
+class ProbeResult:
+    """Host-side results of one probed step: figures per module and, optionally, histogram data."""
+
+    names: list[str]
+    figures: list[dict[str, float]]
+    histograms: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Target:
+    spec: WatchTarget
+    row: Tensor | None = None
+    alive: Tensor | None = None
+    pending: Tensor | None = None
+    hist: Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def activation(self) -> Activation | None:
+        return self.spec.activation
+
+
+class ActivationProbe(_HookSet):
+    """Summarize the outputs (and, for activations, the saturation) of chosen modules during one forward pass.
+
+    Args:
+        targets: :class:`WatchTarget` objects (e.g. from :func:`watch_targets`), or ``(name, module)`` pairs (e.g.
+            from :func:`select_modules`), for which an activation module is judged by its registered kind.
+        histogram_bins: bins per module histogram; 0 for none. Histograms are rank-local under DDP.
+        zero_tol: ``|x|`` at or below this counts as near zero.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        >>> probe = ActivationProbe(select_modules(net))
+        >>> with probe:
+        ...     _ = net(torch.randn(16, 4))
+        >>> result = probe.collect()
+        >>> result.names, 0.0 <= result.figures[1]["saturation"] <= 1.0
+        (['0', '1'], True)
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[WatchTarget | tuple[str, nn.Module]],
+        histogram_bins: int = 0,
+        zero_tol: float = stats.DEFAULT_ZERO_TOL,
+    ) -> None:
+        super().__init__()
+        self._targets = [_Target(_as_target(t)) for t in targets]
+        self.histogram_bins = histogram_bins
+        self.zero_tol = zero_tol
+        self._paused = False
+        # built once, so every attach registers the same callables; run eagerly inside torch.compile'd models
+        self._hooks = [
+            (
+                _eager(self._pre_hook(t))
+                if t.spec.hook == "module" and t.activation.kind.output_derivative is None
+                else None,
+                _eager(self._hook(t)),
+            )
+            for t in self._targets
+        ]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self._targets]
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """While inside, the attached hooks record nothing (a forward pass that is no training step)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    def _register(self) -> Iterator[RemovableHandle]:
+        for target, (pre_hook, hook) in zip(self._targets, self._hooks):
+            target.row = target.alive = target.pending = target.hist = None
+            if pre_hook is not None:
+                yield target.spec.module.register_forward_pre_hook(pre_hook)
+            yield target.spec.module.register_forward_hook(hook)
+
+    def _pre_hook(self, target: _Target) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self._paused or not args or not isinstance(args[0], Tensor):
+                return
+            self._record_saturation(target, stats.saturation(args[0], target.activation, target.spec.unit_dim))
+
+        return hook
+
+    @staticmethod
+    def _record_saturation(target: _Target, found: tuple[Tensor, Tensor, Tensor]) -> None:
+        saturated, units, alive = found
+        target.pending = torch.stack([saturated, units, units.new_zeros(())])
+        same = target.alive is not None and target.alive.shape == alive.shape
+        target.alive = torch.maximum(target.alive, alive) if same else alive
+
+    def _hook(self, target: _Target) -> Callable:
+        spec = target.spec
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if isinstance(output, (tuple, list)) and output:
+                output = output[0]
+            if self._paused or not isinstance(output, Tensor) or not output.is_floating_point():
+                return
+            if spec.hook == "input":  # the output feeds a functional activation: judge its input, sum its output
+                x = output.detach()
+                self._record_saturation(target, stats.saturation(x, spec.activation, spec.unit_dim))
+                output = spec.activation(x)
+            elif spec.activation is not None and (
+                spec.hook == "output" or spec.activation.kind.output_derivative is not None
+            ):
+                found = stats.saturation(output, spec.activation, spec.unit_dim, from_output=True)
+                self._record_saturation(target, found)
+            values = stats.value_stats(output, self.zero_tol)
+            extra = target.pending if target.pending is not None else values.new_zeros(3)
+            target.pending = None
+            row = torch.cat([values, extra])
+            if self.histogram_bins and target.row is None:
+                target.hist = stats.histogram(output, values[3], values[4], self.histogram_bins)
+            target.row = row if target.row is None else stats.combine(target.row, row)
+
+        return hook
+
+    def collect(self, distributed: bool = True) -> ProbeResult:
+        """Stack the rows, all-reduce them (when ``distributed`` and a process group exists), transfer once.
+
+        Modules that did not run this step report an empty row (count 0). Resets the accumulators.
+        """
+        device = next((t.row.device for t in self._targets if t.row is not None), torch.device("cpu"))
+        empty = stats.empty_row(device)
+        rows = (
+            torch.stack([t.row if t.row is not None else empty for t in self._targets])
+            if self._targets
+            else (empty.new_zeros(0, len(stats.FIELDS)))
+        )
+        alive_parts = [t.alive if t.alive is not None else rows.new_zeros(0) for t in self._targets]
+        sizes = [part.numel() for part in alive_parts]
+        alive = torch.cat(alive_parts) if alive_parts else rows.new_zeros(0)
+        if distributed:
+            rows, alive = stats.reduce_across_processes(rows, alive)
+        dead_column = stats.FIELDS.index("dead_units")
+        units_column = stats.FIELDS.index("units")
+        alive_counts = torch.stack([part.sum() for part in alive.split(sizes)]) if sizes else rows.new_zeros(0)
+        rows[:, dead_column] = torch.where(rows[:, units_column] > 0, rows[:, units_column] - alive_counts, 0.0)
+        bins = self.histogram_bins
+        hists = [t.hist if t.hist is not None else rows.new_zeros(bins) for t in self._targets] if bins else []
+        payload = torch.cat([rows.reshape(-1), *hists]).cpu().tolist()
+        width = len(stats.FIELDS)
+        host_rows = [payload[i * width : (i + 1) * width] for i in range(len(self._targets))]
+        offset = len(self._targets) * width
+        result = ProbeResult([t.name for t in self._targets], [stats.figures(r) for r in host_rows])
+        if bins:
+            for i, (target, row) in enumerate(zip(self._targets, host_rows)):
+                counts = payload[offset + i * bins : offset + (i + 1) * bins]
+                if row[0] == 0 or target.hist is None:
+                    continue
+                low, high = row[3], row[4]
+                limits = [low + (high - low) * (k + 1) / bins for k in range(bins)]
+                result.histograms.append(
+                    {
+                        "name": target.name,
+                        "min": low,
+                        "max": high,
+                        "num": sum(counts),
+                        "sum": row[1],
+                        "sum_squares": row[2],
+                        "bucket_limits": limits,
+                        "bucket_counts": counts,
+                    }
+                )
+        for target in self._targets:
+            target.row = target.alive = target.pending = target.hist = None
+        return result

@@ -1,0 +1,174 @@
+"""Choosing what a probe watches: module filters, and the targets of a model map."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+from torch import Tensor, nn
+
+from lightning_bn.activations import Activation, activation_of_module
+from lightning_bn.tracing import ModelMap
+
+__all__ = ["ModuleFilter", "WatchTarget", "default_module_filter", "select_modules", "validate_module_filter",
+           "watch_targets"]  # fmt: skip
+
+#: What a user may pass to choose modules: types, glob patterns on qualified names, or a ``(name, module)`` predicate.
+ModuleFilter = Union[Sequence[str | type], Callable[[str, nn.Module], bool], None]
+
+
+def default_module_filter(name: str, module: nn.Module) -> bool:
+    """Every activation module (not the ``nn.Identity`` placeholder), and every leaf layer that owns a weight."""
+    activation = activation_of_module(module)
+    if activation is not None:
+        return not activation.is_identity
+    is_leaf = next(module.children(), None) is None
+    return is_leaf and isinstance(getattr(module, "weight", None), Tensor)
+
+
+def validate_module_filter(modules: ModuleFilter) -> None:
+    """Check a ``modules`` argument without a model.
+
+    Raises:
+        ValueError: naming the entry that is neither a module type nor a string pattern.
+    """
+    if modules is None or callable(modules) and not isinstance(modules, type):
+        return
+    if isinstance(modules, (str, type)):
+        modules = [modules]
+    if not isinstance(modules, Iterable):
+        raise ValueError(f"Expected `modules` to be types, glob patterns or a predicate but got {modules!r}")
+    for entry in modules:
+        if isinstance(entry, str) or (isinstance(entry, type) and issubclass(entry, nn.Module)):
+            continue
+        raise ValueError(
+            f"Expected each entry of `modules` to be an nn.Module subclass or a glob pattern but got {entry!r}"
+        )
+
+
+def select_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[str, nn.Module]]:
+    """The ``(qualified name, module)`` pairs of ``model`` chosen by ``modules`` (see :data:`ModuleFilter`).
+
+    Raises:
+        ValueError: when a pattern or type in ``modules`` matches no module; the message names it.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> [name for name, _ in select_modules(net)]
+        ['0', '1', '2']
+        >>> [name for name, _ in select_modules(net, ["1", nn.Linear])]
+        ['0', '1', '2']
+    """
+    validate_module_filter(modules)
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if modules is None:
+        return [(n, m) for n, m in named if default_module_filter(n, m)]
+    if callable(modules) and not isinstance(modules, type):
+        return [(n, m) for n, m in named if modules(n, m)]
+    entries = [modules] if isinstance(modules, (str, type)) else list(modules)
+
+    def matches(entry: str | type, name: str, module: nn.Module) -> bool:
+        return fnmatch.fnmatchcase(name, entry) if isinstance(entry, str) else isinstance(module, entry)
+
+    for entry in entries:
+        if not any(matches(entry, n, m) for n, m in named):
+            raise ValueError(f"Expected `modules` entry {entry!r} to match a module of the model, but it matches none")
+    return [(n, m) for n, m in named if any(matches(e, n, m) for e in entries)]
+
+
+@dataclass
+class WatchTarget:
+    """One thing a probe watches, and how.
+
+    Attributes:
+        name: the name its figures are logged under.
+        module: the module hooked.
+        activation: the activation whose saturation is judged (``None``: values only).
+        hook: ``"layer"`` (the module's output, values only), ``"module"`` (an activation module: its input and
+            output), ``"input"`` (the module's output feeds ``activation``: the activation is applied to it) or
+            ``"output"`` (the module's output is ``activation``'s output).
+        unit_dim: the dimension that indexes units (from the model map's layout); ``None``: read from the rank.
+    """
+
+    name: str
+    module: nn.Module
+    activation: Activation | None = None
+    hook: str = "layer"
+    unit_dim: int | None = None
+
+
+def _as_target(target: WatchTarget | tuple[str, nn.Module]) -> WatchTarget:
+    if isinstance(target, WatchTarget):
+        return target
+    name, module = target
+    activation = activation_of_module(module)
+    if activation is None or activation.is_identity:
+        return WatchTarget(name, module)
+    return WatchTarget(name, module, activation, "module")
+
+
+def watch_targets(model: nn.Module, model_map: ModelMap | None, modules: ModuleFilter = None) -> list[WatchTarget]:
+    """What a monitor watches: every activation site of ``model_map`` (module or functional) and every leaf layer
+    with a weight, in module order; placeholders (``nn.Identity``, dropout, drop-path) never count as activations.
+
+    Without a map, the activation modules of the registry. ``modules`` narrows the choice (see :data:`ModuleFilter`):
+    patterns match a site's name or its module's name, types and predicates the module.
+
+    Raises:
+        ValueError: when a pattern or type in ``modules`` matches nothing; the message names it.
+
+    Example::
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from lightning_bn.tracing import trace_model
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+        ...     def forward(self, x):
+        ...         return self.out(F.relu(self.fc(x)))
+        >>> net = Net()
+        >>> [(t.name, t.hook) for t in watch_targets(net, trace_model(net, torch.randn(2, 4)))]
+        [('fc', 'layer'), ('fc.relu', 'input'), ('out', 'layer')]
+    """
+    if model_map is None:
+        return [_as_target(t) for t in select_modules(model, modules)]
+    validate_module_filter(modules)
+    placeholders = set(model_map.placeholders)
+    sites: dict[int, list[WatchTarget]] = {}
+    for site in model_map.sites:
+        target = WatchTarget(site.name, site.module, site.activation, site.hook, site.layout.unit_dim)
+        sites.setdefault(id(site.module), []).append(target)
+    candidates: list[tuple[str, nn.Module, WatchTarget]] = []
+    for name, module in model.named_modules():
+        if not name or name in placeholders:
+            continue
+        own = [t for t in sites.get(id(module), []) if t.hook == "module"]
+        if own:
+            candidates += [(name, module, t) for t in own]
+        elif modules is not None or default_module_filter(name, module):
+            candidates.append((name, module, _as_target((name, module))))
+        candidates += [(t.name, module, t) for t in sites.get(id(module), []) if t.hook != "module"]
+    if modules is None:
+        chosen = [t for _, _, t in candidates]
+    elif callable(modules) and not isinstance(modules, type):
+        chosen = [t for n, m, t in candidates if modules(n, m)]
+    else:
+        entries = [modules] if isinstance(modules, (str, type)) else list(modules)
+
+        def matches(entry: str | type, name: str, module: nn.Module) -> bool:
+            if isinstance(entry, str):
+                return fnmatch.fnmatchcase(name, entry)
+            return isinstance(module, entry)
+
+        for entry in entries:
+            if not any(matches(entry, n, m) for n, m, _ in candidates):
+                raise ValueError(
+                    f"Expected `modules` entry {entry!r} to match a module of the model, but it matches none"
+                )
+        chosen = [t for n, m, t in candidates if any(matches(e, n, m) for e in entries)]
+    return list({id(t): t for t in chosen}.values())
