@@ -6,6 +6,7 @@ Logs ``act_mean``, ``act_std``, ``act_min``, ``act_max``, ``act_zero``, ``act_no
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from typing_extensions import override
 
 from lightning_bn import writers
 from lightning_bn.callbacks._periodic import PeriodicMonitor, check_positive_int
-from lightning_bn.probes import ActivationProbe, ModuleFilter, validate_module_filter, watch_targets
+from lightning_bn.probes import ActivationProbe, ModuleFilter, WatchTarget, validate_module_filter, watch_targets
 from lightning_bn.stats import DEFAULT_ZERO_TOL
 from lightning_bn.tracing import HookSet, ModelMap, trace_model
 
@@ -34,6 +35,22 @@ STATISTICS = {
     "nonfinite": "act_nonfinite",
 }
 _HISTORY_LIMIT = 1000
+#: TensorBoard text tag of the watched layers in forward order (JSON list of :func:`layer_entry`), for the report.
+LAYERS_TAG = "lightning_bn/layers"
+
+
+def layer_entry(target: WatchTarget) -> dict[str, Any]:
+    """What the report needs to know of a watched layer: name, module type, activation, how it is watched.
+
+    Example::
+
+        >>> from torch import nn
+        >>> layer_entry(WatchTarget("fc1", nn.Linear(2, 2)))
+        {'name': 'fc1', 'module_type': 'Linear', 'activation': None, 'hook': 'layer'}
+    """
+    activation = target.activation.describe() if target.activation is not None else None
+    return {"name": target.name, "module_type": type(target.module).__name__, "activation": activation,
+            "hook": target.hook}  # fmt: skip
 
 
 def _is_compiled(module: object) -> bool:
@@ -161,6 +178,9 @@ class ActivationMonitor(PeriodicMonitor):
             raise MisconfigurationException(f"`ActivationMonitor(modules={self.modules!r})` selected no module")
         bins = self.histogram_bins if self.histograms and writers.tensorboard_writers(trainer.loggers) else 0
         self._probe = ActivationProbe(targets, histogram_bins=bins, zero_tol=self.zero_tol)
+        if trainer.is_global_zero:
+            table = json.dumps([layer_entry(t) for t in targets])
+            writers.log_text(writers.tensorboard_writers(trainer.loggers), LAYERS_TAG, table, step=0)
 
     @override
     def on_train_batch_start(

@@ -112,7 +112,7 @@ def _as_target(target: WatchTarget | tuple[str, nn.Module]) -> WatchTarget:
 
 def watch_targets(model: nn.Module, model_map: ModelMap | None, modules: ModuleFilter = None) -> list[WatchTarget]:
     """What a monitor watches: every activation site of ``model_map`` (module or functional) and every leaf layer
-    with a weight, in module order; placeholders (``nn.Identity``, dropout, drop-path) never count as activations.
+    with a weight, in forward order; placeholders (``nn.Identity``, dropout, drop-path) never count as activations.
 
     Without a map, the activation modules of the registry. ``modules`` narrows the choice (see :data:`ModuleFilter`):
     patterns match a site's name or its module's name, types and predicates the module.
@@ -171,4 +171,7 @@ def watch_targets(model: nn.Module, model_map: ModelMap | None, modules: ModuleF
                     f"Expected `modules` entry {entry!r} to match a module of the model, but it matches none"
                 )
         chosen = [t for n, m, t in candidates if any(matches(e, n, m) for e in entries)]
-    return list({id(t): t for t in chosen}.values())
+    unique = list({id(t): t for t in chosen}.values())
+    rank = {name: i for i, name in enumerate(model_map.order)}
+    names = {id(m): n for n, m in model.named_modules()}
+    return sorted(unique, key=lambda t: rank.get(names.get(id(t.module), ""), len(rank)))  # forward order

@@ -139,6 +139,7 @@ class ModelMap:
         placeholders: qualified names of modules that return their input (``nn.Identity``, dropout, drop-path).
         unwatchable: activation calls no hook can see (input and output belong to no module), with the reason.
         forward_calls: model calls the trace made (always 1).
+        order: qualified names of the modules in the order of their first call (forward order).
     """
 
     layers: dict[str, LayerTrace] = field(default_factory=dict)
@@ -146,6 +147,7 @@ class ModelMap:
     placeholders: list[str] = field(default_factory=list)
     unwatchable: list[tuple[str, str]] = field(default_factory=list)
     forward_calls: int = 1
+    order: list[str] = field(default_factory=list)
 
     def site(self, name: str) -> ActivationSite:
         """The site called ``name``; ``KeyError`` naming the known ones otherwise."""
@@ -187,7 +189,8 @@ class ModelMap:
             for s in self.sites
         ]
         return ModelMap(layers, sites, [name(n) for n in self.placeholders],
-                        [(name(n), why) for n, why in self.unwatchable], self.forward_calls)  # fmt: skip
+                        [(name(n), why) for n, why in self.unwatchable], self.forward_calls,
+                        [name(n) for n in self.order])  # fmt: skip
 
     def merged(self, other: ModelMap) -> ModelMap:
         """This map and another one's layers, sites and placeholders (for parts of a model traced separately)."""
@@ -197,6 +200,7 @@ class ModelMap:
             list(dict.fromkeys(self.placeholders + other.placeholders)),
             self.unwatchable + other.unwatchable,
             self.forward_calls + other.forward_calls,
+            list(dict.fromkeys(self.order + other.order)),
         )
 
     def describe(self) -> str:

@@ -91,6 +91,7 @@ class _Tracer:
         self.pending: list[_PendingCall] = []
         self.placeholders: list[str] = []
         self.stack: list[nn.Module] = []
+        self.called: dict[nn.Module, None] = {}  # modules in the order of their first call
         self.opaque = 0
 
     def _role(self, module: nn.Module) -> str:
@@ -163,6 +164,8 @@ class _Tracer:
                 layout = seen[0][0].layout or Layout.from_rank(first.ndim)
                 producer = next(iter(merged.tags), None)
                 self.add_site(ActivationSite(name, found.activation, how, module, name, "module", layout, producer))
+        if module not in self.called:
+            self.called[module] = None
         self.stack.append(module)
         if role in ("layer", "norm", "pass", "placeholder", "activation"):
             self.opaque += 1
@@ -330,7 +333,8 @@ class _Tracer:
             if c.how != "watched"
         ]
         self.info.clear()
-        return ModelMap(self.layers, self.sites, self.placeholders, unwatchable)
+        order = [self.names[m] for m in self.called]
+        return ModelMap(self.layers, self.sites, self.placeholders, unwatchable, order=order)
 
 
 class _TraceMode(TorchFunctionMode):
