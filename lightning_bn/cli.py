@@ -1,6 +1,9 @@
 """`lightning-bn` command line: ``lightning-bn report LOGDIR`` reads the monitors' TensorBoard logs back and prints,
 per run and per layer, saturation, dead units, activation std across depth, gradient norm, update ratio and non-finite
-counts, flagging saturated, dead, non-finite, vanishing and exploding layers with the step each problem started.
+counts, flagging saturated, dead, non-finite, vanishing and exploding layers with the step each problem started. Where
+``ActivationMonitor`` logged its layers table (TensorBoard text ``lightning_bn/layers``), layers come in forward order
+and each std is compared with the first layer of the same module type or activation; deliberately zero-initialized
+layers are marked ``zero-init (deliberate)`` rather than flagged vanishing.
 
 Exit status of ``report``: 0 done (no ``--fail-on`` flag raised), 1 a ``--fail-on`` flag was raised, 2 a usage error
 or no lightning-bn logs under LOGDIR.
@@ -18,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning_bn
-from lightning_bn.report import FLAGS, RunHealth, Thresholds, analyze, is_monitor_tag
+from lightning_bn.report import FLAGS, LAYERS_TAG, RunHealth, Thresholds, analyze, is_monitor_tag
 
-__all__ = ["EXIT_FLAGGED", "EXIT_NO_LOGS", "EXIT_OK", "find_runs", "main", "read_scalars"]
+__all__ = ["EXIT_FLAGGED", "EXIT_NO_LOGS", "EXIT_OK", "find_runs", "main", "read_layers", "read_scalars"]
 
 EXIT_OK = 0
 #: a flag named by ``--fail-on`` was raised in some run
@@ -29,6 +32,10 @@ EXIT_FLAGGED = 1
 EXIT_NO_LOGS = 2
 
 _EVENT_GLOB = "events.out.tfevents.*"
+#: what ``SummaryWriter.add_text`` appends to a text tag
+_TEXT_SUFFIX = "/text_summary"
+#: the note, in the flags column and under the problems, on a layer zero-initialized on purpose (no flag, no failure)
+_ZERO_INIT_NOTE = "zero-init (deliberate)"
 _COLUMNS = (
     "layer",
     "saturation",
@@ -76,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the health of every layer logged by ActivationMonitor / GradientMonitor",
         description="Read the TensorBoard event files under LOGDIR (every run / version inside, reported separately) "
         "and print per layer: latest and worst saturation and dead fraction, output std and its ratio to the first "
-        "layer of the same kind, gradient norm, update ratio, non-finite counts, and the flags raised with the "
-        "step where each problem first appeared. Exit status: 0 done, 1 a --fail-on flag was raised, 2 usage error "
-        "or no lightning-bn logs.",
+        "layer of the same type, gradient norm, update ratio, non-finite counts, and the flags raised with the "
+        "step where each problem first appeared. Layers come in forward order where the run logged its layers "
+        "table. Exit status: 0 done, 1 a --fail-on flag was raised, 2 usage error or no lightning-bn logs.",
     )
     rep.add_argument("logdir", metavar="LOGDIR", type=Path, help="a log directory, e.g. lightning_logs")
     rep.add_argument("--format", choices=("table", "json", "markdown"), default="table", help="default: table")
@@ -109,14 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RATIO",
         type=_positive,
         default=defaults.min_std_ratio,
-        help="vanishing below this output std relative to the first layer of the same kind (default: %(default)s)",
+        help="vanishing below this output std relative to the first layer of the same type (default: %(default)s)",
     )
     rep.add_argument(
         "--max-std-ratio",
         metavar="RATIO",
         type=_positive,
         default=defaults.max_std_ratio,
-        help="exploding above this output std relative to the first layer of the same kind (default: %(default)s)",
+        help="exploding above this output std relative to the first layer of the same type (default: %(default)s)",
     )
     rep.add_argument(
         "--max-update-ratio",
@@ -139,7 +146,8 @@ def report(logdir: Path, output: str, fail_on: Sequence[str], thresholds: Thresh
     skipped: list[str] = []
     for run_dir in run_dirs:
         name = run_dir.relative_to(logdir).as_posix() if run_dir != logdir else "."
-        health = analyze(read_scalars(run_dir), name, thresholds)
+        accumulator = _load(run_dir)
+        health = analyze(_scalars(accumulator), name, thresholds, _layers(accumulator))
         if health.layers:
             runs.append(health)
         else:
@@ -175,17 +183,48 @@ def find_runs(logdir: Path) -> list[Path]:
 def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     """The lightning-bn scalars of one run (a directory of event files, or one file): tag -> [(step, value)].
 
-    Tags keep the order of their first appearance, which the report takes as depth order.
+    Tags keep the order of their first appearance, which the report takes as depth order without a layers table.
     """
+    return _scalars(_load(run))
+
+
+def read_layers(run: Path) -> list[dict[str, Any]] | None:
+    """The layers table of one run (``ActivationMonitor``'s TensorBoard text ``lightning_bn/layers``: the watched
+    layers in forward order, ``{"name", "module_type", "activation", "hook"}`` each); the last one written when there
+    are several; ``None`` for a run logged without it or whose table does not parse."""
+    return _layers(_load(run))
+
+
+def _load(run: Path) -> Any:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(run), size_guidance={"scalars": 0})
     accumulator.Reload()
+    return accumulator
+
+
+def _scalars(accumulator: Any) -> dict[str, list[tuple[int, float]]]:
     return {
         tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
         for tag in accumulator.Tags()["scalars"]
         if is_monitor_tag(tag)
     }
+
+
+def _layers(accumulator: Any) -> list[dict[str, Any]] | None:
+    from tensorboard.util import tensor_util
+
+    tags = [tag for tag in accumulator.Tags().get("tensors", []) if tag in (LAYERS_TAG, LAYERS_TAG + _TEXT_SUFFIX)]
+    events = sorted((event for tag in tags for event in accumulator.Tensors(tag)), key=lambda event: event.wall_time)
+    for event in reversed(events):  # the last table written (a fit may write it twice at step 0; resumes again)
+        try:
+            text = tensor_util.make_ndarray(event.tensor_proto).flat[0]
+            table = json.loads(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+        except (ValueError, TypeError, IndexError, UnicodeDecodeError):
+            continue
+        if isinstance(table, list) and all(isinstance(entry, dict) and "name" in entry for entry in table):
+            return table
+    return None
 
 
 def format_table(runs: list[RunHealth], skipped: list[str], thresholds: Thresholds) -> str:
@@ -244,15 +283,21 @@ def _legend(t: Thresholds) -> str:
     return (
         f"flags: saturated (saturation > {t.max_saturation:g}), dead (dead fraction > {t.max_dead:g}), nonfinite "
         f"(inf/NaN activation or gradient), vanishing / exploding (std/first < {t.min_std_ratio:g} / > "
-        f"{t.max_std_ratio:g}; first = the first layer of the same kind), exploding (update ratio > "
-        f"{t.max_update_ratio:g})"
+        f"{t.max_std_ratio:g}; first = the first layer of the same module type, or of the same function for "
+        "activations, in runs that logged their layers table (layers in forward order); for the first of each type "
+        "and in runs without the table, the first layer of the same kind, activation or not), exploding (update "
+        f"ratio > {t.max_update_ratio:g}); {_ZERO_INIT_NOTE}: weights (or a norm's output) exactly 0 at the first "
+        f"logged step, not flagged vanishing until std/first reaches {t.min_std_ratio:g}"
     )
 
 
 def _steps(run: RunHealth) -> str:
     if not run.steps:
         return "no steps"
-    return f"{len(run.steps)} logged steps ({run.steps[0]}-{run.steps[-1]}), latest figures at step {run.steps[-1]}"
+    order = ", layers in forward order" if run.forward_order else ""
+    return (
+        f"{len(run.steps)} logged steps ({run.steps[0]}-{run.steps[-1]}), latest figures at step {run.steps[-1]}{order}"
+    )
 
 
 def _row(layer: Any) -> tuple[str, ...]:
@@ -270,7 +315,7 @@ def _row(layer: Any) -> tuple[str, ...]:
         _number(layer.grad_norm, ".3g"),
         _number(layer.update_ratio, ".2g"),
         nonfinite,
-        ", ".join(flag.describe() for flag in layer.flags.values()) or "-",
+        ", ".join([flag.describe() for flag in layer.flags.values()] + [_ZERO_INIT_NOTE] * layer.zero_init) or "-",
     )
 
 
@@ -282,9 +327,7 @@ def _number(value: float | None, spec: str) -> str:
 
 def _problems(run: RunHealth, bullet: str) -> list[str]:
     problems = run.problems()
-    if not problems:
-        return [f"{bullet}no problems"]
-    lines = []
+    lines = [] if problems else [f"{bullet}no problems"]
     for flag, found in problems.items():
         first = next(layer for layer in run.layers if layer.name == found["first_layer"])
         count = len(found["layers"])
@@ -292,6 +335,9 @@ def _problems(run: RunHealth, bullet: str) -> list[str]:
             f"{bullet}{flag}: {count} layer{'s' * (count != 1)}, first at step {found['first_step']} in "
             f"{found['first_layer']} ({first.flags[flag].reason})"
         )
+    if run.zero_init:
+        count = len(run.zero_init)
+        lines.append(f"{bullet}{_ZERO_INIT_NOTE}: {count} layer{'s' * (count != 1)}: {', '.join(run.zero_init)}")
     return lines
 
 

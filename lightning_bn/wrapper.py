@@ -7,25 +7,27 @@ layer's output raises with the model's ``state_dict`` and module tree unchanged.
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_bn.activations import Activation, get_activation
 from lightning_bn.init import LayerStep, init_layer_, sequential_init_, zero_init_residual_
+from lightning_bn.layers import get_layer_kind
 from lightning_bn.norms import NormInsertion, plan_insertions
 from lightning_bn.options import INIT_CHOICES, OVERRIDE_CHOICES, PrepareOptions
-from lightning_bn.tracing import LAYER_TYPES, LayerTrace, trace_model
+from lightning_bn.tracing import LayerTrace, trace_model
+from lightning_bn.tracing.policy import Kept, LayerPlan, Skipped, plan_layers
 
 __all__ = [
     "INIT_CHOICES",
     "OVERRIDE_CHOICES",
+    "Kept",
     "LayerReport",
     "PrepareOptions",
     "Report",
@@ -50,13 +52,7 @@ class LayerReport:
     std_after: float
     through: list[str] = field(default_factory=list)
     corrected: bool = False
-
-
-class Skipped(NamedTuple):
-    """A layer ``prepare`` left as it was, and why."""
-
-    layer: str
-    reason: str
+    aliases: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +74,7 @@ class Report:
 
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    kept: list[Kept] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
     insertions: list[NormInsertion] = field(default_factory=list)
     renamed_keys: dict[str, str] = field(default_factory=dict)
@@ -87,6 +84,7 @@ class Report:
         return {
             "layers": [asdict(row) for row in self.layers],
             "skipped": [s._asdict() for s in self.skipped],
+            "kept": [k._asdict() for k in self.kept],
             "changes": list(self.changes),
             "insertions": [asdict(i) for i in self.insertions],
             "renamed_keys": dict(self.renamed_keys),
@@ -109,6 +107,9 @@ class Report:
         ]
         widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *rows]]
+        lines += [f"tied {r.layer}: also {', '.join(a for a in r.aliases if not a.startswith(r.layer + '.'))}"
+                  for r in self.layers if len(r.aliases) > 1]  # fmt: skip
+        lines += [f"kept {k.layer}: {k.reason}" for k in self.kept]
         lines += [f"skipped {s.layer}: {s.reason}" for s in self.skipped]
         lines += [f"- {change}" for change in self.changes]
         lines += [
@@ -119,18 +120,6 @@ class Report:
         lines += [f"renamed key {old} -> {new}" for old, new in self.renamed_keys.items()]
         lines += [f"removed key {key}" for key in self.removed_keys]
         return "\n".join(lines)
-
-
-@dataclass
-class _Plan:
-    name: str
-    module: nn.Module
-    trace: LayerTrace
-    scheme: str
-    activation: Activation
-    lsuv: bool = False
-    correct: bool = False
-    gain: float = math.nan
 
 
 def validate_options(
@@ -162,49 +151,6 @@ def _example_input(model: nn.Module, example_input: Any) -> Any:
             "a tuple of args or a dict of kwargs), or set `self.example_input_array` in the LightningModule"
         )
     return found
-
-
-def _init_activation(trace: LayerTrace) -> Activation:
-    """The activation whose gain initializes the layer: an RNN's own nonlinearity, else the one found after it."""
-    if isinstance(trace.module, nn.RNNBase):
-        return get_activation(getattr(trace.module, "nonlinearity", None))
-    return trace.activation
-
-
-def _choose(choice: str, activation: Activation) -> tuple[str, bool, bool]:
-    """``(scheme, lsuv, correct)`` for one layer."""
-    if choice == "lsuv":
-        return "orthogonal", True, False
-    if choice == "auto":
-        scheme = activation.kind.init
-        return scheme, False, scheme == "numeric" and not activation.kind.homogeneous
-    return choice, False, False
-
-
-def _plan(
-    model: nn.Module, traces: dict[str, LayerTrace], init: str, overrides: Mapping[str, str]
-) -> tuple[list[_Plan], list[Skipped]]:
-    layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, LAYER_TYPES)]
-    for pattern in overrides:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in layers):
-            raise ValueError(
-                f"Expected `overrides` pattern {pattern!r} to match a layer of {type(model).__name__}, but it matches "
-                f"none of {[n for n, _ in layers]}"
-            )
-    plans: list[_Plan] = []
-    skipped: list[Skipped] = []
-    for name, trace in traces.items():
-        choice = next((s for p, s in overrides.items() if fnmatch.fnmatchcase(name, p)), init)
-        if choice == "skip":
-            skipped.append(Skipped(name, "override 'skip'"))
-            continue
-        activation = _init_activation(trace)
-        scheme, lsuv, correct = _choose(choice, activation)
-        if lsuv and isinstance(trace.module, nn.RNNBase):
-            lsuv = False
-        plans.append(_Plan(name, trace.module, trace, scheme, activation, lsuv=lsuv, correct=correct))
-    skipped += [Skipped(n, "not called by forward on the example input") for n, _ in layers if n not in traces]
-    return plans, skipped
 
 
 def _generators(model: nn.Module, seed: int | None) -> dict[torch.device, torch.Generator]:
@@ -300,15 +246,16 @@ def prepare(
 
 
 def _prepare(model: nn.Module, example_input: Any, o: PrepareOptions) -> Report:
-    if not any(isinstance(m, LAYER_TYPES) for m in model.modules()):
+    if not any(get_layer_kind(m) is not None for m in model.modules()):
         raise ValueError(
             f"Found no layer to initialize in {type(model).__name__}: expected a Linear, Conv, ConvTranspose, "
             "Embedding or RNN module"
         )
     example_input = _example_input(model, example_input)
-    traces = trace_model(model, example_input).layers
-    plans, skipped = _plan(model, traces, o.init, o.overrides)
-    if not plans:
+    model_map = trace_model(model, example_input, batch_stats=True)
+    traces = model_map.layers
+    plans, kept, skipped = plan_layers(model, model_map, o.init, o.overrides)
+    if not plans and not kept:
         raise ValueError(
             f"Found no layer to initialize in {type(model).__name__}: none ran on the example input or all were "
             f"skipped ({[s.layer for s in skipped]})"
@@ -324,7 +271,7 @@ def _prepare(model: nn.Module, example_input: Any, o: PrepareOptions) -> Report:
     except BaseException:
         model.load_state_dict(snapshot)
         raise
-    report = Report(layers=[_row(p, stds) for p in plans], skipped=skipped, changes=changes)
+    report = Report(layers=[_row(p, stds) for p in plans], skipped=skipped, kept=kept, changes=changes)
     if inserted is not None:
         report.skipped += [Skipped(name, reason) for name, reason in inserted.skipped]
         report.insertions, report.renamed_keys = inserted.insertions, inserted.renamed_keys
@@ -350,7 +297,7 @@ def _layers(count: int) -> str:
 def _apply(
     model: nn.Module,
     example_input: Any,
-    plans: list[_Plan],
+    plans: list[LayerPlan],
     traces: dict[str, LayerTrace],
     o: PrepareOptions,
     after: dict[str, nn.Module],
@@ -358,24 +305,33 @@ def _apply(
     """Initialize, rescale and measure every planned layer in one forward pass; the changes in words and the stds."""
     generators = _generators(model, o.seed)
 
-    def initializer(plan: _Plan) -> Callable[[nn.Module], None]:
+    def initializer(plan: LayerPlan) -> Callable[[nn.Module], None]:
         def initialize(module: nn.Module) -> None:
             generator = generators.get(next(module.parameters()).device)
             gain = 1.0 if plan.lsuv else None
-            plan.gain = init_layer_(module, plan.scheme, plan.activation, o.distribution, o.mode, gain, generator)
+            with _attention_scale_kept(module):
+                plan.gain = init_layer_(module, plan.scheme, plan.activation, o.distribution, o.mode, gain, generator)
 
         return initialize
 
     changes = []
     if o.zero_init_residual:
         zeroed = zero_init_residual_(model, traces)
-    steps = [LayerStep(p.name, initializer(p), rescale=p.lsuv or p.correct) for p in plans]
-    results = sequential_init_(model, example_input, steps, after=after, tol=o.tol, max_iters=o.max_iters)
+    steps = [LayerStep(p.name, initializer(p), rescale=p.lsuv or p.correct, target_std=p.target_std) for p in plans]
+    results = sequential_init_(
+        model, example_input, steps, after=after, tol=o.tol, max_iters=o.max_iters, batch_stats=True
+    )
     for plan, step in zip(plans, steps):
         if plan.name not in results:  # did not run this time: initialized without data
             step.initialize(plan.module)
     schemes = sorted({p.scheme for p in plans})
-    changes.append(f"initialized {_layers(len(plans))} ({', '.join(schemes)}); biases zeroed")
+    if plans:
+        changes.append(f"initialized {_layers(len(plans))} ({', '.join(schemes)}); biases zeroed")
+    attention = [p.name for p in plans if p.target_std is not None]
+    if attention:
+        changes.append(
+            f"rescaled {_layers(len(attention))} feeding attention to their old output std (logit scale kept)"
+        )
     if o.zero_init_residual:
         changes.append(f"zeroed the weight of the last norm in {len(zeroed)} residual branches: {zeroed}")
     lsuv = [p.name for p in plans if p.lsuv]
@@ -391,7 +347,21 @@ def _apply(
     return changes, {n: r.std for n, r in results.items()}
 
 
-def _row(plan: _Plan, after: dict[str, float]) -> LayerReport:
+@contextlib.contextmanager
+def _attention_scale_kept(module: nn.Module) -> Iterator[None]:
+    """For ``nn.MultiheadAttention``: the query and key blocks of ``in_proj_weight`` keep their RMS (logit scale)."""
+    weight = getattr(module, "in_proj_weight", None) if isinstance(module, nn.MultiheadAttention) else None
+    if weight is None:
+        yield
+        return
+    before = [chunk.detach().pow(2).mean().sqrt() for chunk in weight.chunk(3)[:2]]
+    yield
+    with torch.no_grad():
+        for chunk, rms in zip(weight.chunk(3)[:2], before):
+            chunk.mul_(rms / chunk.pow(2).mean().sqrt().clamp_min(1e-12))
+
+
+def _row(plan: LayerPlan, after: dict[str, float]) -> LayerReport:
     trace = plan.trace
     return LayerReport(
         layer=plan.name,
@@ -405,4 +375,5 @@ def _row(plan: _Plan, after: dict[str, float]) -> LayerReport:
         std_after=after.get(plan.name, math.nan),
         through=list(trace.through),
         corrected=plan.correct,
+        aliases=list(plan.aliases),
     )

@@ -1,4 +1,4 @@
-"""The layering of docs/architecture.md: peers import only tracing, stats and activations; tracing only activations."""
+"""The layering of docs/architecture.md: peers import only the layers below them (tracing and the leaves)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_bn"
 SUBPACKAGES = {
     p.stem for p in PACKAGE.iterdir() if (p.suffix == ".py" or p.is_dir()) and not p.name.startswith(("_", "."))
 }
+BELOW_PEERS = {"activations", "layers", "stats", "tracing"}
 ALLOWED = {
     "activations": set(),
+    "layers": set(),
     "stats": {"activations"},
-    "tracing": {"activations"},
-    "init": {"activations", "stats", "tracing"},
-    "norms": {"activations", "stats", "tracing"},
-    "guards": {"activations", "stats", "tracing"},
-    "probes": {"activations", "stats", "tracing"},
-    "recalibration": {"activations", "stats", "tracing"},
+    "tracing": {"activations", "layers"},
+    "init": BELOW_PEERS,
+    "norms": BELOW_PEERS,
+    "guards": BELOW_PEERS,
+    "probes": BELOW_PEERS,
+    "recalibration": BELOW_PEERS,
 }
 
 

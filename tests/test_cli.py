@@ -159,6 +159,10 @@ def test_json_is_strict_and_complete(logs, capsys):
         layer
     )
     assert layer["kind"] == "activation" and document["runs"]["version_0"]["layers"]["net.0"]["kind"] == "layer"
+    # from the layers table: module type, the layer std/first is relative to; no deliberate zeros in this MLP
+    assert (layer["module_type"], layer["std_reference"], layer["zero_init"]) == ("ReLU", "net.1", False)
+    assert document["runs"]["version_0"]["layers"]["net.2"]["std_reference"] == "net.0"
+    assert document["runs"]["version_0"]["forward_order"] is True and document["runs"]["version_0"]["zero_init"] == []
 
 
 @pytest.mark.parametrize(

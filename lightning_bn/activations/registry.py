@@ -150,6 +150,17 @@ class Activation:
         return self.kind.name == "identity"
 
     @property
+    def healthy_saturation(self) -> float:
+        """Fraction of inputs saturated at a healthy unit-variance input: ``P(|f'(z)| < 1% max)``, ``z ~ N(0, 1)``
+        (0.5 for ReLU, ~0 for sigmoid and tanh); computed once per kind and parameters."""
+        key = (id(self.kind), self.params, "saturation")
+        if key not in _SATURATION:
+            x = torch.linspace(-12.0, 12.0, 24001, dtype=torch.float64)
+            density = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi) * (x[1] - x[0])
+            _SATURATION[key] = float((density * self.saturated(x).double()).sum())
+        return _SATURATION[key]
+
+    @property
     def second_moment(self) -> float:
         """``E[f(z)^2]`` for ``z ~ N(0, 1)`` by Gauss-Hermite quadrature (computed once per kind and parameters)."""
         return _numeric_constants(self)[1]
@@ -171,6 +182,7 @@ class Activation:
 
 
 _CONSTANTS: dict[tuple[int, tuple], tuple[float, float]] = {}
+_SATURATION: dict[tuple, float] = {}
 
 
 def _numeric_constants(act: Activation) -> tuple[float, float]:

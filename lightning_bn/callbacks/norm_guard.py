@@ -43,9 +43,10 @@ class BatchNormGuard(Callback):
       ``min_values_per_channel`` values per channel (batch × spatial) on this device; suggests GroupNorm/LayerNorm,
       or SyncBatchNorm with the global figure under DDP (Wu & He 2018).
     - ``check_calibration``: when evaluation starts (not the sanity check), running statistics never estimated.
-    - ``check_init``: at fit start, :func:`~lightning_bn.guards.init_mismatches` on ``example_input_array``: weight
-      scale off by more than ``init_factor`` from what the activation needs, inf/NaN in the first forward pass, or
-      a signal that vanishes/explodes by more than ``depth_ratio`` across the hidden layers.
+    - ``check_init``: at fit start, :func:`~lightning_bn.guards.init_mismatches` on ``example_input_array``: inf/NaN
+      in the first forward pass, activations pinned in saturation, a pre-activation signal that vanishes/explodes by
+      more than ``depth_ratio`` with depth, or a weight more than ``init_factor`` from what ``prepare()`` would draw
+      (layers it keeps on purpose — embeddings, tied, zero-init, attention — are never flagged).
 
     Args:
         check_eval_mode: see above.
@@ -55,8 +56,8 @@ class BatchNormGuard(Callback):
         strict: raise instead of warning for the evaluation-mode checks.
         min_values_per_channel: fewer values per channel than this is a tiny batch.
         check_steps: how many first training steps the batch-size check watches.
-        init_factor: allowed factor between a weight's std and the one its activation needs.
-        depth_ratio: allowed factor between the output std of the last and the first hidden layer.
+        init_factor: allowed factor between a weight's std and the one ``prepare()`` would draw.
+        depth_ratio: allowed factor between the input std of the last and the first activation.
 
     Raises:
         MisconfigurationException: for a non-boolean switch, a non-positive count, or a factor not above 1.

@@ -40,6 +40,7 @@ from lightning_bn.guards.eval_mode import (
 from lightning_bn.guards.init_check import (
     DEFAULT_DEPTH_RATIO,
     DEFAULT_INIT_FACTOR,
+    DEFAULT_SATURATION_MARGIN,
     InitFinding,
     init_messages,
     init_mismatches,
@@ -48,6 +49,7 @@ from lightning_bn.guards.init_check import (
 __all__ = [
     "DEFAULT_DEPTH_RATIO",
     "DEFAULT_INIT_FACTOR",
+    "DEFAULT_SATURATION_MARGIN",
     "DEFAULT_MIN_VALUES_PER_CHANNEL",
     "BatchNormWarning",
     "BatchSizeRecorder",

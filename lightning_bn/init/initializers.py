@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_bn.activations import Activation, get_activation
+from lightning_bn.layers import available_layers, get_layer_kind, layer_fans, scheme_std
 from lightning_bn.tracing import LAYER_TYPES, LayerTrace
 
 __all__ = ["LAYER_TYPES", "SCHEMES", "init_layer_", "layer_fans", "zero_init_residual_"]
@@ -33,28 +34,6 @@ _TRUNC_STD = 0.8796256610342398  # std of N(0, 1) truncated to [-2, 2]
 
 
 # ---- initializers ------------------------------------------------------------------------------------------------
-
-
-def layer_fans(module: nn.Module) -> tuple[float, float]:
-    """``(fan_in, fan_out)`` of a layer: inputs feeding one output unit and outputs fed by one input unit.
-
-    A lookup in an Embedding reads one row, so both fans are 1; a transposed convolution's fan-in is divided by its
-    stride (taps that hit one output on average).
-
-    Example::
-
-        >>> layer_fans(nn.Conv2d(3, 16, 3))
-        (27.0, 144.0)
-    """
-    if isinstance(module, nn.Embedding):
-        return 1.0, 1.0
-    weight = module.weight
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        taps = math.prod(module.kernel_size) / math.prod(module.stride)
-        return max(1.0, weight.shape[0] // module.groups * taps), float(weight.shape[1] * math.prod(module.kernel_size))
-    receptive = math.prod(weight.shape[2:])
-    groups = getattr(module, "groups", 1)
-    return float(weight.shape[1] * receptive), float(weight.shape[0] // groups * receptive)
 
 
 def _fill_(weight: Tensor, std: float, distribution: str, generator: torch.Generator | None) -> None:
@@ -77,11 +56,7 @@ def _init_matrix_(
     mode: str,
     generator: torch.Generator | None,
 ) -> None:
-    fan_in, fan_out = fans
-    if scheme == "xavier":
-        variance = gain**2 * 2.0 / (fan_in + fan_out)
-    else:
-        variance = gain**2 / (fan_in if mode == "fan_in" else fan_out)
+    variance = scheme_std(scheme, fans[0], fans[1], gain, mode) ** 2
     if scheme == "orthogonal" and weight.dim() >= 2 and weight.shape[0] > 1:
         nn.init.orthogonal_(weight, generator=generator)
         weight.mul_(math.sqrt(variance * weight.numel() / weight.pow(2).sum().item()))
@@ -119,7 +94,8 @@ def init_layer_(
     input weights with the gain of their own ``nonlinearity``, orthogonal recurrent weights (gain 1).
 
     Args:
-        module: a layer of :data:`LAYER_TYPES`.
+        module: a registered layer (:mod:`lightning_bn.layers`: Linear, Conv, ConvTranspose, Embedding, RNN,
+            MultiheadAttention, transformers' Conv1D, or a kind you registered).
         scheme: one of :data:`SCHEMES`.
         activation: the activation consuming the layer's output (``None``: identity).
         distribution: ``"normal"``, ``"uniform"`` or ``"truncated_normal"`` (truncated at ±2σ, rescaled so the
@@ -133,7 +109,7 @@ def init_layer_(
 
     Raises:
         ValueError: for an unknown scheme, distribution or mode.
-        TypeError: for a module that is not a layer of :data:`LAYER_TYPES`.
+        TypeError: for a module that is no registered layer.
 
     Example::
 
@@ -146,21 +122,28 @@ def init_layer_(
     _check_choice("scheme", scheme, SCHEMES)
     _check_choice("distribution", distribution, ("normal", "uniform", "truncated_normal"))
     _check_choice("mode", mode, ("fan_in", "fan_out"))
-    if not isinstance(module, LAYER_TYPES):
-        raise TypeError(f"Expected a Linear, Conv, Embedding or RNN layer but got {type(module).__name__}")
-    if isinstance(module, nn.RNNBase):
+    kind = get_layer_kind(module)
+    if kind is None:
+        raise TypeError(
+            f"Expected a registered layer ({', '.join(available_layers())}) but got {type(module).__name__}"
+        )
+    if kind.recurrent:
         activation = get_activation(getattr(module, "nonlinearity", None))
     if gain is None:
         gain = 1.0 if scheme == "lecun" or activation is None else activation.gain
     with torch.no_grad():
-        if isinstance(module, nn.RNNBase):
+        if kind.recurrent:
             _init_rnn_(module, scheme, gain, distribution, mode, generator)
         else:
-            _init_matrix_(module.weight, scheme, layer_fans(module), gain, distribution, mode, generator)
+            for spec in kind.weights(module):
+                weight = spec.tensor(module)
+                matrix = weight.T if spec.transposed else weight
+                for chunk in matrix.chunk(spec.chunks, dim=0):
+                    _init_matrix_(chunk, scheme, (spec.fan_in, spec.fan_out), gain, distribution, mode, generator)
             if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                 module.weight[module.padding_idx].zero_()
-        for name, param in module.named_parameters(recurse=False):
-            if name.startswith("bias"):
+        for name, param in module.named_parameters():
+            if name in kind.bias_names or ("." not in name and name.startswith("bias")):
                 param.zero_()
     return gain
 

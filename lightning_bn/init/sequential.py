@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_bn.init.initializers import init_layer_
+from lightning_bn.layers import get_layer_kind
 from lightning_bn.tracing import HookSet, as_call, model_state, run_forward, trace_model
 
 __all__ = ["LayerStep", "lsuv_", "rescale_to_unit_variance_", "sequential_init_"]
@@ -31,11 +32,13 @@ class LayerStep:
         name: qualified layer name.
         initialize: draws the layer's new weights (``None``: keep them).
         rescale: then rescale the weight until the output variance is 1 ± ``tol``.
+        target_std: instead, rescale the weight until the output std is this (within ``tol``, relative).
     """
 
     name: str
     initialize: Callable[[nn.Module], Any] | None = None
     rescale: bool = False
+    target_std: float | None = None
 
 
 @dataclass
@@ -92,8 +95,9 @@ class _Sequential(HookSet):
                 step.initialize(module)
                 output = module.forward(*args, **kwargs)
             variance = math.nan
-            if step.rescale and _main(output) is not None:
-                output, variance = self._rescale(module, args, kwargs, output)
+            if (step.rescale or step.target_std is not None) and _main(output) is not None:
+                target = 1.0 if step.target_std is None else step.target_std**2
+                output, variance = self._rescale(module, args, kwargs, output, target)
             main = _main(output)
             output = self._after_norm(module, output)
             shown = _main(output)
@@ -109,12 +113,14 @@ class _Sequential(HookSet):
             return output
         return _apply_norm(norm, main)
 
-    def _rescale(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> tuple[Any, float]:
+    def _rescale(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, target: float) -> tuple[Any, float]:
         variance = _main(output).detach().float().var().item()
+        weights = [s.tensor(module) for s in get_layer_kind(module).weights(module)]
         for _ in range(self.max_iters):
-            if not math.isfinite(variance) or variance <= 0 or abs(variance - 1.0) <= self.tol:
+            if not math.isfinite(variance) or variance <= 0 or abs(variance / target - 1.0) <= self.tol:
                 break
-            module.weight.mul_(variance**-0.5)
+            for weight in weights:
+                weight.mul_((variance / target) ** -0.5)
             output = module.forward(*args, **kwargs)
             variance = _main(output).detach().float().var().item()
         return output, variance
@@ -139,6 +145,7 @@ def sequential_init_(
     after: Mapping[str, nn.Module] | None = None,
     tol: float = 0.1,
     max_iters: int = 10,
+    batch_stats: bool = False,
 ) -> dict[str, StepResult]:
     """Initialize and rescale layers in forward order in ONE forward pass on ``example_input`` (eval mode, no grad).
 
@@ -154,6 +161,7 @@ def sequential_init_(
             norms about to be inserted there, so later layers see the normalized signal.
         tol: tolerance on the unit output variance.
         max_iters: rescaling iterations per layer (each re-runs the layer alone, not the model).
+        batch_stats: BatchNorm normalizes with the batch's statistics, as in training (running statistics restored).
 
     Returns:
         ``{layer name: StepResult}`` for the layers that ran: output std (after the norm in ``after``, if any) and the
@@ -168,7 +176,10 @@ def sequential_init_(
         True
     """
     args, kwargs = as_call(model, example_input)
-    with _Sequential(model, steps, dict(after or {}), tol, max_iters) as runner, model_state(model):
+    with (
+        _Sequential(model, steps, dict(after or {}), tol, max_iters) as runner,
+        model_state(model, batch_stats=batch_stats),
+    ):
         run_forward(model, args, kwargs)
     return runner.results()
 

@@ -91,6 +91,7 @@ def model_state(
     restore_buffers: bool = False,
     fork_rng: bool = False,
     calibration: bool = False,
+    batch_stats: bool = False,
 ) -> Iterator[None]:
     """Run the block with ``model`` in train (``True``) / eval (``False``) / unchanged (``None``) mode and gradients
     on / off / unchanged; afterwards every module's own ``training`` flag and the grad mode are as they were.
@@ -102,6 +103,8 @@ def model_state(
         restore_buffers: copy every buffer (running statistics, ``num_batches_tracked``) back afterwards.
         fork_rng: restore the CPU and CUDA random state afterwards (dropout draws leave no trace).
         calibration: mark the block as a deliberate train-mode pass without gradients (see :func:`calibrating`).
+        batch_stats: with ``train=False``, BatchNorm-family modules still normalize with the batch's statistics, as
+            in training (dropout stays off); their running statistics are restored afterwards.
 
     Example::
 
@@ -115,6 +118,8 @@ def model_state(
         (True, False, True)
     """
     modes = [(m, m.training) for m in model.modules()]
+    restore_buffers = restore_buffers or batch_stats
+    calibration = calibration or batch_stats
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if restore_buffers else {}
     devices = sorted({b.device.index or 0 for b in model.parameters() if b.device.type == "cuda"})
     with contextlib.ExitStack() as stack:
@@ -127,6 +132,10 @@ def model_state(
         try:
             if train is not None:
                 model.train(train)
+            if batch_stats:
+                for module in model.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.train()
             yield
         finally:
             for module, training in modes:

@@ -81,6 +81,7 @@ class LayerTrace:
         layout: which dimension of the output indexes the layer's units.
         final: the output reaches the model's output with no other layer in between (logits, ``sigmoid(head(x))``).
         nonfinite: inf/NaN elements in the output on the example input (first call).
+        residual: the output is on the deeper operand of a residual addition (a residual branch).
     """
 
     name: str
@@ -96,6 +97,7 @@ class LayerTrace:
     layout: Layout | None = None
     final: bool = False
     nonfinite: int = 0
+    residual: bool = False
 
 
 SiteHook = Literal["module", "input", "output"]
@@ -117,6 +119,8 @@ class ActivationSite:
             module's output; ``"output"``: the hooked module's output is the activation's output.
         layout: the layout of the activation's input (dead units are counted along it).
         producer: the layer whose output feeds the activation, when there is one.
+        input_std: std of the activation's input on the example input (first call; finite elements).
+        saturation: fraction of those inputs where the activation is saturated (``|f'| < 1%`` of its max).
     """
 
     name: str
@@ -127,6 +131,8 @@ class ActivationSite:
     hook: SiteHook
     layout: Layout
     producer: str | None = None
+    input_std: float = math.nan
+    saturation: float = math.nan
 
 
 @dataclass
@@ -140,6 +146,8 @@ class ModelMap:
         unwatchable: activation calls no hook can see (input and output belong to no module), with the reason.
         forward_calls: model calls the trace made (always 1).
         order: qualified names of the modules in the order of their first call (forward order).
+        attention: ``(query layer, key layer)`` pairs whose outputs meet in ``softmax(q·kᵀ)`` (or
+            ``scaled_dot_product_attention``).
     """
 
     layers: dict[str, LayerTrace] = field(default_factory=dict)
@@ -148,6 +156,7 @@ class ModelMap:
     unwatchable: list[tuple[str, str]] = field(default_factory=list)
     forward_calls: int = 1
     order: list[str] = field(default_factory=list)
+    attention: list[tuple[str, str]] = field(default_factory=list)
 
     def site(self, name: str) -> ActivationSite:
         """The site called ``name``; ``KeyError`` naming the known ones otherwise."""
@@ -190,7 +199,8 @@ class ModelMap:
         ]
         return ModelMap(layers, sites, [name(n) for n in self.placeholders],
                         [(name(n), why) for n, why in self.unwatchable], self.forward_calls,
-                        [name(n) for n in self.order])  # fmt: skip
+                        [name(n) for n in self.order],
+                        [(name(q), name(k)) for q, k in self.attention])  # fmt: skip
 
     def merged(self, other: ModelMap) -> ModelMap:
         """This map and another one's layers, sites and placeholders (for parts of a model traced separately)."""
@@ -201,6 +211,7 @@ class ModelMap:
             self.unwatchable + other.unwatchable,
             self.forward_calls + other.forward_calls,
             list(dict.fromkeys(self.order + other.order)),
+            self.attention + [a for a in other.attention if a not in self.attention],
         )
 
     def describe(self) -> str:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_bn.activations import Activation, activation_of_call, activation_of_module, get_activation
+from lightning_bn.layers import get_layer_kind
 from lightning_bn.tracing.hooks import as_call, model_state, run_forward
 from lightning_bn.tracing.model_map import ActivationSite, LayerTrace, Layout, ModelMap
 from lightning_bn.tracing.recognize import Recognition, recognize
@@ -29,6 +30,7 @@ from lightning_bn.tracing.types import (
     _PLACEHOLDER_TYPES,
     _SAME_VALUES,
     _SCALE_OPS,
+    _SCORE_OPS,
     LAYER_TYPES,
     NORM_TYPES,
     PASS_TYPES,
@@ -41,6 +43,9 @@ from lightning_bn.tracing.types import (
 )
 
 __all__ = ["LAYER_TYPES", "NORM_TYPES", "PASS_TYPES", "trace_activations", "trace_model"]
+
+
+_INPUT = "<input>"
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class _Meta:
     source: str | None = None  # the module whose output it is (same values, same positions)
     layout: Layout | None = None
     site: int | None = None  # index of the activation call whose output it is, when no hook can see that call
+    scores: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # attention logits q·kᵀ: (q layers, k layers)
 
 
 @dataclass
@@ -71,6 +77,7 @@ class _PendingCall:
     how: str
     producer: str | None
     layout: Layout
+    measured: Tensor | None = None
 
 
 class _Tracer:
@@ -86,12 +93,15 @@ class _Tracer:
         self.found: dict[str, tuple[Activation, str, _Path, str | None]] = {}
         self.norm_after: dict[str, str] = {}
         self.residual_norm: dict[str, str] = {}
+        self.residual: set[str] = set()
+        self.attention: list[tuple[str, str]] = []
         self.sites: list[ActivationSite] = []
         self.site_keys: set[tuple[int, str, str]] = set()
         self.pending: list[_PendingCall] = []
         self.placeholders: list[str] = []
         self.stack: list[nn.Module] = []
         self.called: dict[nn.Module, None] = {}  # modules in the order of their first call
+        self.site_measures: dict[str, Tensor] = {}  # site name -> (input std, saturated fraction), on the device
         self.opaque = 0
 
     def _role(self, module: nn.Module) -> str:
@@ -99,7 +109,7 @@ class _Tracer:
         if registered is not None:
             self.recognized[module] = Recognition(registered, "placeholder" if registered.is_identity else "registry")
             return "placeholder" if registered.is_identity else "activation"
-        if isinstance(module, LAYER_TYPES):
+        if get_layer_kind(module) is not None:
             return "layer"
         if isinstance(module, NORM_TYPES):
             return "norm" if _is_torch_class(module) else "norm-act"  # a subclass may apply an activation inside
@@ -136,7 +146,19 @@ class _Tracer:
         for producer, path in tags.items():
             self.found.setdefault(producer, (act, how, path, consumer))
 
-    def add_site(self, site: ActivationSite) -> None:
+    def measure(self, activation: Activation, x: Tensor) -> Tensor:
+        """(std, saturated fraction) of an activation's input, over its finite elements; no step of the model."""
+        self.opaque += 1
+        try:
+            v = x.detach().double().reshape(-1)
+            v = v[torch.isfinite(v)]
+            if v.numel() < 2:
+                return v.new_full((2,), float("nan"))
+            return torch.stack([v.std(), activation.saturated(v).double().mean()])
+        finally:
+            self.opaque -= 1
+
+    def add_site(self, site: ActivationSite, measured: Tensor | None = None) -> None:
         key = (id(site.module), site.hook, site.activation.describe())
         if key in self.site_keys:
             return  # the same hook already sees this activation at every call
@@ -147,6 +169,8 @@ class _Tracer:
             name, k = f"{site.name}#{k}", k + 1
         site.name = name
         self.sites.append(site)
+        if measured is not None:
+            self.site_measures[name] = measured
 
     # ---- module hooks ----
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -163,7 +187,8 @@ class _Tracer:
             if first is not None:
                 layout = seen[0][0].layout or Layout.from_rank(first.ndim)
                 producer = next(iter(merged.tags), None)
-                self.add_site(ActivationSite(name, found.activation, how, module, name, "module", layout, producer))
+                site = ActivationSite(name, found.activation, how, module, name, "module", layout, producer)
+                self.add_site(site, self.measure(found.activation, first) if first.is_floating_point() else None)
         if module not in self.called:
             self.called[module] = None
         self.stack.append(module)
@@ -241,7 +266,7 @@ class _Tracer:
             return  # saturation cannot be read off the output of this kind: stays unwatchable
         site_name = f"{call.producer or name}.{call.activation.name}"
         self.add_site(ActivationSite(site_name, call.activation, call.how, module, name, "output", call.layout,
-                                     call.producer))  # fmt: skip
+                                     call.producer), call.measured)  # fmt: skip
         self.pending[index] = _PendingCall(call.activation, "watched", call.producer, call.layout)
 
     # ---- every torch function call outside the opaque modules ----
@@ -262,11 +287,13 @@ class _Tracer:
             self.resolve(merged.tags, act, how)
             self._call_site(act, how, first_meta, first, merged, output)
             return
+        if self._attention_call(name, seen, merged, output):
+            return
         if not merged.tags:
             self.put(output, _Meta({}, merged.depth, merged.reach, source, layout))
             return
         big = [(m, t) for m, t in seen if t.numel() > 1]
-        if name in _SCALE_OPS and len(big) == 1:
+        if name in _SCALE_OPS and sum(1 for m, _ in big if m.tags) == 1:  # x * constant, or q * cos (rotary)
             tags = {p: path.step(name) for p, path in merged.tags.items()}
         elif name in _NORM_CALLS and self._inside_norm() is not None:
             norm = self._inside_norm()
@@ -282,6 +309,31 @@ class _Tracer:
             tags = {}
         self.put(output, _Meta(tags, merged.depth, merged.reach, source, layout))
 
+    def _attention_call(self, name: str, seen: list[tuple[_Meta, Tensor]], merged: _Meta, output: Any) -> bool:
+        """Follow attention logits q·kᵀ to their softmax; True if the call was about attention."""
+        if name == "scaleddotproductattention" and len(seen) >= 2:
+            self._note_attention(seen[0][0].tags, seen[1][0].tags)
+            return False
+        scores = next((m.scores for m, _ in seen if m.scores is not None), None)
+        if scores is not None and name in ("softmax", "logsoftmax"):
+            self._note_attention(dict.fromkeys(scores[0]), dict.fromkeys(scores[1]))
+            return False
+        if scores is not None and name in _SCORE_OPS:
+            self.put(output, _Meta({}, merged.depth, merged.reach, scores=scores))
+            return True
+        tagged = [(m, t) for m, t in seen if m.tags and t.ndim >= 2]
+        if name in ("matmul", "bmm", "einsum") and len(tagged) == 2:
+            self.put(output, _Meta({}, merged.depth, merged.reach, scores=(tuple(tagged[0][0].tags),
+                                                                           tuple(tagged[1][0].tags))))  # fmt: skip
+            return True
+        return False
+
+    def _note_attention(self, queries: dict[str, Any], keys: dict[str, Any]) -> None:
+        for q in queries:
+            for k in keys:
+                if (q, k) not in self.attention:
+                    self.attention.append((q, k))
+
     def _inside_norm(self) -> str | None:
         if self.stack and self.roles[self.stack[-1]] == "norm-act":
             return self.names[self.stack[-1]]
@@ -291,13 +343,14 @@ class _Tracer:
         layout = meta.layout or Layout.from_rank(first.ndim)
         producer = next(iter(merged.tags), None)
         site_index = None
+        measured = self.measure(act, first) if first.is_floating_point() else None
         if meta.source is not None:
             module = self._module(meta.source)
             self.add_site(ActivationSite(f"{producer or meta.source}.{act.name}", act, how, module, meta.source,
-                                         "input", layout, producer))  # fmt: skip
+                                         "input", layout, producer), measured)  # fmt: skip
         else:
             site_index = len(self.pending)
-            self.pending.append(_PendingCall(act, how, producer, layout))
+            self.pending.append(_PendingCall(act, how, producer, layout, measured))
         self.put(output, _Meta({}, merged.depth, merged.reach, None, layout, site_index))
 
     def _module(self, name: str) -> nn.Module:
@@ -307,8 +360,11 @@ class _Tracer:
         deepest = max(m.depth for m, _ in operands)
         if all(m.depth == deepest for m, _ in operands):
             return  # no shallower shortcut: not recognizably a residual connection
+        if not all(m.reach for m, _ in operands):
+            return  # a parameter or constant added (position embeddings, a bias), not the input or a layer's output
         for meta, _ in operands:
             if meta.depth == deepest:
+                self.residual.update(meta.tags)
                 for producer, path in meta.tags.items():
                     if path.last_norm is not None:
                         self.residual_norm.setdefault(producer, path.last_norm)
@@ -318,7 +374,7 @@ class _Tracer:
         for t in _tensors(output):
             meta = self.get(t)
             self.resolve(meta.tags, get_activation(None), "output")
-            final |= meta.reach
+            final |= meta.reach - {_INPUT}
         measured = torch.stack(list(self.measured.values())).cpu().tolist() if self.measured else []
         for (name, trace), (std, nonfinite) in zip(self.layers.items(), measured):
             if name in self.found:
@@ -326,6 +382,7 @@ class _Tracer:
                 trace.activation, trace.how, trace.through, trace.consumer = act, how, list(path.through), consumer
             trace.norm_after = self.norm_after.get(name)
             trace.residual_norm = self.residual_norm.get(name)
+            trace.residual = name in self.residual
             trace.output_std, trace.nonfinite, trace.final = std, int(nonfinite), name in final
         unwatchable = [
             (f"{c.producer or '?'}.{c.activation.name}", "its input and output belong to no module")
@@ -333,8 +390,14 @@ class _Tracer:
             if c.how != "watched"
         ]
         self.info.clear()
+        if self.site_measures:
+            values = torch.stack(list(self.site_measures.values())).cpu().tolist()
+            measured = dict(zip(self.site_measures, values))
+            for site in self.sites:
+                if site.name in measured:
+                    site.input_std, site.saturation = measured[site.name]
         order = [self.names[m] for m in self.called]
-        return ModelMap(self.layers, self.sites, self.placeholders, unwatchable, order=order)
+        return ModelMap(self.layers, self.sites, self.placeholders, unwatchable, order=order, attention=self.attention)
 
 
 class _TraceMode(TorchFunctionMode):
@@ -356,7 +419,7 @@ def _hooks(model: nn.Module, tracer: _Tracer) -> Iterator[Any]:
         yield module.register_forward_hook(tracer.leave, with_kwargs=True)
 
 
-def trace_model(model: nn.Module, example_input: Any, *, train: bool = False) -> ModelMap:
+def trace_model(model: nn.Module, example_input: Any, *, train: bool = False, batch_stats: bool = False) -> ModelMap:
     """Run ``model`` once on ``example_input`` and map its layers, activations, layouts and placeholders.
 
     Activation modules are seen by forward pre-hooks; functional calls (``F.gelu``), torch functions
@@ -371,6 +434,8 @@ def trace_model(model: nn.Module, example_input: Any, *, train: bool = False) ->
         model: any ``nn.Module``; ``forward`` may have Python control flow and nested modules.
         example_input: a Tensor, a tuple of positional args, or a dict of keyword args.
         train: trace in training mode (batch statistics) instead of eval mode.
+        batch_stats: in eval mode, let BatchNorm normalize with the batch's statistics as in training (the signal a
+            training step sees, without dropout); running statistics are restored.
 
     Returns:
         a :class:`~lightning_bn.tracing.ModelMap`.
@@ -395,9 +460,13 @@ def trace_model(model: nn.Module, example_input: Any, *, train: bool = False) ->
     """
     args, kwargs = as_call(model, example_input)
     tracer = _Tracer(model)
+    tracer.put((args, kwargs), _Meta(reach=frozenset({_INPUT})))  # what flows from the input (residual shortcuts)
     handles = list(_hooks(model, tracer))
     try:
-        with model_state(model, train=train, grad=False, restore_buffers=train, fork_rng=train, calibration=train):
+        with model_state(
+            model, train=train, grad=False, restore_buffers=train, fork_rng=train, calibration=train,
+            batch_stats=batch_stats,
+        ):  # fmt: skip
             with _TraceMode(tracer):
                 output = run_forward(model, args, kwargs)
             return tracer.finish(output)

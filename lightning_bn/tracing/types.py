@@ -9,12 +9,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from lightning_bn.layers import get_layer_kind
 from lightning_bn.tracing.model_map import Layout
 
 __all__ = ["LAYER_TYPES", "NORM_TYPES", "PASS_TYPES"]
 
 #: Layers that get initialized: their output is what detection follows to the next nonlinearity.
-LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.RNNBase)
+LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.modules.conv._ConvNd,
+    nn.Embedding,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+)  # the built-in classes of :mod:`lightning_bn.layers`; the trace asks the registry, which users can extend
 #: Normalization layers: looked through, and remembered as the norm after a layer.
 NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
     t
@@ -51,6 +58,8 @@ _SAME_VALUES = frozenset("contiguous clone detach to float double half bfloat16 
 _ALIASES = {"iadd": "add", "radd": "add", "isub": "sub", "rsub": "sub", "imul": "mul", "rmul": "mul"}
 _ALIASES |= {"truediv": "div", "itruediv": "div", "idiv": "div", "concat": "cat", "concatenate": "cat"}
 _SCALE_OPS = frozenset({"mul", "div"})
+# calls that carry attention scores (q·kᵀ) on to the softmax: scaling, masks and position biases, casts
+_SCORE_OPS = frozenset("mul div add sub maskedfill where float to typeas contiguous clone".split())
 
 
 def _canonical(func: Any) -> str:
@@ -72,9 +81,11 @@ def _is_torch_class(module: nn.Module) -> bool:
 
 def _layer_layout(module: nn.Module, output: Tensor) -> Layout:
     ndim = output.ndim
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return Layout(1, ndim) if ndim == len(module.kernel_size) + 2 else Layout(0, ndim)
-    return Layout(max(ndim - 1, 0), max(ndim, 1))  # Linear, Embedding, RNN: features last
+    kind = get_layer_kind(module)
+    if kind is not None and kind.channels == "first":
+        spatial = len(getattr(module, "kernel_size", ())) or ndim - 2
+        return Layout(1, ndim) if ndim == spatial + 2 else Layout(0, ndim)
+    return Layout(max(ndim - 1, 0), max(ndim, 1))  # Linear, Embedding, RNN, attention: features last
 
 
 def _permutation(name: str, args: tuple, ndim: int) -> list[int] | None:
