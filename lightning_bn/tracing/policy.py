@@ -115,7 +115,7 @@ def _why_keep(trace: LayerTrace, weight: torch.Tensor, aliases: list[str], atten
         return "feeds attention (q·kᵀ): kept to preserve the pre-softmax logit scale"
     if kind is not None and kind.recurrent:
         return None
-    if trace.how in _FOUND or trace.norm_after is not None or trace.residual:
+    if trace.how in _FOUND or trace.final or trace.norm_after is not None or trace.residual:
         return None
     return "feeds no known activation, norm or residual: no well-founded rule"
 
@@ -188,5 +188,6 @@ def _gains(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[Kept]:
             continue
         flat = param.detach().reshape(-1)
         if bool((flat == flat[0]).all()):
-            found.append(Kept(name, f"LayerScale-like gain (constant {flat[0].item():.3g}): not a layer weight"))
+            found.append(Kept(name, f"constant {flat[0].item():.3g}, not a layer weight (a LayerScale-like gain, a "
+                                    "bias table): left as it is"))  # fmt: skip
     return found
