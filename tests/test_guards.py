@@ -204,6 +204,21 @@ def test_init_mismatch_fires_for_xavier_under_relu_at_depth_30():
     assert findings[0].name == "0 -> 58"
 
 
+def test_init_mismatch_fires_for_standard_normal_sigmoid_net():
+    """10 sigmoid layers with N(0, 1) weights (256 wide): the pre-activations are ~10x too wide and >50% saturated."""
+    torch.manual_seed(0)
+    net = mlp(10, 256, nn.Sigmoid, in_features=64)
+    for module in net:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight)
+    findings = init_mismatches(net, torch.randn(64, 64))
+    saturating = [f for f in findings if f.problem == "saturating"]
+    assert len(saturating) == 10 and all(f.value > 0.4 for f in saturating)
+    assert "healthy: 0%" in saturating[0].detail
+    xavier = mlp(10, 256, nn.Sigmoid, in_features=64)  # PyTorch's default init: well within range
+    assert [f.problem for f in init_mismatches(xavier, torch.randn(64, 64))] == []
+
+
 def test_init_mismatch_silent_for_he_under_relu():
     """He under ReLU at depth 30: no weight off by 3x and the std stays within 10x."""
     torch.manual_seed(0)
