@@ -149,22 +149,32 @@ def saturation(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Saturated-element count, unit count, and a per-unit *alive* flag (float, 1 where any sample is unsaturated).
 
-    ``t`` is the activation's input, or its output when ``from_output`` (only for kinds with an
-    ``output_derivative``). An element is saturated where ``|f'| < 1% · max |f'|``; a unit is dead when it is
-    saturated for every sample of the batch. The alive flags combine exactly across calls and processes by max,
-    which is how :func:`reduce_across_processes` keeps ``dead`` exact under DDP.
+    ``t`` is the activation's input, or its output when ``from_output`` (only for monotone kinds, those with an
+    ``output_derivative``). An element is saturated where it sits on an asymptote of the activation
+    (:attr:`~lightning_bn.activations.Activation.asymptotes`); a unit is dead when no finite sample of the batch is
+    unsaturated. Non-finite elements are neither saturated nor alive (``act_nonfinite`` counts them). The alive flags
+    combine exactly across calls and processes by max, which is how :func:`reduce_across_processes` keeps ``dead``
+    exact under DDP.
+
+    Example::
+
+        >>> from lightning_bn.activations import get_activation
+        >>> x = torch.tensor([[-1.0, 2.0], [float("nan"), -3.0]])
+        >>> saturated, units, alive = saturation(x, get_activation("relu"))
+        >>> saturated.item(), units.item(), alive.tolist()
+        (2.0, 2.0, [0.0, 1.0])
     """
     x = _float(t)
-    threshold = activation.saturation_threshold
-    slope = (activation.derivative_from_output(x) if from_output else activation.derivative(x)).abs_()
-    # |f'| < thr  <=>  relu(thr - |f'|) > 0; sign of that is the 0/1 indicator, all in vectorized float passes
-    saturated = _count(torch.rsub(slope, threshold).relu_().sign_())
+    low, high = activation.output_asymptotes() if from_output else activation.asymptotes
+    finite = torch.isfinite(x)
+    saturated = finite & ((x <= low) | (x >= high))
     dim = unit_dim_of(x) if unit_dim is None else unit_dim
     units = x.shape[dim] if x.ndim else 1
-    reduce_dims = [d for d in range(x.ndim) if d != dim]
-    peak = slope.amax(dim=reduce_dims) if reduce_dims else slope.reshape(-1)
-    alive = (peak >= threshold).double().reshape(-1)
-    return saturated, torch.full((), float(units), dtype=torch.float64, device=x.device), alive
+    alive_elements = finite & ~saturated
+    per_unit = alive_elements.movedim(dim, -1).reshape(-1, units) if x.ndim else alive_elements.reshape(1, 1)
+    alive = per_unit.any(dim=0).double()
+    count = saturated.sum(dtype=torch.float64)
+    return count, torch.full((), float(units), dtype=torch.float64, device=x.device), alive
 
 
 def empty_row(device: torch.device | str = "cpu") -> Tensor:
@@ -245,7 +255,7 @@ def figures(row: list[float] | tuple[float, ...]) -> dict[str, float]:
         "nonfinite": r["nonfinite"],
     }
     if r["units"] > 0:
-        out["saturation"] = r["saturated"] / r["count"] if r["count"] else math.nan
+        out["saturation"] = r["saturated"] / finite if finite else math.nan
         out["dead"] = r["dead_units"] / r["units"]
     return out
 

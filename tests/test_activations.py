@@ -117,7 +117,8 @@ def test_user_registered_kind_is_used_everywhere():
     act = get_activation(Cube())
     assert act.name == "cube_test"
     assert act.gain == pytest.approx(1 / math.sqrt(15), rel=1e-6)  # E[z^6] = 15
-    assert act.saturated(torch.tensor([0.0, 10.0])).tolist() == [True, False]  # 3x² vs 1% of max 2700
+    # 3x² is below 1% of its max (2700 on the grid) only in a band around 0: no asymptote, so no saturation
+    assert act.saturated(torch.tensor([0.0, 10.0])).tolist() == [False, False]
     with pytest.raises(ValueError, match="cube_test"):
         register_activation(ActivationKind("cube_test", lambda x: x**3))
 
@@ -128,3 +129,18 @@ def test_output_derivative_agrees_with_the_input_derivative(name):
     act = get_activation(name)
     x = torch.linspace(-12, 12, 4801, dtype=torch.float64)
     torch.testing.assert_close(act.derivative_from_output(act(x)), act.derivative(x), atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize(("name", "band"), [("gelu", -0.75), ("silu", -1.28), ("mish", -1.19), ("hardswish", -1.5)])
+def test_the_band_at_a_minimum_is_not_saturation(name, band):
+    """Where GELU/SiLU/Mish/hardswish have f' = 0 at their minimum is no asymptote; far left is."""
+    act = get_activation(name)
+    assert abs(act.derivative(torch.tensor([band], dtype=torch.float64)).item()) < 0.02  # f' ~ 0 there
+    assert act.saturated(torch.tensor([band, -8.0, 3.0])).tolist() == [False, True, False]
+
+
+def test_healthy_saturation_counts_asymptotes_only():
+    """At N(0, 1) input: ReLU 50%, sigmoid 0, GELU ~0.1% (the band at its minimum used to make it 1.7%)."""
+    assert get_activation("relu").healthy_saturation == pytest.approx(0.5, abs=1e-3)
+    assert get_activation("sigmoid").healthy_saturation < 1e-6
+    assert get_activation("gelu").healthy_saturation < 0.002

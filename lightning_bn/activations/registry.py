@@ -7,9 +7,11 @@ A *kind* (``"relu"``, ``"tanh"``, ...) lists the module classes and functional c
 its local derivative, and the initializer it wants. A resolved :class:`Activation` is a kind plus its
 parameters (leaky slope, ELU alpha, GELU approximation, ...), found from a module or a functional call.
 
-Saturation is defined once, here: an element is saturated when the activation's local derivative there is below
-1% of that activation's maximum derivative (Glorot & Bengio 2010 looked at sigmoid/tanh pinned at an asymptote;
-the same rule marks ReLU at zero and GELU/SiLU far on the negative side).
+Saturation is defined once, here: an element is saturated when it sits on an *asymptote* of the activation — in
+the region, reaching to -inf or +inf, where the local derivative stays below 1% of the activation's maximum
+derivative (Glorot & Bengio 2010 looked at sigmoid/tanh pinned at an asymptote; the same rule marks ReLU at or below
+zero and GELU/SiLU far on the negative side). The narrow band where GELU, SiLU, Mish or hardswish have f' = 0 at their
+minimum is no asymptote, so it is not saturation.
 """
 
 from __future__ import annotations
@@ -141,9 +143,30 @@ class Activation:
         """``max |f'(x)|`` found on a dense grid over [-30, 30] (computed once per kind and parameters)."""
         return _numeric_constants(self)[0]
 
+    @property
+    def asymptotes(self) -> tuple[float, float]:
+        """``(low, high)``: inputs ``x <= low`` or ``x >= high`` are saturated (``|f'| < 1% · max |f'|`` from there on
+        to -inf / +inf); ``-inf`` / ``inf`` where the activation has no flat asymptote on that side.
+
+        Example::
+
+            >>> get_activation("relu").asymptotes, [round(v, 2) for v in get_activation("tanh").asymptotes]
+            ((-0.0, inf), [-2.99, 2.99])
+        """
+        return _numeric_constants(self)[2]
+
+    def output_asymptotes(self) -> tuple[float, float]:
+        """The same bounds on the output ``y = f(x)`` (monotone kinds only: those with an ``output_derivative``)."""
+        if self.kind.output_derivative is None:
+            raise ValueError(f"Expected a monotone kind (with an output derivative) but got {self.kind.name!r}")
+        low, high = self.asymptotes
+        ends = self(torch.tensor([low, high], dtype=torch.float64).clamp(-1e30, 1e30)).tolist()
+        return (ends[0] if math.isfinite(low) else -math.inf, ends[1] if math.isfinite(high) else math.inf)
+
     def saturated(self, x: Tensor) -> Tensor:
-        """Boolean mask of elements where ``|f'(x)| < 1% · max |f'|`` (``x`` is the activation's input)."""
-        return self.derivative(x).abs() < self.saturation_threshold
+        """Boolean mask of inputs on an asymptote (see :attr:`asymptotes`); False for NaN."""
+        low, high = self.asymptotes
+        return (x <= low) | (x >= high)
 
     @property
     def is_identity(self) -> bool:
@@ -151,8 +174,8 @@ class Activation:
 
     @property
     def healthy_saturation(self) -> float:
-        """Fraction of inputs saturated at a healthy unit-variance input: ``P(|f'(z)| < 1% max)``, ``z ~ N(0, 1)``
-        (0.5 for ReLU, ~0 for sigmoid and tanh); computed once per kind and parameters."""
+        """Fraction of inputs saturated at a healthy unit-variance input, ``z ~ N(0, 1)`` (0.5 for ReLU, ~0 for
+        sigmoid, tanh and GELU); computed once per kind and parameters."""
         key = (id(self.kind), self.params, "saturation")
         if key not in _SATURATION:
             x = torch.linspace(-12.0, 12.0, 24001, dtype=torch.float64)
@@ -181,18 +204,32 @@ class Activation:
         return f"{self.kind.name}({inner})"
 
 
-_CONSTANTS: dict[tuple[int, tuple], tuple[float, float]] = {}
+_CONSTANTS: dict[tuple[int, tuple], tuple[float, float, tuple[float, float]]] = {}
 _SATURATION: dict[tuple, float] = {}
 
 
-def _numeric_constants(act: Activation) -> tuple[float, float]:
-    """(max |f'|, E[f(z)^2]) of an activation, memoized by kind and parameters."""
+def _asymptotes(slope: Tensor, threshold: float) -> tuple[float, float]:
+    """Where ``slope`` (on :data:`_GRID`) stays below ``threshold`` out to the grid's ends."""
+    flat = slope < threshold
+    if bool(flat.all()):
+        return -math.inf, math.inf  # no slope anywhere: nothing to call saturated
+    steep = torch.nonzero(~flat).reshape(-1)
+    first, last = int(steep[0]), int(steep[-1])
+    low = float(_GRID[first - 1]) if first > 0 else -math.inf
+    high = float(_GRID[last + 1]) if last < len(_GRID) - 1 else math.inf
+    return low, high
+
+
+def _numeric_constants(act: Activation) -> tuple[float, float, tuple[float, float]]:
+    """(max |f'|, E[f(z)^2], asymptotes) of an activation, memoized by kind and parameters."""
     key = (id(act.kind), act.params)
     if key not in _CONSTANTS:
-        max_derivative = float(act.derivative(_GRID).abs().max())
+        slope = act.derivative(_GRID).abs()
+        max_derivative = float(slope.max())
         nodes, weights = np.polynomial.hermite_e.hermegauss(_QUADRATURE_POINTS)
         values = act(torch.from_numpy(nodes)).double().numpy()
-        _CONSTANTS[key] = (max_derivative, float(np.sum(weights * values**2) / math.sqrt(2 * math.pi)))
+        second_moment = float(np.sum(weights * values**2) / math.sqrt(2 * math.pi))
+        _CONSTANTS[key] = (max_derivative, second_moment, _asymptotes(slope, SATURATION_THRESHOLD * max_derivative))
     return _CONSTANTS[key]
 
 

@@ -1,0 +1,13 @@
+"""Judge the health of a run from its logged monitor scalars: saturated, dead, non-finite, vanishing, exploding layers.
+
+A pure function over ``{tag: [(step, value)]}`` (what :class:`ActivationMonitor` and :class:`GradientMonitor`
+log) and, when the run has it, the table of watched layers that :class:`ActivationMonitor` writes as TensorBoard text
+:data:`LAYERS_TAG` (forward order, module type, activation); testable without event files. ``lightning-bn report``
+(:mod:`lightning_bn.cli`) reads the files.
+"""
+
+from .analysis import analyze, is_monitor_tag
+from .health import FLAGS, Flag, LayerHealth, RunHealth, Thresholds
+from .layers import LAYERS_TAG
+
+__all__ = ["FLAGS", "LAYERS_TAG", "Flag", "LayerHealth", "RunHealth", "Thresholds", "analyze", "is_monitor_tag"]

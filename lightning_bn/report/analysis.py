@@ -1,0 +1,227 @@
+"""Analyze a run: read the monitors' scalars, evaluate every flag at every logged step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .health import FLAGS, Flag, LayerHealth, RunHealth, Thresholds
+from .layers import (
+    _is_zero_init,
+    _kind,
+    _layer_table,
+    _left_zero,
+    _merge_orders,
+    _module_type,
+    _std_ratios,
+    _steps,
+)
+
+__all__ = ["analyze", "is_monitor_tag"]
+
+_ACTIVATION_STATISTICS = frozenset(
+    ["act_mean", "act_std", "act_min", "act_max", "act_zero", "act_saturation", "act_dead", "act_nonfinite"]
+)
+_PARAMETER_STATISTICS = frozenset(["grad_norm", "weight_norm", "update_ratio"])
+_TOTAL_TAG = "grad_norm/total"
+
+
+def is_monitor_tag(tag: str) -> bool:
+    """Whether a scalar tag was written by a lightning-bn monitor.
+
+    Example::
+
+        >>> is_monitor_tag("act_std/net.0"), is_monitor_tag("grad_norm/total"), is_monitor_tag("train_loss")
+        (True, True, False)
+    """
+    statistic, _, name = tag.partition("/")
+    return bool(name) and statistic in _ACTIVATION_STATISTICS | _PARAMETER_STATISTICS
+
+
+def analyze(
+    scalars: Mapping[str, Sequence[tuple[int, float]]],
+    name: str = "",
+    thresholds: Thresholds = Thresholds(),  # noqa: B008  (frozen: immutable, as in its defining module)
+    layers: Sequence[Mapping[str, Any]] | None = None,
+) -> RunHealth:
+    """Flag the layers of one run from its logged scalars.
+
+    With ``layers`` (the run's layers table, see :data:`LAYERS_TAG`) the layers come in its order, the forward order
+    of the model, and each output std is compared with that of the first layer of the same module type (a LayerNorm
+    with the first LayerNorm, a Linear with the first Linear) or, for activations, of the same activation function;
+    the first layer of each type, which has nothing of its type before it, with the first layer of its kind.
+    Without it, layers are kept in the order their tags first appear in ``scalars`` (the monitors log in forward or
+    module registration order, unlike a natural sort that would put ``decoder`` before ``encoder``) and stds are
+    compared within two kinds only: activation outputs and other layers. Either way a layer seen only through its
+    parameters goes among its siblings by natural order (``net.2`` before ``net.10``), else after the layer logged
+    before it. Each flag is evaluated at every logged step and kept with the first and last step where it held; it
+    is *active* when it holds at the layer's latest logged step.
+
+    A layer is *zero-initialized on purpose* (``zero_init``; e.g. the last norm of each residual branch under
+    ``zero_init_residual``, so that every block starts as the identity) when its ``weight`` was exactly 0 at its first
+    logged step: ``weight_norm/<layer>.weight`` reads 0 there, or ``update_ratio/<layer>.weight`` reads 1 (``‖Δw‖ =
+    ‖w‖`` after a step from ``w = 0``); or, in a run without parameter figures, when the table says it is a norm
+    layer and its output std is exactly 0 at its first logged step. Such a layer is not a reference for the others,
+    is judged ``vanishing`` only once its std ratio has reached ``min_std_ratio`` (its small output is by design
+    until it has learned), and its update ratio at that first step (always 1) is not judged.
+
+    Args:
+        scalars: tag -> ``[(step, value)]``, e.g. ``{"act_saturation/net.1": [(0, 0.93)]}``; other tags are ignored.
+        name: the run's name.
+        thresholds: when to flag.
+        layers: the watched layers in forward order, ``{"name", "module_type", "activation", "hook"}`` each
+            (entries without a string ``name`` are ignored); ``None`` for a run logged without the table.
+
+    Returns:
+        A :class:`RunHealth`; it has no layers when ``scalars`` holds no lightning-bn tag.
+
+    Example::
+
+        >>> run = analyze({"act_std/net.1": [(0, 0.9)], "act_saturation/net.1": [(0, 0.2), (5, 0.95)]})
+        >>> layer = run.layers[0]
+        >>> layer.saturation, layer.worst_saturation, layer.flags["saturated"].describe()
+        (0.95, 0.95, 'saturated since step 5')
+    """
+    activations: dict[str, dict[str, dict[int, float]]] = {}
+    parameters: dict[str, dict[str, dict[str, dict[int, float]]]] = {}
+    for tag, series in scalars.items():
+        if tag == _TOTAL_TAG or not is_monitor_tag(tag):
+            continue
+        statistic, _, target = tag.partition("/")
+        values = {int(step): float(value) for step, value in series}
+        if statistic in _ACTIVATION_STATISTICS:
+            activations.setdefault(target, {})[statistic] = values
+        else:
+            module = target.rpartition(".")[0] or target
+            parameters.setdefault(module, {}).setdefault(target, {})[statistic] = values
+    table = _layer_table(layers)
+    logged = list(activations)
+    if table is not None:
+        logged = _merge_orders([layer for layer in table if layer in activations], logged, siblings=False)
+    order = _merge_orders(logged, list(parameters))
+    zero_init = {layer for layer in order if _is_zero_init(layer, activations.get(layer, {}), parameters, table)}
+    std_ratios = _std_ratios(order, activations, table, zero_init)
+    out = []
+    for depth, layer in enumerate(order):
+        act, params = activations.get(layer, {}), parameters.get(layer, {})
+        kind = _kind(act)
+        grad = _per_step(params, _grad_norm)
+        update = _per_step(params, _update_ratio)
+        ratio, reference = std_ratios.get(layer, ({}, None))
+        judged_ratio, judged_update = ratio, update
+        if layer in zero_init:
+            awake = [step for step, value in sorted(ratio.items()) if value >= thresholds.min_std_ratio]
+            judged_ratio = {step: value for step, value in ratio.items() if awake and step >= awake[0]}
+            left_zero = _left_zero(params.get(f"{layer}.weight", {}))  # the update from 0 reads 1: no judgement
+            judged_update = {step: value for step, value in update.items() if left_zero is None or step > left_zero}
+        out.append(
+            LayerHealth(
+                layer,
+                depth,
+                kind,
+                saturation=_latest(act.get("act_saturation")),
+                worst_saturation=_worst(act.get("act_saturation")),
+                dead=_latest(act.get("act_dead")),
+                worst_dead=_worst(act.get("act_dead")),
+                std=_latest(act.get("act_std")),
+                std_ratio=_latest(ratio),
+                grad_norm=_latest(grad),
+                update_ratio=_latest(update),
+                worst_update_ratio=_worst(update),
+                nonfinite=_latest(act.get("act_nonfinite")),
+                worst_nonfinite=_worst(act.get("act_nonfinite")),
+                nonfinite_gradient=any(not math.isfinite(v) for v in grad.values()),
+                flags=_flags(act, grad, judged_update, ratio, judged_ratio, reference or "", thresholds),
+                module_type=_module_type(table.get(layer) if table is not None else None),
+                std_reference=reference,
+                zero_init=layer in zero_init,
+            )
+        )
+    steps = {s for layer in [*activations.values(), *parameters.values()] for s in _steps(layer)}
+    return RunHealth(name, sorted(steps), out, forward_order=table is not None)
+
+
+def _per_step(
+    params: Mapping[str, Mapping[str, Mapping[int, float]]],
+    combine: Callable[[list[Mapping[str, Mapping[int, float]]], int], float | None],
+) -> dict[int, float]:
+    out = {}
+    for step in sorted(_steps(params)):
+        value = combine(list(params.values()), step)
+        if value is not None:
+            out[step] = value
+    return out
+
+
+def _grad_norm(params: list[Mapping[str, Mapping[int, float]]], step: int) -> float | None:
+    """The 2-norm over the layer's parameters (exact for the monitor's default 2-norms; inf/NaN propagate)."""
+    norms = [p["grad_norm"][step] for p in params if step in p.get("grad_norm", {})]
+    return math.sqrt(sum(n * n for n in norms)) if norms else None
+
+
+def _update_ratio(params: list[Mapping[str, Mapping[int, float]]], step: int) -> float | None:
+    """``‖Δθ‖ / ‖θ‖`` over the layer's parameters, from each one's logged ratio and weight norm."""
+    delta_sq = weight_sq = 0.0
+    found = False
+    for p in params:
+        ratio, weight = p.get("update_ratio", {}).get(step), p.get("weight_norm", {}).get(step)
+        if ratio is None or weight is None or (math.isnan(ratio) and weight == 0):
+            continue  # zero weights after the step: the ratio says nothing about the size of the update
+        found = True
+        delta_sq += (ratio * weight) ** 2
+        weight_sq += weight**2
+    if not found:
+        return None
+    return math.sqrt(delta_sq / weight_sq) if weight_sq else math.nan
+
+
+def _latest(series: Mapping[int, float] | None) -> float | None:
+    return series[max(series)] if series else None
+
+
+def _worst(series: Mapping[int, float] | None) -> float | None:
+    """The largest value; NaN only when every value is NaN."""
+    if not series:
+        return None
+    finite = [v for v in series.values() if not math.isnan(v)]
+    return max(finite) if finite else math.nan
+
+
+def _flags(
+    act: Mapping[str, Mapping[int, float]],
+    grad: Mapping[int, float],
+    update: Mapping[int, float],
+    std_ratio: Mapping[int, float],
+    vanishing_ratio: Mapping[int, float],
+    reference: str,
+    thresholds: Thresholds,
+) -> dict[str, Flag]:
+    """Evaluate every condition at every logged step; keep the first and last step where each held.
+
+    At a step where the layer's activations hold inf/NaN, only ``nonfinite`` is judged: its other figures are void.
+    ``vanishing`` is judged on ``vanishing_ratio`` (the steps of ``std_ratio`` where it may hold).
+    """
+    t = thresholds
+    nonfinite = act.get("act_nonfinite", {})
+    void = {step for step, count in nonfinite.items() if count > 0}
+    checks: list[tuple[str, Mapping[int, float], Callable[[float], bool], Callable[[float], str]]] = [
+        ("saturated", act.get("act_saturation", {}), lambda v: v > t.max_saturation, "saturation {:.3g}".format),
+        ("dead", act.get("act_dead", {}), lambda v: v > t.max_dead, "dead fraction {:.3g}".format),
+        ("nonfinite", nonfinite, lambda v: v > 0, "{:.0f} non-finite activations".format),
+        ("nonfinite", grad, lambda v: not math.isfinite(v), "gradient norm {}".format),
+        ("vanishing", vanishing_ratio, lambda v: v < t.min_std_ratio, f"std {{:.3g}} x that of {reference}".format),
+        ("exploding", std_ratio, lambda v: v > t.max_std_ratio, f"std {{:.3g}} x that of {reference}".format),
+        ("exploding", update, lambda v: v > t.max_update_ratio, "update ratio {:.3g}".format),
+    ]
+    last_step = max(_steps({**act, "grad": grad, "update": update}), default=None)
+    hits: dict[str, list[tuple[int, str]]] = {}
+    for name, series, condition, reason in checks:
+        judged = series.items() if name == "nonfinite" else [(s, v) for s, v in series.items() if s not in void]
+        hits.setdefault(name, []).extend((step, reason(v)) for step, v in judged if condition(v))
+    out = {}
+    for name in FLAGS:
+        found = sorted(hits.get(name, []))
+        if found:
+            out[name] = Flag(name, found[0][0], found[-1][0], found[-1][0] == last_step, found[0][1])
+    return out

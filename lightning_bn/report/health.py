@@ -1,0 +1,159 @@
+"""What the report finds: the thresholds it judges by, and the health of each layer and of the run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["FLAGS", "Flag", "LayerHealth", "RunHealth", "Thresholds"]
+
+#: Every problem the report can flag, in the order it lists them.
+FLAGS = ("saturated", "dead", "nonfinite", "vanishing", "exploding")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a layer is flagged, judged at every logged step.
+
+    Args:
+        max_saturation: ``saturated`` when ``act_saturation`` exceeds this. A ReLU sits near 0.5 by construction (its
+            negative half has zero slope), so the default is well above that; a sigmoid net with N(0, 1) weights
+            reaches ~0.8 (Glorot & Bengio 2010).
+        max_dead: ``dead`` when more than this fraction of the units is saturated on every sample of the batch.
+        min_std_ratio: ``vanishing`` when a layer's output std falls below this times the std of the first layer of
+            the same type: with the run's layers table, the same module type (a LayerNorm with the first LayerNorm)
+            or, for activations, the same activation function (a ReLU with the first ReLU); the first layer of each
+            type, and every layer without the table, with the first layer of the same kind (activation outputs with
+            activation outputs, other layers with other layers). Xavier under ReLU
+            halves the variance per layer, so 30 layers end near 3e-5 (He et al. 2015). A deliberately
+            zero-initialized layer (see :func:`analyze`) is judged only once its ratio has reached this.
+        max_std_ratio: ``exploding`` when that ratio exceeds this.
+        max_update_ratio: also ``exploding`` when one optimizer step moves a layer's parameters by more than this
+            times their norm (``update_ratio``; ~1e-3 is healthy, a zero-initialized layer reads exactly 1 once).
+
+    Example::
+
+        >>> Thresholds(max_saturation=0.9).max_dead
+        0.5
+    """
+
+    max_saturation: float = 0.7
+    max_dead: float = 0.5
+    min_std_ratio: float = 0.01
+    max_std_ratio: float = 100.0
+    max_update_ratio: float = 1.0
+
+
+@dataclass
+class Flag:
+    """One problem of one layer: the first and last logged step where it held, and whether it holds at the end."""
+
+    name: str
+    first_step: int
+    last_step: int
+    active: bool
+    reason: str
+
+    def describe(self) -> str:
+        """``"saturated since step 0"`` or, once cleared, ``"dead at steps 0-40 (cleared)"``."""
+        if self.active:
+            return f"{self.name} since step {self.first_step}"
+        steps = f"step {self.first_step}" if self.first_step == self.last_step else f"steps {self.first_step}-"
+        steps += "" if self.first_step == self.last_step else str(self.last_step)
+        return f"{self.name} at {steps} (cleared)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in ("first_step", "last_step", "active", "reason")}
+
+
+@dataclass
+class LayerHealth:
+    """The figures of one layer (``None`` where not logged) and its flags.
+
+    ``kind`` is ``"activation"`` (has saturation), ``"layer"`` (other watched outputs: Linear, Conv, norms) or
+    ``"parameters"`` (only gradients were logged). The gradient norm is the 2-norm over the layer's parameters; the
+    update ratio is ``‖Δθ‖ / ‖θ‖`` over them. ``module_type`` comes from the layers table (``None`` without it);
+    ``std_ratio`` is relative to the layer ``std_reference``; ``zero_init`` marks a deliberately zero-initialized
+    layer (see :func:`analyze`).
+    """
+
+    name: str
+    depth: int
+    kind: str
+    saturation: float | None = None
+    worst_saturation: float | None = None
+    dead: float | None = None
+    worst_dead: float | None = None
+    std: float | None = None
+    std_ratio: float | None = None
+    grad_norm: float | None = None
+    update_ratio: float | None = None
+    worst_update_ratio: float | None = None
+    nonfinite: float | None = None
+    worst_nonfinite: float | None = None
+    nonfinite_gradient: bool = False
+    flags: dict[str, Flag] = field(default_factory=dict)
+    module_type: str | None = None
+    std_reference: str | None = None
+    zero_init: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        figures = {
+            "depth": self.depth,
+            "kind": self.kind,
+            "module_type": self.module_type,
+            "zero_init": self.zero_init,
+            "saturation": {"latest": self.saturation, "worst": self.worst_saturation},
+            "dead": {"latest": self.dead, "worst": self.worst_dead},
+            "std": self.std,
+            "std_ratio": self.std_ratio,
+            "std_reference": self.std_reference,
+            "grad_norm": self.grad_norm,
+            "update_ratio": {"latest": self.update_ratio, "worst": self.worst_update_ratio},
+            "nonfinite": {"latest": self.nonfinite, "worst": self.worst_nonfinite, "gradient": self.nonfinite_gradient},
+        }
+        return {**figures, "flags": {name: flag.to_dict() for name, flag in self.flags.items()}}
+
+
+@dataclass
+class RunHealth:
+    """The layers of one run in depth order, the logged steps, and per flag where it first appeared.
+
+    ``forward_order``: the run logged its layers table, so the layers are in forward order (the order they first
+    ran) and each ``std_ratio`` is relative to the first layer of the same module type or activation function.
+    """
+
+    name: str
+    steps: list[int]
+    layers: list[LayerHealth]
+    forward_order: bool = False
+
+    @property
+    def zero_init(self) -> list[str]:
+        """The deliberately zero-initialized layers, in depth order."""
+        return [layer.name for layer in self.layers if layer.zero_init]
+
+    @property
+    def raised(self) -> set[str]:
+        """Every flag raised on some layer."""
+        return {name for layer in self.layers for name in layer.flags}
+
+    def problems(self) -> dict[str, dict[str, Any]]:
+        """Per raised flag: the first step, the shallowest layer flagged at that step, and every flagged layer."""
+        out = {}
+        for name in FLAGS:
+            flagged = [layer for layer in self.layers if name in layer.flags]
+            hits = [(layer.flags[name].first_step, layer.depth, layer.name) for layer in flagged]
+            if hits:
+                step, _, first = min(hits)
+                out[name] = {"first_step": step, "first_layer": first, "layers": [hit[2] for hit in hits]}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "forward_order": self.forward_order,
+            "layers": {layer.name: layer.to_dict() for layer in self.layers},
+            "problems": self.problems(),
+            "zero_init": self.zero_init,
+        }

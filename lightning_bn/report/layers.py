@@ -1,0 +1,156 @@
+"""The layers of a run: its layers table, their order, the std each is compared with, and zero-init detection."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+__all__ = ["LAYERS_TAG"]
+
+#: TensorBoard text tag of the watched layers, written by ActivationMonitor at step 0: a JSON list, in forward order,
+#: of ``{"name", "module_type", "activation", "hook"}`` (the same as
+#: ``lightning_bn.callbacks.activation_monitor.LAYERS_TAG``; this module imports nothing of the package).
+LAYERS_TAG = "lightning_bn/layers"
+#: how far from 1 the first logged update ratio of a weight may be for the weight to count as zero before that step
+#: (``‖Δw‖ / ‖w‖`` is exactly 1 when ``w`` was 0 before the step, whatever the optimizer)
+_ZERO_INIT_TOLERANCE = 1e-6
+
+
+def _layer_table(layers: Sequence[Mapping[str, Any]] | None) -> dict[str, Mapping[str, Any]] | None:
+    """The layers table by name, in its (forward) order; ``None`` without a table."""
+    if layers is None:
+        return None
+    table: dict[str, Mapping[str, Any]] = {}
+    for entry in layers:
+        if isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
+            table.setdefault(entry["name"], entry)
+    return table
+
+
+def _module_type(entry: Mapping[str, Any] | None) -> str | None:
+    module_type = entry.get("module_type") if entry is not None else None
+    return module_type if isinstance(module_type, str) else None
+
+
+def _activation(entry: Mapping[str, Any] | None) -> str | None:
+    """The activation function an entry's figures are the output of (``"gelu"`` for ``"gelu(approximate=tanh)"``)."""
+    activation = entry.get("activation") if entry is not None else None
+    return activation.partition("(")[0] if isinstance(activation, str) and activation else None
+
+
+def _is_norm(entry: Mapping[str, Any] | None) -> bool:
+    """A norm layer whose output is watched as is (not a norm-act layer's activation output)."""
+    module_type = _module_type(entry)
+    return module_type is not None and "Norm" in module_type and _activation(entry) is None
+
+
+def _is_zero_init(
+    layer: str,
+    act: Mapping[str, Mapping[int, float]],
+    parameters: Mapping[str, Mapping[str, Mapping[str, Mapping[int, float]]]],
+    table: Mapping[str, Mapping[str, Any]] | None,
+) -> bool:
+    """Whether a layer was zero-initialized on purpose (see :func:`analyze`)."""
+    weight = parameters.get(layer, {}).get(f"{layer}.weight")
+    first = min(_steps(weight), default=None) if weight else None
+    if first is not None:
+        norm, ratio = weight.get("weight_norm", {}).get(first), weight.get("update_ratio", {}).get(first)
+        return norm == 0 or (ratio is not None and abs(ratio - 1) <= _ZERO_INIT_TOLERANCE)
+    std = act.get("act_std")
+    if parameters or not std or not _is_norm(table.get(layer) if table is not None else None):
+        return False  # with parameter figures, a norm without logged weights is frozen or has none: not deliberate
+    return std[min(std)] == 0
+
+
+def _left_zero(weight: Mapping[str, Mapping[int, float]]) -> int | None:
+    """The first logged step after which a zero-initialized weight is no longer 0 (its update ratio there is 1)."""
+    return min((step for step, norm in weight.get("weight_norm", {}).items() if norm != 0), default=None)
+
+
+def _merge_orders(primary: list[str], secondary: list[str], siblings: bool = True) -> list[str]:
+    """``primary``, with each name found only in ``secondary`` placed among its siblings (same parent module) by
+    natural order (with ``siblings``), or else right after the name preceding it in ``secondary``."""
+    merged = list(primary)
+    cursor = -1
+    for name in secondary:
+        if name in merged:
+            cursor = merged.index(name)
+            continue
+        parent = name.rpartition(".")[0]
+        found = [i for i, other in enumerate(merged) if other.rpartition(".")[0] == parent] if siblings else []
+        if found:
+            later = [i for i in found if _natural_key(merged[i]) > _natural_key(name)]
+            cursor = later[0] if later else found[-1] + 1
+        else:
+            cursor += 1
+        merged.insert(cursor, name)
+    return merged
+
+
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key that puts ``net.2`` before ``net.10``."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|\D+", name)]
+
+
+def _kind(act: Mapping[str, Any]) -> str:
+    if "act_saturation" in act or "act_dead" in act:
+        return "activation"
+    return "layer" if act else "parameters"
+
+
+def _steps(series_by_name: Mapping[str, Any]) -> set[int]:
+    """Every step in a (possibly nested) mapping of series."""
+    out: set[int] = set()
+    for series in series_by_name.values():
+        if series and isinstance(next(iter(series.values())), Mapping):
+            out |= _steps(series)
+        else:
+            out |= set(series)
+    return out
+
+
+def _std_ratios(
+    order: list[str],
+    activations: Mapping[str, Mapping[str, Mapping[int, float]]],
+    table: Mapping[str, Mapping[str, Any]] | None,
+    zero_init: Collection[str],
+) -> dict[str, tuple[dict[int, float], str]]:
+    """Per layer, its std over the std of its reference at each step, and the reference's name.
+
+    The reference is the first layer of the same type: with a layers table the activation function or the module
+    type, else the kind (activation or not). The first layer of a type (nothing of its type ran before it) and a
+    layer missing from the table take the first layer of their kind. Zero-initialized layers are references only
+    where there is no other.
+    """
+    out: dict[str, tuple[dict[int, float], str]] = {}
+    logged = [layer for layer in order if activations.get(layer, {}).get("act_std")]
+    kinds = {layer: ("kind", _kind(activations[layer])) for layer in logged}
+    types = {layer: _std_type(layer, table) or kinds[layer] for layer in logged}
+    references: dict[tuple[str, str], str] = {}
+    for layer in sorted(logged, key=lambda layer: layer in zero_init):  # stable: other layers first, in order
+        references.setdefault(types[layer], layer)
+        references.setdefault(kinds[layer], layer)
+    for layer in logged:
+        std = activations[layer]["act_std"]
+        reference = references[types[layer]]
+        if reference == layer:
+            reference = references[kinds[layer]]
+        ref_std = activations[reference]["act_std"]
+        # no ratio where the reference is silent (std 0); inf/NaN stds give NaN ratios, flagged as non-finite instead
+        out[layer] = ({s: _divide(v, ref_std[s]) for s, v in std.items() if ref_std.get(s, 0.0) != 0}, reference)
+    return out
+
+
+def _std_type(layer: str, table: Mapping[str, Mapping[str, Any]] | None) -> tuple[str, str] | None:
+    """What a layer's std is compared within, from the layers table: its activation function, else its module type."""
+    entry = table.get(layer) if table is not None else None
+    activation, module_type = _activation(entry), _module_type(entry)
+    if activation is not None:
+        return ("activation", activation)
+    return ("module", module_type) if module_type is not None else None
+
+
+def _divide(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) else math.nan
