@@ -151,7 +151,7 @@ class Activation:
         Example::
 
             >>> get_activation("relu").asymptotes, [round(v, 2) for v in get_activation("tanh").asymptotes]
-            ((-0.0, inf), [-2.99, 2.99])
+            ((0.0, inf), [-2.99, 2.99])
         """
         return _numeric_constants(self)[2]
 
@@ -215,8 +215,9 @@ def _asymptotes(slope: Tensor, threshold: float) -> tuple[float, float]:
         return -math.inf, math.inf  # no slope anywhere: nothing to call saturated
     steep = torch.nonzero(~flat).reshape(-1)
     first, last = int(steep[0]), int(steep[-1])
-    low = float(_GRID[first - 1]) if first > 0 else -math.inf
-    high = float(_GRID[last + 1]) if last < len(_GRID) - 1 else math.inf
+    # grid points snapped to 1e-9 (linspace puts 0 at -6e-16): ReLU's bound is exactly 0, so relu(0) is saturated
+    low = round(float(_GRID[first - 1]), 9) + 0.0 if first > 0 else -math.inf
+    high = round(float(_GRID[last + 1]), 9) + 0.0 if last < len(_GRID) - 1 else math.inf
     return low, high
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -11,11 +10,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.hooks import RemovableHandle
 
-from lightning_bn.norms.insert import _describe
+from lightning_bn.norms.insert import _aliases, _check_exclude, _check_model, _describe, _excluded, _slots
 from lightning_bn.norms.modules import ChannelsFirst, ChannelsLast
 from lightning_bn.norms.registry import _kind_of_type, available_norms, create_norm_layer, get_norm_layer
 from lightning_bn.norms.report import NormConversion, NormReport
-from lightning_bn.tracing import HookSet, as_call, model_state
+from lightning_bn.tracing import HookSet, as_call, model_state, run_forward
 
 __all__ = ["convert_norms"]
 
@@ -68,7 +67,7 @@ def _input_ranks(model: nn.Module, example_input: Any, modules: list[nn.Module])
     """The input rank of each of ``modules`` in one eval-mode forward pass under ``no_grad``."""
     args, kwargs = as_call(model, example_input)
     with _InputRanks(modules) as hooks, model_state(model, train=False, grad=False):
-        model(*args, **kwargs)
+        run_forward(model, args, kwargs)
     return hooks.ranks
 
 
@@ -90,18 +89,27 @@ def convert_norms(
     data layout (a LayerNorm in a Transformer becomes ``ChannelsLast(GroupNorm)``). BatchNorm -> SyncBatchNorm ->
     BatchNorm round-trips the running statistics; Lightning's ``sync_batchnorm=True`` covers only the first step.
     The rank is read from the class (``BatchNorm2d``) or, with ``example_input``, from one forward pass; when unknown,
-    ``batch`` and ``instance`` become the rank-agnostic :class:`BatchNormXd` / :class:`InstanceNormXd`.
+    ``batch`` becomes the rank-agnostic :class:`BatchNormXd`. A kind that needs spatial dimensions (``instance``: rank
+    >= 3) is refused for a norm of unknown rank without ``example_input`` (a ``BatchNorm1d`` may see ``(N, C)``, on
+    which an InstanceNorm fails); with it, a norm the pass did not reach becomes :class:`InstanceNormXd`.
+    A norm shared under several names (``net.a = net.b = bn``) is converted once and the new module set under every
+    name, so the aliases stay one module; ``exclude`` matching any of its names leaves it alone.
 
     Args:
         model: the model.
         to: ``"group"``, ``"layer"``, ``"batch"``, ``"sync_batch"``, ``"instance"``, ``"rms"`` or any registered kind.
-        num_groups: group count for ``to="group"`` (default: :func:`default_num_groups` per norm).
-        exclude: glob patterns on qualified norm names.
+        num_groups: a positive int, the group count for ``to="group"`` (default: :func:`default_num_groups` per
+            norm).
+        exclude: a list or tuple of glob patterns on qualified norm names.
         example_input: optional Tensor, tuple or dict for one eval-mode forward pass that reads each norm's rank.
 
     Raises:
-        ValueError: naming the norm, for an unknown kind, a group count not dividing its channels, instance norm on a
-            rank-2 input, or a LayerNorm over more than one axis. Checked before anything changes.
+        ValueError: naming the norm or value, for an unknown kind, a ``num_groups`` that is no positive int or does
+            not divide a norm's channels, instance norm on a rank-2 input or on an unknown rank without
+            ``example_input``, a LayerNorm over more than one axis, a norm shared both inside and outside a
+            :class:`ChannelsLast` / :class:`ChannelsFirst` wrapper, or an example input that fails in ``forward``.
+            Checked before anything changes.
+        TypeError: for a ``model`` that is no ``nn.Module`` or an ``exclude`` that is not a list of strings.
 
     Example::
 
@@ -109,21 +117,44 @@ def convert_norms(
         >>> report = convert_norms(net, "group", num_groups=4)
         >>> net[1].num_groups, report.conversions[0].carried
         (4, ['weight', 'bias'])
+        >>> shared = nn.BatchNorm1d(8)
+        >>> net = nn.Sequential(nn.Linear(8, 8), shared, nn.ReLU(), nn.Linear(8, 8), shared)
+        >>> _ = convert_norms(net, "layer")
+        >>> type(net[1]).__name__, net[1] is net[4]
+        ('LayerNorm', True)
     """
+    _check_model(model)
     target = get_norm_layer(to)
     if target is None:
         raise ValueError(f"Expected `to` to be a norm, one of {available_norms()}, but got {to!r}")
-    exclude = list(exclude or [])
-    units = [u for u in _norm_units(model) if not any(fnmatch.fnmatchcase(u[0], p) for p in exclude)]
+    if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1):
+        raise ValueError(f"Expected `num_groups` to be a positive integer or None but got {num_groups!r}")
+    exclude = _check_exclude(exclude)
+    aliases = _aliases(model)
+    units = [u for u in _norm_units(model) if not _excluded(aliases.get(id(u[1]), [u[0]]), exclude)]
     ranks = _input_ranks(model, example_input, [u[2] for u in units]) if example_input is not None else {}
     report = NormReport()
-    built: list[tuple[str, nn.Module, nn.Module, nn.Module]] = []
+    built: list[tuple[list[str], nn.Module, nn.Module, nn.Module]] = []
     for name, unit, norm, layout in units:
+        names = aliases.get(id(unit), [name])
+        if unit is not norm:
+            outside = [n for n in aliases.get(id(norm), []) if n not in {f"{a}.norm" for a in names}]
+            if outside:
+                raise ValueError(
+                    f"Cannot convert {name!r}: its {type(norm).__name__} is shared inside and outside the "
+                    f"{type(unit).__name__} wrapper, as {[f'{a}.norm' for a in names] + outside}; exclude it"
+                )
         source = _kind_of_type(type(norm))
         if source is not None and source.name == target.name:
             report.skipped.append((name, f"already {target.name}"))
             continue
         rank = ranks.get(id(norm), _KNOWN_RANKS.get(type(norm)))
+        if rank is None and example_input is None and target.min_rank > 2:
+            raise ValueError(
+                f"Cannot convert {name!r} ({type(norm).__name__}) to {target.name}: its input rank is unknown and "
+                f"{target.name} norm needs an input of rank >= {target.min_rank} (spatial dimensions); pass "
+                "`example_input=` so that one forward pass reads it"
+            )
         kwargs: dict[str, Any] = {"eps": norm.eps, "affine": getattr(norm, "weight", None) is not None}
         if target.name == "group":
             kwargs["num_groups"] = num_groups
@@ -133,16 +164,17 @@ def convert_norms(
             new = create_norm_layer(target, _channels(name, norm), layout=layout, rank=rank, **kwargs)
         except (TypeError, ValueError) as err:
             raise ValueError(f"Cannot convert {name!r} ({type(norm).__name__}) to {target.name}: {err}") from err
-        built.append((name, unit, norm, new))
-    for name, unit, norm, new in built:
-        _swap(model, name, unit, norm, new, report)
+        built.append((names, unit, norm, new))
+    for names, unit, norm, new in built:
+        _swap(model, names, unit, norm, new, report)
     return report
 
 
-def _swap(model: nn.Module, name: str, unit: nn.Module, norm: nn.Module, new: nn.Module, report: NormReport) -> None:
+def _swap(
+    model: nn.Module, names: list[str], unit: nn.Module, norm: nn.Module, new: nn.Module, report: NormReport
+) -> None:
+    """Carry the state of ``norm`` into ``new`` and set ``new`` under every name of ``unit``."""
     inner = new.norm if isinstance(new, (ChannelsLast, ChannelsFirst)) else new
-    old_prefix = f"{name}.norm" if unit is not norm else name
-    new_prefix = f"{name}.norm" if inner is not new else name
     carried = []
     with torch.no_grad():
         for key in _CARRIED:
@@ -155,11 +187,14 @@ def _swap(model: nn.Module, name: str, unit: nn.Module, norm: nn.Module, new: nn
         floating = next((t for t in norm.state_dict().values() if t.is_floating_point()), reference)
         new.to(device=reference.device, dtype=floating.dtype)
     new.train(norm.training)
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), attr, new)
-    for key in norm.state_dict():
-        if key in carried and old_prefix != new_prefix:
-            report.renamed_keys[f"{old_prefix}.{key}"] = f"{new_prefix}.{key}"
-        elif key not in carried:
-            report.removed_keys.append(f"{old_prefix}.{key}")
-    report.conversions.append(NormConversion(name, _describe(unit), _describe(new), carried))
+    for parent, attr in _slots(model, names):
+        setattr(parent, attr, new)
+    for name in names:
+        old_prefix = f"{name}.norm" if unit is not norm else name
+        new_prefix = f"{name}.norm" if inner is not new else name
+        for key in norm.state_dict():
+            if key in carried and old_prefix != new_prefix:
+                report.renamed_keys[f"{old_prefix}.{key}"] = f"{new_prefix}.{key}"
+            elif key not in carried:
+                report.removed_keys.append(f"{old_prefix}.{key}")
+    report.conversions.append(NormConversion(names[0], _describe(unit), _describe(new), carried))

@@ -16,9 +16,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from lightning_bn.norms.modules import ChannelsFirst, ChannelsLast
-from lightning_bn.norms.registry import NormKind, available_norms, create_norm_layer, get_norm_layer
+from lightning_bn.norms.registry import NormKind, _kind_of_type, available_norms, create_norm_layer, get_norm_layer
 from lightning_bn.norms.report import NormInsertion, NormReport
-from lightning_bn.tracing import LayerTrace, trace_activations, trace_model
+from lightning_bn.tracing import NORM_TYPES, LayerTrace, trace_activations, trace_model
 
 __all__ = [
     "AUTO_MIN_BATCH",
@@ -44,6 +44,82 @@ class _Site:
     position: str
     shape: tuple[int, ...]
     remove_bias: bool
+    layer_aliases: tuple[str, ...] = ()  # every name of the layer (a module shared under several names)
+    target_aliases: tuple[str, ...] = ()  # every name of the target: each gets the same Sequential(target, norm)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected `model` to be an nn.Module but got {model!r}")
+
+
+def _check_exclude(exclude: Any) -> list[str]:
+    """``exclude`` as a list of glob patterns; a string (which would be read character by character) is refused."""
+    if exclude is None:
+        return []
+    if not isinstance(exclude, (list, tuple)) or not all(isinstance(p, str) for p in exclude):
+        raise TypeError(f"Expected `exclude` to be a list or tuple of glob patterns (str) but got {exclude!r}")
+    return list(exclude)
+
+
+def _excluded(names: Sequence[str], exclude: Sequence[str]) -> bool:
+    """True if any name of a module matches any glob: changing one name of a shared module changes them all."""
+    return any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude)
+
+
+def _check_insert_arguments(norm: Any, position: Any, exclude: Any, keep_bias: Any) -> tuple[NormKind | None, list]:
+    """Check the arguments of :func:`insert_norms` / :func:`plan_insertions`, naming the bad value."""
+    if not isinstance(position, str) or position not in POSITIONS:
+        raise ValueError(f"Expected `position` to be one of {list(POSITIONS)} but got {position!r}")
+    if not isinstance(keep_bias, bool):
+        raise ValueError(f"Expected `keep_bias` to be True or False but got {keep_bias!r}")
+    exclude = _check_exclude(exclude)
+    if isinstance(norm, str) and norm == "auto":
+        return None, exclude
+    kind = get_norm_layer(norm)
+    if kind is None:
+        raise ValueError(f"Expected `norm` to be a norm, one of {available_norms()} or 'auto', but got {norm!r}")
+    return kind, exclude
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every qualified name of every submodule, by ``id``, in ``named_modules`` order (the first is the trace's)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            names.setdefault(id(module), []).append(name)
+    return names
+
+
+def _slots(model: nn.Module, names: Sequence[str]) -> list[tuple[nn.Module, str]]:
+    """The distinct ``(parent, attribute)`` slots behind ``names`` (a shared parent gives one slot for many names)."""
+    slots: dict[tuple[int, str], tuple[nn.Module, str]] = {}
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        slots.setdefault((id(parent), attr), (parent, attr))
+    return list(slots.values())
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (ChannelsLast, ChannelsFirst, *NORM_TYPES)) or _kind_of_type(type(module)) is not None
+
+
+def _norm_following(model: nn.Module, names: Sequence[str]) -> str | None:
+    """The name of a norm that directly follows the module called ``names`` in an ``nn.Sequential``, if any.
+
+    This is how an earlier insertion looks (``Sequential(layer_or_activation, norm)``), whatever norm it was.
+    """
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if not isinstance(parent, nn.Sequential):
+            continue
+        keys = list(parent._modules)
+        index = keys.index(attr) + 1
+        if index < len(keys) and parent._modules[keys[index]] is not None and _is_norm(parent._modules[keys[index]]):
+            return f"{parent_name}.{keys[index]}" if parent_name else keys[index]
+    return None
 
 
 @dataclass
@@ -54,7 +130,10 @@ class InsertionPlan:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def apply(self, model: nn.Module) -> NormReport:
-        """Replace each target ``m`` by ``nn.Sequential(m, norm)`` and drop the redundant biases; all or nothing."""
+        """Replace each target ``m`` by ``nn.Sequential(m, norm)`` and drop the redundant biases; all or nothing.
+
+        A target shared under several names gets the same ``nn.Sequential`` under every name, so it stays shared.
+        """
         report = NormReport(skipped=list(self.skipped))
         undo: list[Callable[[], None]] = []
         try:
@@ -70,19 +149,21 @@ class InsertionPlan:
     def _apply_site(model: nn.Module, site: _Site, report: NormReport, undo: list[Callable[[], None]]) -> None:
         layer = model.get_submodule(site.layer)
         target = model.get_submodule(site.target)
-        parent_name, _, attr = site.target.rpartition(".")
-        parent = model.get_submodule(parent_name)
+        slots = _slots(model, site.target_aliases or (site.target,))
         keys = list(target.state_dict())
         if site.remove_bias:
             bias = layer.bias
             layer.register_parameter("bias", None)
             undo.append(lambda: layer.register_parameter("bias", bias))
-            report.removed_keys.append(f"{site.layer}.bias")
+            report.removed_keys.extend(f"{name}.bias" for name in site.layer_aliases or (site.layer,))
             if target is layer:
                 keys.remove("bias")
-        setattr(parent, attr, nn.Sequential(target, site.norm))
-        undo.append(lambda: setattr(parent, attr, target))
-        report.renamed_keys.update({f"{site.target}.{k}": f"{site.target}.0.{k}" for k in keys})
+        wrapper = nn.Sequential(target, site.norm)
+        for parent, attr in slots:
+            setattr(parent, attr, wrapper)
+            undo.append(lambda parent=parent, attr=attr: setattr(parent, attr, target))
+        for name in site.target_aliases or (site.target,):
+            report.renamed_keys.update({f"{name}.{k}": f"{name}.0.{k}" for k in keys})
         report.insertions.append(
             NormInsertion(site.layer, f"{site.target}.1", _describe(site.norm), site.position, site.shape,
                           site.remove_bias)
@@ -141,43 +222,37 @@ def plan_insertions(
     Runs no forward pass: the output layers are the traces' ``final`` ones (``example_input`` is kept for the
     signature's sake and not used).
     """
-    if position not in POSITIONS:
-        raise ValueError(f"Expected `position` to be one of {list(POSITIONS)} but got {position!r}")
-    kind = None if norm == "auto" else get_norm_layer(norm)
-    if kind is None and norm != "auto":
-        raise ValueError(f"Expected a norm, one of {available_norms()} or 'auto', but got {norm!r}")
-    exclude = list(exclude or [])
+    _check_model(model)
+    kind, exclude = _check_insert_arguments(norm, position, exclude, keep_bias)
     candidates = {n: t for n, t in traces.items() if n and isinstance(t.module, (nn.Linear, nn.modules.conv._ConvNd))}
     consumers: dict[str, list[str]] = {}
     for name, trace in candidates.items():
         if trace.consumer is not None:
             consumers.setdefault(trace.consumer, []).append(name)
+    aliases = _aliases(model)
     plan = InsertionPlan()
     for name, trace in candidates.items():
-        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        names = aliases.get(id(trace.module), [name])
+        if _excluded(names, exclude):
             plan.skipped.append((name, "norm not inserted: excluded"))
         elif trace.how == "output" or trace.final:
             plan.skipped.append((name, "norm not inserted: output layer"))
         elif trace.norm_after is not None:
             plan.skipped.append((name, f"norm not inserted: already followed by norm {trace.norm_after!r}"))
         else:
-            plan.sites.append(_plan_site(name, trace, kind, position, keep_bias, consumers))
+            target = _target(name, trace, position, consumers)
+            target_names = tuple(aliases.get(id(model.get_submodule(target)), [target]))
+            following = _norm_following(model, target_names)
+            if following is not None:  # inserted before: Sequential(layer or activation, norm)
+                plan.skipped.append((name, f"norm not inserted: already followed by norm {following!r}"))
+            else:
+                site_aliases = (tuple(names), target_names)
+                plan.sites.append(_plan_site(name, trace, kind, target, keep_bias, site_aliases))
     return plan
 
 
-def _plan_site(
-    name: str,
-    trace: LayerTrace,
-    kind: NormKind | None,
-    position: str,
-    keep_bias: bool,
-    consumers: dict[str, list[str]],
-) -> _Site:
-    layer, shape = trace.module, trace.output_shape
-    channels_last = isinstance(layer, nn.Linear)
-    if not channels_last and len(shape) != len(layer.kernel_size) + 2:
-        raise ValueError(f"Cannot insert a norm after {name!r}: expected a batched output but got shape {shape}")
-    target = name
+def _target(name: str, trace: LayerTrace, position: str, consumers: dict[str, list[str]]) -> str:
+    """The module a site wraps: the layer (``"pre"``, or no activation module after it) or its activation module."""
     if position == "post" and trace.how in ("function", "method"):
         raise ValueError(
             f"Cannot insert a norm after the activation of {name!r}: position='post' needs an activation module, but "
@@ -190,7 +265,22 @@ def _plan_site(
                 f"Cannot insert a norm after the activation of {name!r}: position='post' needs one activation module "
                 f"per layer, but {trace.consumer!r} follows {shared}"
             )
-        target = trace.consumer
+        return trace.consumer
+    return name
+
+
+def _plan_site(
+    name: str,
+    trace: LayerTrace,
+    kind: NormKind | None,
+    target: str,
+    keep_bias: bool,
+    aliases: tuple[tuple[str, ...], tuple[str, ...]],
+) -> _Site:
+    layer, shape = trace.module, trace.output_shape
+    channels_last = isinstance(layer, nn.Linear)
+    if not channels_last and len(shape) != len(layer.kernel_size) + 2:
+        raise ValueError(f"Cannot insert a norm after {name!r}: expected a batched output but got shape {shape}")
     resolved = get_norm_layer(_auto_kind(trace, channels_last)) if kind is None else kind
     channels = shape[-1] if channels_last else shape[1]
     try:
@@ -204,7 +294,7 @@ def _plan_site(
     remove_bias = (
         not keep_bias and target == name and resolved.centers_channels and getattr(layer, "bias", None) is not None
     )
-    return _Site(name, target, norm, "post" if target != name else "pre", shape, remove_bias)
+    return _Site(name, target, norm, "post" if target != name else "pre", shape, remove_bias, *aliases)
 
 
 def insert_norms(
@@ -229,17 +319,25 @@ def insert_norms(
     layer's bias is redundant and removed unless ``keep_bias``. New norms start at γ = 1, β = 0, on the layer's
     device and dtype, in its train/eval mode. Every site is checked first: on an error the model is untouched.
 
+    Insertion is idempotent: a layer (``"pre"``) or activation module (``"post"``) that a norm already follows
+    directly in an ``nn.Sequential`` (as in ``Sequential(m, norm)``, what an earlier insertion made) gets no second
+    one and is listed in ``skipped`` ("already followed by norm ..."). A module shared under several names
+    (``net.a = net.b = layer``) is wrapped once, and the same ``nn.Sequential(m, norm)`` is set under every name, so
+    the aliases stay one module; ``exclude`` matching any of its names leaves it alone.
+
     Args:
         model: any ``nn.Module``.
         example_input: a Tensor, tuple of args or dict of kwargs; its batch size drives ``norm="auto"``.
         norm: ``"auto"``, a registered name, a norm class or a ``functools.partial`` (see :func:`get_norm_layer`).
         position: ``"pre"`` (between the layer and its activation) or ``"post"`` (after an activation module).
-        exclude: glob patterns on qualified layer names.
-        keep_bias: keep biases a following BatchNorm makes redundant.
+        exclude: a list or tuple of glob patterns on qualified layer names.
+        keep_bias: keep biases a following BatchNorm makes redundant (True or False).
 
     Raises:
-        ValueError: naming the layer and value: unknown norm, bad position, ``"post"`` after a functional or shared
-            activation, a shape the kind cannot normalize (group count not dividing, rank too small).
+        ValueError: naming the layer and value: unknown norm, bad position, ``keep_bias`` not a bool, ``"post"`` after
+            a functional or shared activation, a shape the kind cannot normalize (group count not dividing, rank too
+            small), an example input that fails in ``forward``.
+        TypeError: for a ``model`` that is no ``nn.Module`` or an ``exclude`` that is not a list of strings.
 
     Example::
 
@@ -249,6 +347,10 @@ def insert_norms(
         (['Linear', 'BatchNorm1d'], True)
         >>> report.renamed_keys, report.removed_keys
         ({'0.weight': '0.0.weight'}, ['0.bias'])
+        >>> insert_norms(net, torch.randn(64, 8)).skipped[0]
+        ('0.0', "norm not inserted: already followed by norm '0.1'")
     """
+    _check_model(model)
+    _check_insert_arguments(norm, position, exclude, keep_bias)
     traces = trace_activations(model, example_input)
     return plan_insertions(model, example_input, traces, norm, position, exclude, keep_bias).apply(model)
