@@ -29,12 +29,36 @@ class PeriodicMonitor(Callback):
     """A callback that does its work on optimizer steps that are multiples of ``every_n_steps``, once per step.
 
     On every other step the cost is one integer comparison. The last logged step is saved in checkpoints so a
-    resumed run neither repeats nor skips a logging step.
+    resumed run neither repeats nor skips a logging step. State that belongs to one fit is reset in ``setup`` (before a
+    checkpoint is restored), so the same instance works for a second ``Trainer.fit``; whatever a subclass attached is
+    removed on an exception and at teardown (:meth:`_release`).
     """
 
     def __init__(self, every_n_steps: int) -> None:
         self.every_n_steps = check_every_n_steps(every_n_steps)
         self._last_logged_step = -1
+
+    def _reset(self) -> None:
+        """Forget what belongs to the previous fit (subclasses extend it)."""
+        self._release()
+        self._last_logged_step = -1
+
+    def _release(self) -> None:
+        """Remove every hook and drop every tensor this callback holds (subclasses implement it)."""
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._reset()
+            self._warn_if_no_logger(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
 
     def _due(self, trainer: pl.Trainer) -> bool:
         step = trainer.global_step

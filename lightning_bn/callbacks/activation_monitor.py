@@ -115,7 +115,9 @@ class ActivationMonitor(PeriodicMonitor):
         self.histograms = histograms
         self.histogram_bins = check_positive_int("histogram_bins", histogram_bins)
         self.heatmap = heatmap
-        self.zero_tol = zero_tol
+        if isinstance(zero_tol, bool) or not isinstance(zero_tol, (int, float)) or not 0 <= zero_tol < float("inf"):
+            raise MisconfigurationException(f"Expected `zero_tol` to be a number >= 0 but got {zero_tol!r}")
+        self.zero_tol = float(zero_tol)
         self._probe: ActivationProbe | None = None
         self._first_forward: _FirstForward | None = None
         self.model_map: ModelMap | None = None
@@ -123,9 +125,18 @@ class ActivationMonitor(PeriodicMonitor):
         self._history: list[tuple[int, dict[str, float]]] = []
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._warn_if_no_logger(trainer)
+    def _reset(self) -> None:
+        super()._reset()
+        self._probe, self.model_map, self._history = None, None, []
+
+    @override
+    def _release(self) -> None:
+        if self._probe is not None:
+            self._probe.detach()
+        if self._first_forward is not None:
+            self._first_forward.detach()
+            self._first_forward = None
+        self._pending_step = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -144,8 +155,9 @@ class ActivationMonitor(PeriodicMonitor):
             )
         example = pl_module.example_input_array
         if example is not None:
+            example = trainer.precision_plugin.convert_input(move_data_to_device(example, pl_module.device))
             with trainer.precision_plugin.forward_context():
-                self._build(trainer, pl_module, move_data_to_device(example, pl_module.device), "example_input_array")
+                self._build(trainer, pl_module, example, "example_input_array")
         if trainer.is_global_zero:
             layout = [STATISTICS[k] for k in ("std", "mean", "saturation", "dead", "zero", "max", "min", "nonfinite")]
             writers.write_layout(writers.tensorboard_writers(trainer.loggers), "lightning-bn: activations", layout)
@@ -200,8 +212,7 @@ class ActivationMonitor(PeriodicMonitor):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._probe is not None:
-            self._probe.detach()
+        self._release()
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._due(trainer):

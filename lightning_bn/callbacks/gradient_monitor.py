@@ -68,11 +68,24 @@ class GradientMonitor(PeriodicMonitor):
         self._order: ForwardOrder | None = None
         self._pending: dict[str, Any] | None = None
         self._warned_nonfinite = False
+        self._watched = []  # every parameter, in forward order: the non-finite watch
+        self._bad = None  # on the device: (first bad step, index in _watched, parameters affected), or -1s
+        self._index = None
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._warn_if_no_logger(trainer)
+    def _reset(self) -> None:
+        super()._reset()
+        self._warned_nonfinite = False
+        self._watched: list[Tensor] = []
+        self._bad: Tensor | None = None
+        self._index: tuple[tuple[int, ...], Tensor] | None = None
+
+    @override
+    def _release(self) -> None:
+        if self._order is not None:
+            self._order.detach()
+            self._order = None
+        self._pending = None  # drops the parameter copies of an unfinished logging step
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -97,6 +110,7 @@ class GradientMonitor(PeriodicMonitor):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        self._watch_nonfinite(trainer)
         self._measure_gradients(trainer, optimizer)
 
     @override
@@ -108,6 +122,51 @@ class GradientMonitor(PeriodicMonitor):
             self._module_rank = {name: i for i, name in enumerate(self._order.names)}
             self._order = None  # recorded: no hook on any later step, even if no leaf module ran
         self._flush(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report_nonfinite(self._bad.tolist() if self._bad is not None else None)  # one read per epoch
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report_nonfinite(self._bad.tolist() if self._bad is not None else None)
+
+    def _watch_nonfinite(self, trainer: pl.Trainer) -> None:
+        """Every step, on the device, no host sync: keep the first step with a non-finite gradient and the first
+        parameter in forward order that has one; read with the next logging transfer or at epoch end."""
+        if not trainer.is_global_zero or self._warned_nonfinite:
+            return  # gradients are identical on every rank after DDP's all-reduce
+        if not self._watched:
+            rank = {name: i for i, name in enumerate(self._order.names if self._order is not None else [])}
+            rank = rank or self._module_rank
+            named = sorted(self._names.items(), key=lambda item: rank.get(item[1].rpartition(".")[0], len(rank)))
+            self._watched = [p for p, _ in named]
+        present = tuple(i for i, p in enumerate(self._watched) if p.grad is not None)
+        if not present:
+            return
+        grads = [self._watched[i].grad for i in present]
+        if self._index is None or self._index[0] != present:  # built once: no host-to-device copy per step
+            self._index = (present, torch.tensor(present, device=grads[0].device))
+        index = self._index[1]
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)))
+        found = torch.stack([index[torch.argmax(bad.int())], bad.sum()])
+        here = torch.cat([torch.full((1,), trainer.global_step, device=found.device), found])
+        if self._bad is None:
+            self._bad = torch.full((3,), -1, dtype=torch.long, device=found.device)
+        self._bad = torch.where((self._bad[0] < 0) & bad.any(), here, self._bad)
+
+    def _report_nonfinite(self, bad: list[int] | None) -> None:
+        if bad is None or bad[0] < 0 or self._warned_nonfinite:
+            return
+        self._warned_nonfinite = True
+        step, index, count = bad
+        name = self._names[self._watched[index]]
+        rank_zero_warn(
+            f"GradientMonitor: non-finite gradient at step {step}; the first layer in forward order with a non-finite "
+            f"gradient is '{name.rpartition('.')[0] or name}' (parameter '{name}'); {count} of {len(self._watched)} "
+            "parameters affected. Lower the learning rate, check the init (lightning_bn.prepare), or clip gradients.",
+            category=RuntimeWarning,
+        )
 
     def _measure_gradients(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
         if not trainer.is_global_zero:
@@ -165,7 +224,11 @@ class GradientMonitor(PeriodicMonitor):
             torch._foreach_sub_(pending["before"], [p.detach() for p in pending["params"]])  # in place: Δw
             parts.append(stats.parameter_norms(pending["before"], self.norm_type))
         parts += [torch.cat([h[2], h[3]]) for h in pending["hists"]]
+        if self._bad is not None:
+            parts.append(self._bad.double())
         host = torch.cat([t.to(grad.device) for t in parts]).cpu().tolist()  # the one transfer
+        if self._bad is not None:
+            self._report_nonfinite([int(v) for v in host[-3:]])
         n = len(names)
         grad_norms, weight_norms, total = host[:n], host[n : 2 * n], host[2 * n]
         offset = 2 * n + 1
@@ -204,32 +267,6 @@ class GradientMonitor(PeriodicMonitor):
             writers.log_histograms(
                 writers.tensorboard_writers(trainer.loggers), "grad_hist", histograms, pending["step"]
             )
-        bad = [name for name, norm in zip(names, grad_norms) if not math.isfinite(norm)]
-        if bad:
-            self._warn_nonfinite(pending, bad)
-
-    def _warn_nonfinite(self, pending: dict[str, Any], bad_norms: list[str]) -> None:
-        by_name = dict(zip(pending["names"], pending["params"]))
-        # an infinite norm can be an overflow of finite values: confirm on the rare path only
-        bad = [name for name in bad_norms if not torch.isfinite(by_name[name].grad).all()]
-        if not bad or self._warned_nonfinite:
-            return
-        self._warned_nonfinite = True
-        order = {name: i for i, name in enumerate(pending["names"])}
-
-        def forward_rank(param_name: str) -> tuple[int, int]:
-            module = param_name.rpartition(".")[0]
-            return self._module_rank.get(module, len(self._module_rank)), order[param_name]
-
-        bad.sort(key=forward_rank)
-        first = bad[0]
-        rank_zero_warn(
-            f"GradientMonitor: non-finite gradient at step {pending['step']}; the first layer in forward order with "
-            f"a non-finite gradient is '{first.rpartition('.')[0] or first}' (parameter '{first}'); "
-            f"{len(bad)} of {len(pending['names'])} parameters affected. Lower the learning rate, check the init "
-            "(lightning_bn.prepare), or clip gradients.",
-            category=RuntimeWarning,
-        )
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -99,6 +99,25 @@ class BatchNormGuard(Callback):
     # ---- hooks -------------------------------------------------------------------------------------------------
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # what belongs to one fit; a resumed fit gets its own back from the checkpoint after this
+            self._release()
+            self._warned, self._steps_seen, self._snapshot, self._eval_norms = set(), 0, None, []
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._recorder is not None:
+            self._recorder.detach()
+            self._recorder = None
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_init(trainer, pl_module)
 
@@ -175,8 +194,8 @@ class BatchNormGuard(Callback):
         if not self.check_init:
             return
         example = pl_module.example_input_array
-        if example is not None:
-            example = move_data_to_device(example, pl_module.device)
+        if example is not None:  # on the module's device and in its precision (bf16-true: bf16 inputs)
+            example = trainer.precision_plugin.convert_input(move_data_to_device(example, pl_module.device))
         with trainer.precision_plugin.forward_context():
             findings = guards.init_mismatches(pl_module, example, self.init_factor, self.depth_ratio)
         for problem, message in guards.init_messages(findings).items():
@@ -207,10 +226,11 @@ class BatchNormGuard(Callback):
             for name, count in recorder.values.items()
         }
         names = guards.small_batch_norms(values, self.min_values_per_channel)
-        if names:
-            synced = all(isinstance(modules.get(n), SyncBatchNorm) for n in names)
-            message = guards.small_batch_message(names, values, self.min_values_per_channel, world, synced)
-            self._warn("small_batch", names, message)
+        for unit in sorted({recorder.units[n] for n in names}):
+            group = [n for n in names if recorder.units[n] == unit]
+            synced = all(isinstance(modules.get(n), SyncBatchNorm) for n in group)
+            message = guards.small_batch_message(group, values, self.min_values_per_channel, world, synced, unit)
+            self._warn("small_batch", group, message)
 
     def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.check_calibration and not trainer.sanity_checking:

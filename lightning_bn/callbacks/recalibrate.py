@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_bn import writers
 from lightning_bn.callbacks._periodic import check_positive_int
-from lightning_bn.recalibration import default_forward, recalibrate
+from lightning_bn.recalibration import recalibrate, resolve_forward
 
 _WHEN = ("fit_end", "epoch_end")
 
@@ -45,18 +45,25 @@ class BatchNormRecalibration(Callback):
     PreciseBN (Wu & Johnson 2021) recomputes the population statistics, like fvcore's ``PreciseBN`` hook and
     ``torch.optim.swa_utils.update_bn``. The module runs in training mode without gradients; momentum and modes
     are restored; under DDP each rank uses its own shard of the training data and the statistics are pooled over
-    all ranks exactly. See :func:`lightning_bn.recalibrate`.
+    all ranks exactly, in one collective that every rank reaches however many batches its loader has (a failure on
+    one rank makes every rank raise rather than wait). See :func:`lightning_bn.recalibrate`.
+
+    The epoch last recalibrated is saved in checkpoints (a resumed fit does not recalibrate an epoch twice) and
+    forgotten in ``setup``, before a checkpoint is restored, so the same instance recalibrates again in a second
+    ``Trainer.fit``. Nothing is attached to the model between recalibrations: each one removes its hooks and puts
+    momentum, modes and buffers back itself, also when it fails.
 
     Args:
         num_batches: training batches per rank to average over.
         when: ``"fit_end"`` (once, when training ends: the model in memory, used by a following
             ``trainer.test``/``predict``) or ``"epoch_end"`` (after the last training batch of every epoch, so the
             end-of-epoch validation and checkpoint see the refreshed statistics).
-        forward: ``forward(pl_module, batch)`` for one batch; default: the module called on the first element of a
-            tuple/list batch, on the keywords of a dict batch, or on the batch.
+        forward: ``forward(pl_module, batch)`` for one batch; default (``None``): the module called on the first
+            element of a tuple/list batch, on the keywords of a dict batch, or on the batch.
 
     Raises:
-        MisconfigurationException: for a non-positive ``num_batches`` or an unknown ``when``.
+        MisconfigurationException: for a non-positive ``num_batches``, an unknown ``when`` or a ``forward`` that is
+            not ``None`` or a callable taking ``(model, batch)``.
 
     Example::
 
@@ -69,15 +76,24 @@ class BatchNormRecalibration(Callback):
         self,
         num_batches: int = 100,
         when: Literal["fit_end", "epoch_end"] = "fit_end",
-        forward: Callable[[nn.Module, Any], Any] = default_forward,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
     ) -> None:
         self.num_batches = check_positive_int("num_batches", num_batches)
-        if when not in _WHEN:
+        if not isinstance(when, str) or when not in _WHEN:
             raise MisconfigurationException(f"Expected `when` to be one of {_WHEN} but got {when!r}")
         self.when = when
-        self.forward = forward
+        try:
+            self.forward = resolve_forward(forward)
+        except TypeError as err:
+            raise MisconfigurationException(str(err)) from None
         self.shifts: dict[str, dict[str, float]] = {}
         self._last_epoch = -1
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a new fit; a resumed one gets `_last_epoch` back from its checkpoint after this
+            self.shifts = {}
+            self._last_epoch = -1
 
     @override
     def on_train_batch_end(
@@ -113,13 +129,13 @@ class BatchNormRecalibration(Callback):
                 category=RuntimeWarning,
             )
             return
-        self.shifts = recalibrate(
-            pl_module,
-            self._batches(trainer, pl_module, loader),
-            self.num_batches,
-            forward=self.forward,
-            device=pl_module.device,
-        )
+        batches = self._batches(trainer, pl_module, loader)
+        try:
+            self.shifts = recalibrate(
+                pl_module, batches, self.num_batches, forward=self.forward, device=pl_module.device
+            )
+        finally:
+            batches.close()  # ends the loader's iterator (and its workers) now, also after an error
         if trainer.is_global_zero:
             writers.log_scalars(trainer.loggers, shift_metrics(self.shifts), trainer.global_step)
 

@@ -1,4 +1,8 @@
-"""Tiny batches: :class:`BatchSizeRecorder` + :func:`small_batch_norms` (values per channel = batch × spatial)."""
+"""Tiny batches: :class:`BatchSizeRecorder` + :func:`small_batch_norms`.
+
+Wu & He's threshold is about *samples* per device: a BatchNorm over images (``(N, C, *spatial)``) is judged by its
+batch, however many pixels each sample has; a BatchNorm1d over features (``(N, C)``) by its values per channel.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ from lightning_bn.tracing import HookSet
 __all__ = [
     "DEFAULT_MIN_VALUES_PER_CHANNEL",
     "BatchSizeRecorder",
+    "normalized_count",
     "small_batch_message",
     "small_batch_norms",
     "values_per_channel",
 ]
 
-#: Below this many values per channel (batch × spatial) batch statistics are too noisy: BN's error rises fast as the
-#: per-device batch drops below 16 (Wu & He, "Group Normalization", ECCV 2018).
+#: Below this many samples per device (images, sequences) — or values per channel for ``(N, C)`` features — batch
+#: statistics are too noisy: BN's error rises fast as the per-device batch drops below 16 (Wu & He, ECCV 2018).
 DEFAULT_MIN_VALUES_PER_CHANNEL = 16
 
 
@@ -37,10 +42,27 @@ def values_per_channel(x: Tensor) -> int:
     return x.numel() // max(x.shape[1], 1)
 
 
-class BatchSizeRecorder(HookSet):
-    """Record, per BatchNorm, the largest number of values per channel it normalized in training mode.
+def normalized_count(x: Tensor) -> tuple[int, str]:
+    """What a BatchNorm's statistics rest on for input ``x``: the samples of a batch of images/sequences
+    (``(N, C, *spatial)``), or the values per channel of ``(N, C)`` features; with the word for it.
 
-    Attach it for a few training steps only; :attr:`values` maps module names to counts on this device.
+    Example::
+
+        >>> import torch
+        >>> normalized_count(torch.zeros(2, 16)), normalized_count(torch.zeros(2, 8, 32, 32))
+        ((2, 'values per channel'), (2, 'samples'))
+    """
+    if x.ndim > 2:
+        return x.shape[0], "samples"
+    return values_per_channel(x), "values per channel"
+
+
+class BatchSizeRecorder(HookSet):
+    """Record, per BatchNorm, the smallest per-device count its statistics rested on in training mode: samples for
+    ``(N, C, *spatial)`` inputs, values per channel for ``(N, C)``.
+
+    Attach it for a few training steps only; :attr:`values` maps module names to counts on this device, :attr:`units`
+    to what was counted.
 
     Example::
 
@@ -56,6 +78,7 @@ class BatchSizeRecorder(HookSet):
         super().__init__()
         self._norms = batch_norms(model)
         self.values: dict[str, int] = {}
+        self.units: dict[str, str] = {}
 
     def _register(self) -> list[RemovableHandle]:
         return [m.register_forward_pre_hook(self._record(n)) for n, m in self._norms]
@@ -63,7 +86,9 @@ class BatchSizeRecorder(HookSet):
     def _record(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             if module.training and args and isinstance(args[0], Tensor):
-                self.values[name] = max(self.values.get(name, 0), values_per_channel(args[0]))
+                count, unit = normalized_count(args[0])
+                self.values[name] = max(self.values.get(name, 0), count)
+                self.units[name] = unit
 
         return hook
 
@@ -79,23 +104,24 @@ def small_batch_message(
     min_values: int = DEFAULT_MIN_VALUES_PER_CHANNEL,
     world_size: int = 1,
     synced: bool = False,
+    unit: str = "values per channel",
 ) -> str:
     """One line for BatchNorms with too few values per channel, naming the fixes (and SyncBatchNorm under DDP).
 
     Example::
 
-        >>> print(small_batch_message(["bn"], {"bn": 4}).split(": ")[1])
-        their batch statistics are noisy. Use GroupNorm or LayerNorm (`lightning_bn.convert_norms`), or a larger batch.
+        >>> print(small_batch_message(["bn"], {"bn": 4}, unit="samples").split(": ")[0])
+        BatchNorm modules 'bn' normalize only 4 samples on this device, fewer than 16
     """
     smallest = min(values[n] for n in names)
     line = (
-        f"BatchNorm modules {_names(names)} normalize only {smallest} value(s) per channel (batch x spatial) on this "
-        f"device, fewer than {min_values}: their batch statistics are noisy. Use GroupNorm or LayerNorm "
+        f"BatchNorm modules {_names(names)} normalize only {smallest} {unit} on this device, fewer than "
+        f"{min_values}: their batch statistics are noisy (Wu & He 2018). Use GroupNorm or LayerNorm "
         "(`lightning_bn.convert_norms`)"
     )
     if world_size > 1 and not synced:
         line += (
             f", or SyncBatchNorm (`Trainer(sync_batchnorm=True)`) to normalize over the global batch of "
-            f"{smallest * world_size} values per channel across {world_size} devices"
+            f"{smallest * world_size} {unit} across {world_size} devices"
         )
     return line + ", or a larger batch."

@@ -95,9 +95,12 @@ class EvalModeGuard(HookSet):
     Use it as a context manager or call :meth:`remove`. It warns once (category :class:`BatchNormWarning`).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, expect_eval: bool = False) -> None:
         super().__init__()
+        if not isinstance(expect_eval, bool):
+            raise TypeError(f"Expected `expect_eval` to be True or False but got {expect_eval!r}")
         self._norms = running_stat_norms(model)
+        self.expect_eval = expect_eval
         self.warned = False
         self.attach()
 
@@ -106,10 +109,17 @@ class EvalModeGuard(HookSet):
 
     def _check(self, module: nn.Module, args: tuple) -> None:
         # eval mode (the common case) costs one attribute read
-        if not module.training or torch.is_grad_enabled() or self.warned or is_calibrating():
+        if not module.training or self.warned or is_calibrating():
             return
+        if torch.is_grad_enabled() and not self.expect_eval:
+            return
+        if module.momentum is None:
+            return  # a cumulative average of the statistics: a deliberate pass (torch.optim.swa_utils.update_bn)
         self.warned = True
-        where = "under torch.inference_mode()" if torch.is_inference_mode_enabled() else "under torch.no_grad()"
+        if torch.is_inference_mode_enabled():
+            where = "under torch.inference_mode()"
+        else:
+            where = "under torch.no_grad()" if not torch.is_grad_enabled() else "inside guard(expect_eval=True)"
         names = [n for n, m in self._norms if m.training]
         warnings.warn(train_mode_message(names, where), BatchNormWarning, stacklevel=3)
 
@@ -122,11 +132,13 @@ class EvalModeGuard(HookSet):
         self.detach()
 
 
-def guard(model: nn.Module) -> EvalModeGuard:
+def guard(model: nn.Module, expect_eval: bool = False) -> EvalModeGuard:
     """Warn when a BatchNorm of ``model`` in training mode runs without gradients — the forgotten ``model.eval()``.
 
+    With ``expect_eval=True`` (wrap an evaluation loop) a BatchNorm in training mode warns even with gradients on.
     Hooks only the BatchNorm-family modules; in eval mode each hook returns after reading ``module.training``.
-    Passes inside :func:`lightning_bn.tracing.calibrating` (recalibration) are deliberate and stay quiet.
+    Deliberate statistics passes stay quiet: inside :func:`lightning_bn.tracing.calibrating` (recalibration), and
+    with ``momentum=None`` (a cumulative average, as ``torch.optim.swa_utils.update_bn`` sets it).
 
     Example::
 
@@ -138,4 +150,4 @@ def guard(model: nn.Module) -> EvalModeGuard:
         >>> caught[0].category.__name__
         'BatchNormWarning'
     """
-    return EvalModeGuard(model)
+    return EvalModeGuard(model, expect_eval)

@@ -119,9 +119,9 @@ def convert_norms(
         (4, ['weight', 'bias'])
         >>> shared = nn.BatchNorm1d(8)
         >>> net = nn.Sequential(nn.Linear(8, 8), shared, nn.ReLU(), nn.Linear(8, 8), shared)
-        >>> _ = convert_norms(net, "layer")
+        >>> _ = convert_norms(net, "group", num_groups=2)
         >>> type(net[1]).__name__, net[1] is net[4]
-        ('LayerNorm', True)
+        ('GroupNorm', True)
     """
     _check_model(model)
     target = get_norm_layer(to)

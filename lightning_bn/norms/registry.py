@@ -187,7 +187,10 @@ def create_norm_layer(
     (``BatchNorm1d/2d/3d``); an unknown one gives the rank-agnostic :class:`BatchNormXd` / :class:`InstanceNormXd`.
 
     Raises:
-        ValueError: for an unknown kind, a rank the kind cannot normalize, or a group count not dividing the channels.
+        ValueError: for an unknown kind, a ``num_features`` or ``rank`` that is no positive int, a layout other than
+            ``"channels_first"`` / ``"channels_last"``, a rank the kind cannot normalize, or a group count not
+            dividing the channels.
+        TypeError: for a ``spec`` that is no name, class, ``functools.partial`` or factory.
 
     Example::
 
@@ -200,8 +203,12 @@ def create_norm_layer(
     kind = get_norm_layer(spec)
     if kind is None:
         raise ValueError(f"Expected a norm, one of {available_norms()}, but got {spec!r}")
-    if layout not in ("channels_first", "channels_last"):
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"Expected `num_features` to be a positive integer but got {num_features!r}")
+    if not isinstance(layout, str) or layout not in ("channels_first", "channels_last"):
         raise ValueError(f"Expected `layout` to be 'channels_first' or 'channels_last' but got {layout!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"Expected `rank` to be a positive integer or None but got {rank!r}")
     if rank is not None and rank < kind.min_rank:
         raise ValueError(f"{kind.name} norm needs an input of rank >= {kind.min_rank}, but the data has rank {rank}")
     merged = {**dict(kind.kwargs), **kwargs}

@@ -42,7 +42,8 @@ class ProbeResult:
 class _Target:
     spec: WatchTarget
     row: Tensor | None = None
-    alive: Tensor | None = None
+    alive: dict[tuple[int, ...], Tensor] | None = None  # per call shape: per-unit "any sample unsaturated"
+    units: dict[tuple[int, ...], Tensor] | None = None
     pending: Tensor | None = None
     hist: Tensor | None = None
 
@@ -112,7 +113,7 @@ class ActivationProbe(_HookSet):
 
     def _register(self) -> Iterator[RemovableHandle]:
         for target, (pre_hook, hook) in zip(self._targets, self._hooks):
-            target.row = target.alive = target.pending = target.hist = None
+            target.row = target.alive = target.units = target.pending = target.hist = None
             if pre_hook is not None:
                 yield target.spec.module.register_forward_pre_hook(pre_hook)
             yield target.spec.module.register_forward_hook(hook)
@@ -121,16 +122,22 @@ class ActivationProbe(_HookSet):
         def hook(module: nn.Module, args: tuple) -> None:
             if self._paused or not args or not isinstance(args[0], Tensor):
                 return
-            self._record_saturation(target, stats.saturation(args[0], target.activation, target.spec.unit_dim))
+            found = stats.saturation(args[0], target.activation, target.spec.unit_dim)
+            self._record_saturation(target, found, tuple(args[0].shape))
 
         return hook
 
     @staticmethod
-    def _record_saturation(target: _Target, found: tuple[Tensor, Tensor, Tensor]) -> None:
+    def _record_saturation(target: _Target, found: tuple[Tensor, Tensor, Tensor], shape: tuple[int, ...]) -> None:
+        """Per call shape (all dims but the batch): one module used at two places keeps two sets of units."""
         saturated, units, alive = found
         target.pending = torch.stack([saturated, units, units.new_zeros(())])
-        same = target.alive is not None and target.alive.shape == alive.shape
-        target.alive = torch.maximum(target.alive, alive) if same else alive
+        if target.alive is None:
+            target.alive, target.units = {}, {}
+        key = shape[1:]
+        seen = target.alive.get(key)
+        target.alive[key] = alive if seen is None or seen.shape != alive.shape else torch.maximum(seen, alive)
+        target.units[key] = units
 
     def _hook(self, target: _Target) -> Callable:
         spec = target.spec
@@ -142,13 +149,13 @@ class ActivationProbe(_HookSet):
                 return
             if spec.hook == "input":  # the output feeds a functional activation: judge its input, sum its output
                 x = output.detach()
-                self._record_saturation(target, stats.saturation(x, spec.activation, spec.unit_dim))
+                self._record_saturation(target, stats.saturation(x, spec.activation, spec.unit_dim), tuple(x.shape))
                 output = spec.activation(x)
             elif spec.activation is not None and (
                 spec.hook == "output" or spec.activation.kind.output_derivative is not None
             ):
                 found = stats.saturation(output, spec.activation, spec.unit_dim, from_output=True)
-                self._record_saturation(target, found)
+                self._record_saturation(target, found, tuple(output.shape))
             values = stats.value_stats(output, self.zero_tol)
             extra = target.pending if target.pending is not None else values.new_zeros(3)
             target.pending = None
@@ -171,13 +178,16 @@ class ActivationProbe(_HookSet):
             if self._targets
             else (empty.new_zeros(0, len(stats.FIELDS)))
         )
-        alive_parts = [t.alive if t.alive is not None else rows.new_zeros(0) for t in self._targets]
+        units_column = stats.FIELDS.index("units")
+        for i, target in enumerate(self._targets):
+            if target.units:  # every call shape's units together (device scalars: no host round trip)
+                rows[i, units_column] = torch.stack(list(target.units.values())).sum()
+        alive_parts = [torch.cat(list(t.alive.values())) if t.alive else rows.new_zeros(0) for t in self._targets]
         sizes = [part.numel() for part in alive_parts]
         alive = torch.cat(alive_parts) if alive_parts else rows.new_zeros(0)
         if distributed:
             rows, alive = stats.reduce_across_processes(rows, alive)
         dead_column = stats.FIELDS.index("dead_units")
-        units_column = stats.FIELDS.index("units")
         alive_counts = torch.stack([part.sum() for part in alive.split(sizes)]) if sizes else rows.new_zeros(0)
         rows[:, dead_column] = torch.where(rows[:, units_column] > 0, rows[:, units_column] - alive_counts, 0.0)
         bins = self.histogram_bins
@@ -207,5 +217,5 @@ class ActivationProbe(_HookSet):
                     }
                 )
         for target in self._targets:
-            target.row = target.alive = target.pending = target.hist = None
+            target.row = target.alive = target.units = target.pending = target.hist = None
         return result
