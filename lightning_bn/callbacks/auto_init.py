@@ -7,6 +7,7 @@ logs the report on rank zero: printed, and as TensorBoard text ``lightning_bn/in
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -87,6 +88,7 @@ class AutoInit(Callback):
             raise MisconfigurationException(f"`AutoInit`: {err}") from err
         self.example_input = example_input
         self.report: Report | None = None
+        self._prepared: weakref.ref | None = None
 
     def __getattr__(self, name: str) -> Any:
         # `callback.init`, `callback.norm`, ...: the options, read through
@@ -101,8 +103,9 @@ class AutoInit(Callback):
             self._prepare(trainer, pl_module)
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.report is not None:
-            return  # a second `fit` continues from trained weights
+        prepared = self._prepared() if self._prepared is not None else None
+        if prepared is pl_module:
+            return  # a second `fit` of the same model continues from its trained weights; a new model is prepared
         example = self.example_input
         if example is None:
             example = getattr(pl_module, "example_input_array", None)
@@ -117,6 +120,7 @@ class AutoInit(Callback):
             self.report = prepare(pl_module, example, options=dataclasses.replace(self.options, seed=int(seed)))
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(f"`AutoInit`: {err}") from err
+        self._prepared = weakref.ref(pl_module)
         if trainer.is_global_zero:
             self._log(trainer, self.report)
 
