@@ -144,6 +144,12 @@ def report(logdir: Path, output: str, fail_on: Sequence[str], thresholds: Thresh
         return _no_logs(f"no TensorBoard event files ({_EVENT_GLOB}) under '{logdir}'")
     runs: list[RunHealth] = []
     skipped: list[str] = []
+    damaged = [(path, why) for path in _event_files(logdir) for why in [damage(path)] if why is not None]
+    for path, why in damaged:
+        print(
+            f"lightning-bn report: damaged event file '{path}': {why}; what precedes the damage is read",
+            file=sys.stderr,
+        )
     for run_dir in run_dirs:
         name = run_dir.relative_to(logdir).as_posix() if run_dir != logdir else "."
         accumulator = _load(run_dir)
@@ -153,6 +159,8 @@ def report(logdir: Path, output: str, fail_on: Sequence[str], thresholds: Thresh
         else:
             skipped.append(name)
     if not runs:
+        if damaged:
+            return _no_logs(f"the event files under '{logdir}' are damaged ({', '.join(str(p) for p, _ in damaged)})")
         return _no_logs(
             f"{len(skipped)} run(s) under '{logdir}' but none holds lightning-bn scalars (act_*/<layer>, "
             "grad_norm/<param>, ...)"
@@ -178,6 +186,47 @@ def find_runs(logdir: Path) -> list[Path]:
     if logdir.is_file():
         return [logdir]
     return sorted({path.parent for path in logdir.rglob(_EVENT_GLOB) if path.is_file()})
+
+
+def _event_files(logdir: Path) -> list[Path]:
+    return [logdir] if logdir.is_file() else sorted(p for p in logdir.rglob(_EVENT_GLOB) if p.is_file())
+
+
+def damage(path: Path) -> str | None:
+    """Why an event file is damaged (a record whose length or data fails its CRC), or ``None`` if it is intact.
+
+    A record cut short at the end is a run still being written, not damage.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> bad = Path(tempfile.mkdtemp()) / "events.out.tfevents.0"
+        >>> _ = bad.write_bytes(b"\\x05" + b"\\x00" * 7 + b"\\x00\\x00\\x00\\x00" + b"hello" + b"\\x00" * 4)
+        >>> damage(bad)
+        'record 1: the CRC of its length does not match'
+    """
+    import struct
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    data = path.read_bytes()
+    offset, index = 0, 0
+    while offset + 12 <= len(data):
+        index += 1
+        header = data[offset : offset + 8]
+        (length,) = struct.unpack("<Q", header)
+        (length_crc,) = struct.unpack("<I", data[offset + 8 : offset + 12])
+        if masked_crc32c(header) != length_crc:
+            return f"record {index}: the CRC of its length does not match"
+        end = offset + 12 + length + 4
+        if end > len(data):
+            return None  # cut short: still being written
+        (data_crc,) = struct.unpack("<I", data[end - 4 : end])
+        if masked_crc32c(data[offset + 12 : end - 4]) != data_crc:
+            return f"record {index}: the CRC of its data does not match"
+        offset = end
+    return None
 
 
 def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:

@@ -215,3 +215,25 @@ def test_batchnorm_guard_runs_under_bf16_true(tmp_path):
     t = trainer(tmp_path, max_steps=2, precision="bf16-true", callbacks=[BatchNormGuard(), monitor])
     t.fit(model)
     assert monitor.model_map is not None and monitor.model_map.layers["net.0"].activation.name == "relu"
+
+
+def test_report_says_an_event_file_is_damaged(tmp_path, capsys):
+    """A CRC-corrupted event file is reported as damaged, with its path (not as 'none holds lightning-bn scalars')."""
+    from pathlib import Path
+
+    from lightning_bn.cli import main
+
+    torch.manual_seed(0)
+    trainer(
+        tmp_path, logger=TensorBoardLogger(tmp_path), max_steps=2, callbacks=[ActivationMonitor(every_n_steps=1)]
+    ).fit(BoringClassifier(mlp(2, 16)))
+    files = sorted(Path(tmp_path).rglob("events.out.tfevents.*"))
+    assert main(["report", str(tmp_path)]) == 0
+    capsys.readouterr()
+    raw = bytearray(files[0].read_bytes())
+    raw[20] ^= 0xFF  # a byte of the first record's data
+    files[0].write_bytes(bytes(raw))
+    code = main(["report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"damaged event file '{files[0]}'" in err and "record 1: the CRC of its data does not match" in err
+    assert code == 2 and "none holds lightning-bn scalars" not in err
