@@ -19,9 +19,10 @@ from lightning_bn.norms import (
     create_norm_layer,
     get_norm_layer,
     insert_norms,
+    plan_insertions,
     register_norm,
 )
-from lightning_bn.tracing import output_stds
+from lightning_bn.tracing import output_stds, trace_activations
 from lightning_bn.wrapper import prepare
 from tests.helpers import BoringClassifier, digits_data, mlp, trainer
 
@@ -420,3 +421,194 @@ def test_autoinit_rejects_a_bad_norm_at_construction():
     with pytest.raises(MisconfigurationException, match="'after'"):
         AutoInit(norm="batch", position="after")
     assert AutoInit(norm="group", position="post", exclude=["net.0"]).norm == "group"
+
+
+# ---- reliability: arguments, shared modules, idempotent insertion ---------------------------------------------------
+
+
+def _bn_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"to": "group", "num_groups": 2.0}, ValueError, r"`num_groups`.*2\.0"),
+        ({"to": "group", "num_groups": True}, ValueError, r"`num_groups`.*True"),
+        ({"to": "group", "num_groups": 0}, ValueError, r"`num_groups`.* 0$"),
+        ({"to": "group", "num_groups": -4}, ValueError, r"`num_groups`.*-4"),
+        ({"to": "group", "exclude": "bn"}, TypeError, r"`exclude`.*'bn'"),
+        ({"to": "group", "exclude": ["1", 3]}, TypeError, r"`exclude`.*\['1', 3\]"),
+        ({"to": "instance"}, ValueError, r"'1' \(BatchNorm1d\).*rank.*example_input="),
+        ({"to": "instance", "example_input": torch.randn(4, 8)}, ValueError, r"'1'.*rank"),
+        ({"to": "batch", "example_input": torch.randn(4, 5)}, ValueError, r"Sequential\.forward.*mat1 and mat2"),
+    ],
+    ids=["groups float", "groups bool", "groups zero", "groups negative", "exclude str", "exclude non-str",
+         "instance unknown rank", "instance rank 2", "input failing in forward"],
+)  # fmt: skip
+def test_convert_checks_its_arguments_before_changing_anything(kwargs, error, match):
+    """A float / bool / non-positive group count, a string exclude, instance norm on a norm of unknown rank without
+    an example input: refused naming the value (or norm), and the model is bit-identical afterwards."""
+    net = _bn_mlp()
+    before = snapshot(net)
+    with pytest.raises(error, match=match):
+        convert_norms(net, **kwargs)
+    assert unchanged(net, before)
+    assert net(torch.randn(4, 8)).shape == (4, 4)
+
+
+def test_convert_to_instance_with_a_known_rank_needs_no_example_input():
+    """BatchNorm2d says its rank: InstanceNorm2d without an example input; BatchNorm1d on (N, C, L) with one."""
+    net = _trained_bn_net()
+    convert_norms(net, "instance")
+    assert type(net[1]) is nn.InstanceNorm2d and net(torch.randn(2, 3, 6, 6)).shape == (2, 8, 4, 4)
+    seq = nn.Sequential(nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8), nn.ReLU(), nn.Conv1d(8, 2, 1))
+    convert_norms(seq, "instance", example_input=torch.randn(2, 3, 10))
+    assert type(seq[1]) is nn.InstanceNorm1d and seq(torch.randn(2, 3, 10)).shape == (2, 2, 8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"exclude": "0"}, TypeError, r"`exclude`.*'0'"),
+        ({"exclude": [0]}, TypeError, r"`exclude`.*\[0\]"),
+        ({"keep_bias": "yes"}, ValueError, r"`keep_bias`.*'yes'"),
+        ({"keep_bias": 1}, ValueError, r"`keep_bias`.*1"),
+        ({"position": "mid"}, ValueError, r"`position`.*'mid'"),
+        ({"position": 3}, ValueError, r"`position`.*3"),
+        ({"norm": None}, ValueError, r"`norm`.*None"),
+    ],
+    ids=["exclude str", "exclude non-str", "keep_bias str", "keep_bias int", "position str", "position int", "no norm"],
+)
+def test_insert_checks_its_arguments_before_changing_anything(kwargs, error, match):
+    """insert_norms and plan_insertions refuse a string exclude, a non-bool keep_bias, a bad position, naming it."""
+    net = mlp(2, 16, in_features=8)
+    before = snapshot(net)
+    x = torch.randn(32, 8)
+    with pytest.raises(error, match=match):
+        insert_norms(net, x, **{"norm": "batch", **kwargs})
+    with pytest.raises(error, match=match):
+        plan_insertions(net, x, trace_activations(net, x), **{"norm": "batch", **kwargs})
+    assert unchanged(net, before)
+
+
+def test_convert_and_insert_refuse_a_model_that_is_no_module():
+    with pytest.raises(TypeError, match=r"`model`.*'net'"):
+        convert_norms("net", "group")
+    with pytest.raises(TypeError, match=r"`model`.*'net'"):
+        insert_norms("net", torch.randn(4, 8))
+
+
+class SharedNorm(nn.Module):
+    """One BatchNorm1d registered under two names and called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.a = self.b = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.head(F.relu(self.b(self.fc2(F.relu(self.a(self.fc1(x)))))))
+
+
+def test_convert_a_shared_norm_sets_the_new_module_under_every_name():
+    """net.a = net.b = BatchNorm1d: converted once, the GroupNorm set under both names; the keys of both reported."""
+    torch.manual_seed(0)
+    net = SharedNorm()
+    with torch.no_grad():
+        net.a.weight.uniform_(0.5, 2.0)
+    gamma = net.a.weight.clone()
+    report = convert_norms(net, "group", num_groups=2)
+    assert net.a is net.b and type(net.a) is nn.GroupNorm and torch.equal(net.b.weight, gamma)
+    assert [c.name for c in report.conversions] == ["a"]
+    assert {"a.running_mean", "b.running_mean"} <= set(report.removed_keys)
+    assert net(torch.randn(4, 8)).shape == (4, 2)
+    excluded = SharedNorm()
+    assert convert_norms(excluded, "group", exclude=["b"]).conversions == []  # any alias excluded: left alone
+    assert type(excluded.a) is nn.BatchNorm1d and excluded.a is excluded.b
+
+
+def test_convert_a_norm_shared_inside_and_outside_a_wrapper_is_refused():
+    """A BatchNorm both bare and inside ChannelsLast cannot be converted consistently: ValueError naming every name."""
+    net = nn.Sequential(nn.Linear(8, 8))
+    net.bn = nn.BatchNorm1d(8)
+    net.wrapped = ChannelsLast(net.bn)
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"'wrapped\.norm', 'bn'"):
+        convert_norms(net, "group", num_groups=2)
+    assert unchanged(net, before)
+
+
+class SharedLinear(nn.Module):
+    """One Linear registered under two names (fc, again) and called twice, between ReLUs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.fc, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+        self.again = self.fc
+
+    def forward(self, x):
+        return self.head(F.relu(self.again(F.relu(self.fc(F.relu(self.inp(x)))))))
+
+
+@pytest.mark.parametrize("via", ["insert_norms", "prepare"])
+def test_insert_after_a_shared_layer_wraps_every_alias_with_the_same_module(via):
+    """The Linear under fc and again: both names get the same Sequential(Linear, BatchNorm1d), the bias goes once,
+    and the keys of both names are reported; the model still runs and the aliases are still one module."""
+    torch.manual_seed(0)
+    net = SharedLinear()
+    x = torch.randn(32, 8)
+    report = insert_norms(net, x, norm="batch") if via == "insert_norms" else prepare(net, x, norm="batch")
+    assert net.fc is net.again and isinstance(net.fc, nn.Sequential) and isinstance(net.fc[1], nn.BatchNorm1d)
+    assert net.fc[0].bias is None and [i.layer for i in report.insertions] == ["inp", "fc"]
+    assert {"fc.weight": "fc.0.weight", "again.weight": "again.0.weight"}.items() <= report.renamed_keys.items()
+    assert {"fc.bias", "again.bias"} <= set(report.removed_keys)
+    assert set(report.removed_keys) | set(net.state_dict()) >= set(report.renamed_keys.values())
+    assert net(x).shape == (32, 2)
+
+
+def test_exclude_matching_any_alias_of_a_shared_layer_leaves_it_alone():
+    net = SharedLinear()
+    report = insert_norms(net, torch.randn(32, 8), norm="batch", exclude=["again"])
+    assert [i.layer for i in report.insertions] == ["inp"] and ("fc", "norm not inserted: excluded") in report.skipped
+    assert isinstance(net.fc, nn.Linear) and net.fc is net.again and net.fc.bias is not None
+
+
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_prepare_twice_inserts_no_second_norm(position):
+    """prepare(norm="batch") twice, "pre" or "post": same module tree and BatchNorm count; the second call reports
+    every site as already followed by a norm."""
+    torch.manual_seed(0)
+    net = mlp(2, 16, in_features=8)
+    x = torch.randn(32, 8)
+    first = prepare(net, x, norm="batch", position=position)
+    tree, count = str(net), len(of_type(net, nn.BatchNorm1d))
+    second = prepare(net, x, norm="batch", position=position)
+    assert str(net) == tree and len(of_type(net, nn.BatchNorm1d)) == count == len(first.insertions) == 2
+    assert second.insertions == [] and second.renamed_keys == {} and second.removed_keys == []
+    reasons = [s.reason for s in second.skipped if "already followed by norm" in s.reason]
+    assert len(reasons) == 2, second.skipped
+    assert net(x).shape == (32, 10)
+
+
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_insert_norms_twice_is_idempotent_for_any_registered_norm(position):
+    """insert_norms twice with a norm the trace does not know as one (a registered class): no second norm."""
+
+    class ScaleNorm(nn.Module):
+        def __init__(self, num_features: int, **kwargs) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(num_features))
+
+        def forward(self, x):
+            return self.weight * x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+    register_norm("scale_demo", ScaleNorm, channels="last", types=(ScaleNorm,), overwrite=True)
+    net = mlp(2, 16, in_features=8)
+    x = torch.randn(32, 8)
+    insert_norms(net, x, norm="scale_demo", position=position)
+    tree = str(net)
+    again = insert_norms(net, x, norm="scale_demo", position=position)
+    assert str(net) == tree and again.insertions == [] and len(of_type(net, ScaleNorm)) == 2
+    assert all("already followed by norm" in r for n, r in again.skipped if n != "4")

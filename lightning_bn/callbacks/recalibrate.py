@@ -5,7 +5,7 @@ Logs ``bn_mean_shift/<module>`` and ``bn_var_shift/<module>``: how far each Batc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -112,7 +112,7 @@ class BatchNormRecalibration(Callback):
         if self.when == "fit_end":
             self._recalibrate(trainer, pl_module)
 
-    def _batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any) -> Iterator[Any]:
+    def _batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any) -> Generator[Any, None, None]:
         for batch in loader:
             batch = trainer.precision_plugin.convert_input(batch)
             batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)

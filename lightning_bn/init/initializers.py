@@ -122,6 +122,8 @@ def init_layer_(
     _check_choice("scheme", scheme, SCHEMES)
     _check_choice("distribution", distribution, ("normal", "uniform", "truncated_normal"))
     _check_choice("mode", mode, ("fan_in", "fan_out"))
+    if gain is not None and (isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain)):
+        raise ValueError(f"Expected `gain` to be a finite number or None but got {gain!r}")
     kind = get_layer_kind(module)
     if kind is None:
         raise TypeError(

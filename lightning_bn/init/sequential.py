@@ -137,6 +137,14 @@ def _apply_norm(norm: nn.Module, x: Tensor) -> Tensor:
         return norm(x)
 
 
+def check_rescaling(tol: Any, max_iters: Any) -> None:
+    """``tol`` a positive finite number, ``max_iters`` a positive int; ``ValueError`` naming the value otherwise."""
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < math.inf):
+        raise ValueError(f"Expected `tol` to be a positive number but got {tol!r}")
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"Expected `max_iters` to be a positive integer but got {max_iters!r}")
+
+
 def sequential_init_(
     model: nn.Module,
     example_input: Any,
@@ -232,6 +240,9 @@ def lsuv_(
         >>> all(abs(v - 1) <= 0.1 for v in variances.values())
         True
     """
+    check_rescaling(tol, max_iters)
+    if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
+        raise TypeError(f"Expected `layers` to be a list of qualified layer names but got {layers!r}")
     traces = trace_model(model, example_input).layers
     eligible = [n for n, t in traces.items() if not isinstance(t.module, nn.RNNBase)]
     if layers is not None:
