@@ -1,4 +1,4 @@
-"""Tiny LightningModules and data for the tests (BoringModel-style)."""
+"""Tiny LightningModules, the model builders shared by test files, and data for the tests (BoringModel-style)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,69 @@ def mlp(
         features = width
     layers.append(nn.Linear(features, out_features))
     return nn.Sequential(*layers)
+
+
+def bn_mlp(width: int = 32, momentum: float = 0.1) -> nn.Sequential:
+    """64 -> ``width`` Linear, BatchNorm1d, ReLU, then a 10-way logits layer."""
+    return nn.Sequential(
+        nn.Linear(64, width), nn.BatchNorm1d(width, momentum=momentum), nn.ReLU(), nn.Linear(width, 10)
+    )
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: conv-bn-relu-conv-bn, plus identity or 1x1 projection shortcut, then relu."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    def __init__(self, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages, cin = [], widths[0]
+        for i, (width, n) in enumerate(zip(widths, blocks)):
+            for j in range(n):
+                stages.append(BasicBlock(cin, width, 2 if i > 0 and j == 0 else 1))
+                cin = width
+        self.layers = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.avgpool(self.layers(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def resnet18() -> ResNet:
+    """ResNet-18 (11.7 M parameters), as in torchvision."""
+    return ResNet()
+
+
+def tiny_resnet() -> ResNet:
+    """Two BasicBlocks (8 and 16 channels; the second with a projection shortcut), 10 classes."""
+    return ResNet(widths=(8, 16), blocks=(1, 1), classes=10)
 
 
 def random_data(n: int = 256, features: int = 64, classes: int = 10, seed: int = 0) -> TensorDataset:

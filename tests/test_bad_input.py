@@ -214,11 +214,43 @@ def test_bad_input_leaves_the_model_untouched(case, call, error, match):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_model_without_layers_to_initialize_names_the_model():
-    """A model with nothing to initialize is refused, naming its class; nothing changes."""
-    model = nn.Sequential(nn.ReLU(), nn.Dropout())
-    with pytest.raises(ValueError, match="Sequential"):
+class UnusedLayer(nn.Module):
+    """A Linear that forward never calls, behind a BatchNorm that it does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+        self.unused = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(x))
+
+
+NO_LAYER_MODELS = {
+    "Sequential": lambda: nn.Sequential(nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout()),  # no layer kind at all
+    "UnusedLayer": UnusedLayer,  # a layer, but none runs on the example input (the trace ran first)
+}
+
+
+@pytest.mark.parametrize("name", list(NO_LAYER_MODELS))
+def test_model_without_layers_to_initialize_names_the_model(name):
+    """A model with nothing to initialize is refused with a ValueError naming its class; nothing changes: the
+    state_dict (BatchNorm running statistics and counter included) is bit-identical, str(model) and every module's
+    training flag are the same."""
+    torch.manual_seed(0)
+    model = NO_LAYER_MODELS[name]()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+    with torch.no_grad():  # non-default values, so that a reset would show too
+        bn.weight.uniform_(0.5, 2.0)
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tree, modes = str(model), [m.training for m in model.modules()]
+    with pytest.raises(ValueError, match=f"no layer to initialize in {name}:"):
         lightning_bn.prepare(model, X)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert str(model) == tree and [m.training for m in model.modules()] == modes
 
 
 CONSTRUCTOR_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -14,18 +15,12 @@ from lightning_bn import guards
 from lightning_bn.callbacks.norm_guard import BatchNormGuard
 from lightning_bn.guards import BatchNormWarning, guard, init_mismatches
 from lightning_bn.tracing import module_order_activations
-from tests.helpers import BoringClassifier, mlp, trainer
+from tests.helpers import BoringClassifier, bn_mlp, mlp, trainer
 
 
-def bn_mlp(width: int = 32, momentum: float = 0.1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(64, width), nn.BatchNorm1d(width, momentum=momentum), nn.ReLU(), nn.Linear(width, 10)
-    )
-
-
-def images(n: int = 64) -> TensorDataset:
+def images(n: int = 64, size: int = 8) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
 def cnn(norm: str) -> nn.Sequential:
@@ -182,13 +177,19 @@ def test_uncalibrated_norms():
     assert guards.uncalibrated_norms(frozen) == ["1"]
 
 
-def test_batch_size_recorder_counts_batch_times_spatial():
-    """Values per channel are batch x spatial; only BatchNorms in training mode are recorded."""
+def test_batch_size_recorder_counts_samples_for_images_and_values_for_features():
+    """A BatchNorm over images is judged by its samples per device (Wu & He), not batch x spatial; a BatchNorm1d
+    over (N, C) features by its values per channel; only BatchNorms in training mode are recorded."""
     net = cnn("batch")
     with guards.BatchSizeRecorder(net) as recorder:
-        net(torch.randn(2, 3, 8, 8))
-    assert recorder.values == {"1": 128, "4": 128}
-    assert guards.small_batch_norms(recorder.values, min_values=200) == ["1", "4"]
+        net(torch.randn(2, 3, 8, 8))  # 2 images of 8x8: 128 values per channel, but 2 samples
+    assert recorder.values == {"1": 2, "4": 2} and set(recorder.units.values()) == {"samples"}
+    assert guards.small_batch_norms(recorder.values) == ["1", "4"]
+    features = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    with guards.BatchSizeRecorder(features) as recorder:
+        features(torch.randn(20, 4))
+    assert recorder.values == {"1": 20} and recorder.units == {"1": "values per channel"}
+    assert guards.small_batch_norms(recorder.values) == []
     net.eval()
     with guards.BatchSizeRecorder(net) as recorder:
         net(torch.randn(2, 3, 8, 8))
@@ -318,11 +319,28 @@ def test_batch_size_silent(tmp_path, net, batch_size):
 
 
 def test_group_norm_model_never_triggers_batchnorm_checks(tmp_path):
-    """A GroupNorm CNN at batch size 2, evaluated in train mode, triggers none of the BatchNorm checks."""
-    model = TrainsInValidation(cnn("group"), batch_size=2, data=images())
+    """Batch size 2 on 2 x 2 images (2 samples, 8 values per channel) and `self.train()` in validation_step: the CNN
+    with BatchNorm gets both warnings (tiny batch, training mode during validation); the same CNN with GroupNorm, under
+    the same conditions, gets no warning at all."""
+    data = images(size=2)
+    torch.manual_seed(0)
+    with pytest.warns(BatchNormWarning) as record:
+        fit(tmp_path / "batch", TrainsInValidation(cnn("batch"), batch_size=2, data=data))
+    messages = guard_warnings(record)
+    assert any(re.search(r"'net\.1', 'net\.4' normalize\b.* only \d+ ", m) for m in messages), messages
+    assert any("training mode during validation" in m for m in messages), messages
+
+    torch.manual_seed(0)
+    model = TrainsInValidation(cnn("group"), batch_size=2, data=data)
+    modes = []  # (stage, GroupNorm in training mode) at each forward of the GroupNorm
+    model.net[1].register_forward_pre_hook(lambda m, args: modes.append((model.trainer.state.stage, m.training)))
     with warnings.catch_warnings():
-        warnings.simplefilter("error", BatchNormWarning)
-        fit(tmp_path, model)
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", r".*does not have many workers")  # Lightning's, on machines with > 2 cores
+        warnings.filterwarnings("ignore", r".*LeafSpec.*is deprecated", FutureWarning)  # Lightning's own, torch 2.13
+        fit(tmp_path / "group", model)
+    assert modes.count(("train", True)) >= 4  # the same conditions: (at least) 4 training steps at batch size 2
+    assert ("sanity_check", True) in modes or ("validate", True) in modes  # evaluated in training mode too
 
 
 def test_uncalibrated_statistics_warn_on_validate(tmp_path):

@@ -22,11 +22,7 @@ from lightning_bn import (
     GradientMonitor,
     select_modules,
 )
-from tests.helpers import BoringClassifier, mlp, random_data, read_scalars, trainer
-
-
-def bn_mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+from tests.helpers import BoringClassifier, bn_mlp, mlp, random_data, read_scalars, trainer
 
 
 def all_callbacks() -> list[Callback]:

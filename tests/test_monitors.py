@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -210,16 +210,55 @@ def test_pattern_matching_nothing_names_the_pattern(tmp_path):
         t.fit(BoringClassifier(mlp(1, 8)))
 
 
+class StepsSeen(Callback):
+    """The global step at the start of each training batch."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+
+
 def test_state_dict_resumes_the_cadence(tmp_path):
-    """The last logged step and saturation history survive a checkpoint round trip."""
-    monitor = ActivationMonitor(every_n_steps=1)
-    t = trainer(tmp_path, logger=CSVLogger(tmp_path), max_steps=2, callbacks=[monitor])
-    t.fit(BoringClassifier(mlp(1, 8, nn.Tanh)))
-    state = monitor.state_dict()
-    assert state["last_logged_step"] == 1 and len(state["history"]) == 2
-    fresh = ActivationMonitor(every_n_steps=1)
-    fresh.load_state_dict(state)
-    assert fresh.state_dict() == state
+    """A real resume: fit to step 4 with ModelCheckpoint, then a new Trainer with a new
+    ActivationMonitor(every_n_steps=3) resumes from that checkpoint to step 9. Across both runs the event files hold
+    each figure at exactly the multiples of 3 (0, 3, 6), none repeated or skipped, and the new callback gets the first
+    run's saturation history back."""
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    torch.manual_seed(0)
+    first_steps = StepsSeen()
+    first = trainer(
+        tmp_path,
+        logger=TensorBoardLogger(tmp_path, name="run", version=0),
+        max_steps=4,
+        callbacks=[ActivationMonitor(every_n_steps=3), first_steps, ModelCheckpoint(ckpt.parent, save_last=True)],
+        enable_checkpointing=True,
+    )
+    first.fit(BoringClassifier(mlp(1, 8, nn.Tanh)))
+    assert first_steps.steps == [0, 1, 2, 3]
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["global_step"] == 4
+    state = saved["callbacks"]["ActivationMonitor"]
+    assert state["last_logged_step"] == 3 and [step for step, _ in state["history"]] == [0, 3]
+
+    torch.manual_seed(1)
+    resumed, second_steps = ActivationMonitor(every_n_steps=3), StepsSeen()
+    assert resumed.state_dict() == {"last_logged_step": -1, "history": []}
+    second = trainer(
+        tmp_path,
+        logger=TensorBoardLogger(tmp_path, name="run", version=0),
+        max_steps=9,
+        callbacks=[resumed, second_steps],
+    )
+    second.fit(BoringClassifier(mlp(1, 8, nn.Tanh)), ckpt_path=ckpt)
+    assert second_steps.steps == [4, 5, 6, 7, 8]  # a resume, not a restart
+
+    scalars = read_scalars(tmp_path)
+    for tag in ["act_std/net.0", "act_std/net.1", "act_saturation/net.1", "act_std/net.2"]:
+        assert sorted(step for step, _ in scalars[tag]) == [0, 3, 6], tag
+    assert resumed.state_dict()["last_logged_step"] == 6
+    assert [step for step, _ in resumed.state_dict()["history"]] == [0, 3, 6]
 
 
 def test_gradient_monitor_hooks_only_the_first_batch(tmp_path):

@@ -414,13 +414,25 @@ def test_bad_norm_requests_raise_naming_the_layer_and_leave_the_model_untouched(
     assert unchanged(net, before)
 
 
-def test_autoinit_rejects_a_bad_norm_at_construction():
-    """AutoInit(norm=...) and position are checked in __init__, naming the value."""
-    with pytest.raises(MisconfigurationException, match="'batchy'"):
-        AutoInit(norm="batchy")
-    with pytest.raises(MisconfigurationException, match="'after'"):
-        AutoInit(norm="batch", position="after")
-    assert AutoInit(norm="group", position="post", exclude=["net.0"]).norm == "group"
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"norm": "batchy"}, "'batchy'"),
+        ({"norm": 3}, "got 3"),
+        ({"norm": "batch", "position": "after"}, "'after'"),
+    ],
+)
+def test_autoinit_rejects_a_bad_norm_at_construction(kwargs, named):
+    """AutoInit(norm=..., position=...) is checked in __init__: exactly MisconfigurationException, naming AutoInit and
+    the bad value; no callback comes out of it."""
+    built = []
+    with pytest.raises(MisconfigurationException) as err:
+        built.append(AutoInit(**kwargs))
+    assert err.type is MisconfigurationException
+    assert "AutoInit" in str(err.value) and named in str(err.value)
+    assert built == []
+    good = AutoInit(norm="group", position="post", exclude=["net.0"])
+    assert (good.norm, good.position, tuple(good.exclude)) == ("group", "post", ("net.0",))
 
 
 # ---- reliability: arguments, shared modules, idempotent insertion ---------------------------------------------------
