@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_bn.activations import Activation
+from lightning_bn.fused import fused_row
 
 __all__ = [
     "FIELDS",
@@ -36,6 +37,8 @@ FIELDS: tuple[str, ...] = (
     "count",
     "sum",
     "sum_sq",
+    "sum_cube",
+    "sum_fourth",
     "min",
     "max",
     "near_zero",
@@ -116,32 +119,8 @@ def _count(x: Tensor) -> Tensor:
 
 
 def value_stats(t: Tensor, zero_tol: float = DEFAULT_ZERO_TOL) -> Tensor:
-    """The first seven fields (count .. nonfinite) of a row, as float64 on ``t``'s device.
-
-    Only vectorized float passes (comparisons producing bool are several times slower on CPU): sums are taken
-    around the tensor's own mean so that float32 accumulation keeps full precision, then shifted back in float64.
-    """
-    x = _float(t)
-    n = x.numel()
-    if n == 0:
-        return empty_row(x.device)[:7]
-    flat = x.reshape(-1)
-    center = flat.mean()
-    deviation = flat - center
-    low, high = torch.aminmax(flat)
-    # |x| > tol -> 1 else 0, via threshold + sign (vectorized); NaN first becomes inf so it is not "near zero"
-    above = torch.nn.functional.threshold_(flat.abs().nan_to_num_(nan=math.inf), zero_tol, 0.0).sign_()
-    nonfinite = (flat * 0).nan_to_num_(nan=1.0)  # inf * 0 and nan * 0 are NaN, everything else 0
-    raw = torch.stack(
-        [center, deviation.sum(), torch.dot(deviation, deviation), low, high, above.sum(), nonfinite.sum()]
-    ).double()
-    c, s1, s2 = raw[0], raw[1], raw[2]
-    count = torch.full((), float(n), dtype=torch.float64, device=x.device)
-    # float32 partial sums of 0/1 values are exact below 2**24 elements; beyond, recount in float64
-    counts = raw[5:] if n < 2**24 else torch.stack([above.sum(dtype=torch.float64), nonfinite.sum(dtype=torch.float64)])
-    return torch.cat(
-        [torch.stack([count, s1 + n * c, s2 + 2 * c * s1 + n * c * c]), raw[3:5], count - counts[:1], counts[1:]]
-    )
+    """The value fields (count .. nonfinite) of a row, as float64 on ``t``'s device (the eager fused pass)."""
+    return fused_row(t, zero_tol)[0][: _INDEX["nonfinite"] + 1]
 
 
 def saturation(
@@ -249,6 +228,7 @@ def figures(row: list[float] | tuple[float, ...]) -> dict[str, float]:
     out = {
         "mean": mean,
         "std": math.sqrt(max(var, 0.0)) if not math.isnan(var) else math.nan,
+        "kurtosis": _kurtosis(r, finite),
         "min": r["min"],
         "max": r["max"],
         "zero": r["near_zero"] / r["count"] if r["count"] else math.nan,
@@ -258,6 +238,16 @@ def figures(row: list[float] | tuple[float, ...]) -> dict[str, float]:
         out["saturation"] = r["saturated"] / finite if finite else math.nan
         out["dead"] = r["dead_units"] / r["units"]
     return out
+
+
+def _kurtosis(r: dict[str, float], n: float) -> float:
+    """Pearson's kurtosis E[(x-mu)^4] / var^2 from raw power sums (3 for a Gaussian; outlier features are far above)."""
+    if n < 2 or not all(math.isfinite(r[k]) for k in ("sum", "sum_sq", "sum_cube", "sum_fourth")):
+        return math.nan
+    mu = r["sum"] / n
+    m2 = r["sum_sq"] / n - mu * mu
+    m4 = r["sum_fourth"] / n - 4 * mu * r["sum_cube"] / n + 6 * mu * mu * r["sum_sq"] / n - 3 * mu**4
+    return m4 / (m2 * m2) if m2 > 0 else math.nan
 
 
 def parameter_norms(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:

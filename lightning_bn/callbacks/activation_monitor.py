@@ -1,7 +1,8 @@
 """ActivationMonitor: per-layer activation statistics, logged every ``every_n_steps`` optimizer steps.
 
-Logs ``act_mean``, ``act_std``, ``act_min``, ``act_max``, ``act_zero``, ``act_nonfinite`` for every watched module,
-``act_saturation`` and ``act_dead`` for activations; with TensorBoard also histograms and a saturation heatmap.
+Logs ``act_mean``, ``act_std``, ``act_kurtosis``, ``act_min``, ``act_max``, ``act_zero``, ``act_nonfinite`` for every
+watched module, ``act_saturation`` and ``act_dead`` for activations; with TensorBoard also histograms and a
+saturation heatmap.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_bn import writers
 from lightning_bn.callbacks._periodic import PeriodicMonitor, check_positive_int
+from lightning_bn.fused import BACKENDS, COMPILE_SECONDS
 from lightning_bn.probes import ActivationProbe, ModuleFilter, WatchTarget, validate_module_filter, watch_targets
 from lightning_bn.stats import DEFAULT_ZERO_TOL
 from lightning_bn.tracing import HookSet, ModelMap, trace_model
@@ -27,6 +29,7 @@ from lightning_bn.tracing import HookSet, ModelMap, trace_model
 STATISTICS = {
     "mean": "act_mean",
     "std": "act_std",
+    "kurtosis": "act_kurtosis",
     "min": "act_min",
     "max": "act_max",
     "zero": "act_zero",
@@ -85,6 +88,9 @@ class ActivationMonitor(PeriodicMonitor):
         heatmap: write an image of saturation per activation layer over the logged steps at each epoch end
             (TensorBoard only).
         zero_tol: ``|x|`` at or below this counts towards ``act_zero``.
+        fused: how the one fused pass per watched tensor runs: ``"auto"`` (compiled with ``torch.compile`` where a
+            compiler works, else eager; ``LIGHTNING_BN_FUSED=eager`` forces eager), ``"compiled"`` or ``"eager"``.
+            Both give the same figures; compiling takes seconds once per process (reported at the first log).
 
     Raises:
         MisconfigurationException: for a non-positive ``every_n_steps`` or ``histogram_bins``, a ``modules`` entry
@@ -105,8 +111,12 @@ class ActivationMonitor(PeriodicMonitor):
         histogram_bins: int = 64,
         heatmap: bool = True,
         zero_tol: float = DEFAULT_ZERO_TOL,
+        fused: str = "auto",
     ) -> None:
         super().__init__(every_n_steps)
+        if fused not in BACKENDS:
+            raise MisconfigurationException(f"Expected `fused` to be one of {list(BACKENDS)} but got {fused!r}")
+        self.fused = fused
         try:
             validate_module_filter(modules)
         except ValueError as err:
@@ -120,6 +130,7 @@ class ActivationMonitor(PeriodicMonitor):
         self.zero_tol = float(zero_tol)
         self._probe: ActivationProbe | None = None
         self._first_forward: _FirstForward | None = None
+        self._compile_reported = False
         self.model_map: ModelMap | None = None
         self._pending_step: int | None = None
         self._history: list[tuple[int, dict[str, float]]] = []
@@ -189,7 +200,7 @@ class ActivationMonitor(PeriodicMonitor):
         if not targets:
             raise MisconfigurationException(f"`ActivationMonitor(modules={self.modules!r})` selected no module")
         bins = self.histogram_bins if self.histograms and writers.tensorboard_writers(trainer.loggers) else 0
-        self._probe = ActivationProbe(targets, histogram_bins=bins, zero_tol=self.zero_tol)
+        self._probe = ActivationProbe(targets, histogram_bins=bins, zero_tol=self.zero_tol, fused=self.fused)
         if trainer.is_global_zero:
             table = json.dumps([layer_entry(t) for t in targets])
             writers.log_text(writers.tensorboard_writers(trainer.loggers), LAYERS_TAG, table, step=0)
@@ -263,6 +274,12 @@ class ActivationMonitor(PeriodicMonitor):
         probe.detach()
         self._last_logged_step = step
         result = probe.collect()
+        if COMPILE_SECONDS and not self._compile_reported:
+            self._compile_reported = True
+            rank_zero_info(
+                f"ActivationMonitor: compiled the fused summary for {len(COMPILE_SECONDS)} tensor rank(s) in "
+                f"{sum(COMPILE_SECONDS.values()):.1f} s (once per process; fused='eager' skips it)"
+            )
         if not trainer.is_global_zero:
             return
         metrics = {

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_bn import stats
 from lightning_bn.activations import Activation
+from lightning_bn.fused import Backend, backend, fused_row
 from lightning_bn.probes.select import WatchTarget, _as_target, select_modules  # noqa: F401  (doctest)
 from lightning_bn.tracing import HookSet as _HookSet
 
@@ -45,6 +46,7 @@ class _Target:
     alive: dict[tuple[int, ...], Tensor] | None = None  # per call shape: per-unit "any sample unsaturated"
     units: dict[tuple[int, ...], Tensor] | None = None
     pending: Tensor | None = None
+    bounds: tuple[Any, tuple[Tensor, Tensor]] | None = None
     hist: Tensor | None = None
 
     @property
@@ -64,6 +66,8 @@ class ActivationProbe(_HookSet):
             from :func:`select_modules`), for which an activation module is judged by its registered kind.
         histogram_bins: bins per module histogram; 0 for none. Histograms are rank-local under DDP.
         zero_tol: ``|x|`` at or below this counts as near zero.
+        fused: ``"auto"``, ``"compiled"`` or ``"eager"``: how the one fused pass per tensor runs
+            (:mod:`lightning_bn.fused`).
 
     Example::
 
@@ -81,8 +85,11 @@ class ActivationProbe(_HookSet):
         targets: Sequence[WatchTarget | tuple[str, nn.Module]],
         histogram_bins: int = 0,
         zero_tol: float = stats.DEFAULT_ZERO_TOL,
+        fused: Backend = "auto",
     ) -> None:
         super().__init__()
+        self._path = backend(fused)
+        self._min, self._max = stats.FIELDS.index("min"), stats.FIELDS.index("max")
         self._targets = [_Target(_as_target(t)) for t in targets]
         self.histogram_bins = histogram_bins
         self.zero_tol = zero_tol
@@ -139,29 +146,48 @@ class ActivationProbe(_HookSet):
         target.alive[key] = alive if seen is None or seen.shape != alive.shape else torch.maximum(seen, alive)
         target.units[key] = units
 
+    def _bounds(self, target: _Target, device: torch.device, from_output: bool) -> tuple[Tensor, Tensor]:
+        """The activation's asymptote bounds as 0-d tensors on ``device``: made once, no copy per step."""
+        key = (device, from_output)
+        if target.bounds is None or target.bounds[0] != key:
+            act = target.activation
+            low, high = act.output_asymptotes() if from_output else act.asymptotes
+            target.bounds = (key, (torch.tensor(low, device=device), torch.tensor(high, device=device)))
+        return target.bounds[1]
+
     def _hook(self, target: _Target) -> Callable:
         spec = target.spec
+        _sat, _units = stats.FIELDS.index("saturated"), stats.FIELDS.index("units")
+
+        def unit_dim(x: Tensor) -> int:
+            return stats.unit_dim_of(x) if spec.unit_dim is None else spec.unit_dim
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if isinstance(output, (tuple, list)) and output:
                 output = output[0]
             if self._paused or not isinstance(output, Tensor) or not output.is_floating_point():
                 return
+            judged = None
             if spec.hook == "input":  # the output feeds a functional activation: judge its input, sum its output
                 x = output.detach()
-                self._record_saturation(target, stats.saturation(x, spec.activation, spec.unit_dim), tuple(x.shape))
                 output = spec.activation(x)
+                judged = (x, self._bounds(target, x.device, from_output=False))
             elif spec.activation is not None and (
                 spec.hook == "output" or spec.activation.kind.output_derivative is not None
             ):
-                found = stats.saturation(output, spec.activation, spec.unit_dim, from_output=True)
-                self._record_saturation(target, found, tuple(output.shape))
-            values = stats.value_stats(output, self.zero_tol)
-            extra = target.pending if target.pending is not None else values.new_zeros(3)
+                judged = (output, self._bounds(target, output.device, from_output=True))
+            if judged is not None:
+                x, bounds = judged
+                row, alive = fused_row(output, self.zero_tol, x=x, bounds=bounds, unit_dim=unit_dim(x), path=self._path)
+                if alive.numel():
+                    self._record_saturation(target, (row[_sat], row[_units], alive), tuple(x.shape))
+            else:
+                row, _ = fused_row(output, self.zero_tol, path=self._path)
+                if target.pending is not None:  # judged on the input by the pre-hook
+                    row = torch.cat([row[:_sat], target.pending])
             target.pending = None
-            row = torch.cat([values, extra])
             if self.histogram_bins and target.row is None:
-                target.hist = stats.histogram(output, values[3], values[4], self.histogram_bins)
+                target.hist = stats.histogram(output, row[self._min], row[self._max], self.histogram_bins)
             target.row = row if target.row is None else stats.combine(target.row, row)
 
         return hook
@@ -202,7 +228,7 @@ class ActivationProbe(_HookSet):
                 counts = payload[offset + i * bins : offset + (i + 1) * bins]
                 if row[0] == 0 or target.hist is None:
                     continue
-                low, high = row[3], row[4]
+                low, high = row[self._min], row[self._max]
                 limits = [low + (high - low) * (k + 1) / bins for k in range(bins)]
                 result.histograms.append(
                     {

@@ -21,7 +21,17 @@ from .layers import (
 __all__ = ["analyze", "is_monitor_tag"]
 
 _ACTIVATION_STATISTICS = frozenset(
-    ["act_mean", "act_std", "act_min", "act_max", "act_zero", "act_saturation", "act_dead", "act_nonfinite"]
+    [
+        "act_mean",
+        "act_std",
+        "act_kurtosis",
+        "act_min",
+        "act_max",
+        "act_zero",
+        "act_saturation",
+        "act_dead",
+        "act_nonfinite",
+    ]
 )
 _PARAMETER_STATISTICS = frozenset(["grad_norm", "weight_norm", "update_ratio"])
 _TOTAL_TAG = "grad_norm/total"

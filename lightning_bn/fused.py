@@ -1,0 +1,161 @@
+"""One fused pass per watched tensor: every figure of a row (power sums up to the fourth, min/max, near-zero,
+non-finite, saturated count and per-unit liveness) from a single function, compiled where a compiler is available.
+
+The same Python function runs either eagerly or through ``torch.compile(dynamic=True)`` (inductor: C++ on CPU, Triton
+on GPU), so both paths compute the same figures (sums to float32 rounding, counts exactly). Compilation happens once
+per process and rank of the tensor (dynamic shapes), shared by every module and activation kind: the activation enters
+only through its asymptote bounds, which are tensors. :func:`backend` chooses: ``"auto"`` compiles unless
+``LIGHTNING_BN_FUSED=eager`` is set or compilation fails (then eager, with one warning), ``"compiled"`` /
+``"eager"`` force it. :data:`COMPILE_SECONDS` holds how long each compilation took.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["BACKENDS", "COMPILE_SECONDS", "Backend", "backend", "fused_row"]
+
+Backend = Literal["auto", "compiled", "eager"]
+BACKENDS: tuple[str, ...] = ("auto", "compiled", "eager")
+#: ``{(rank, dtype, judged): seconds}`` of every compilation this process made.
+COMPILE_SECONDS: dict[tuple, float] = {}
+_ENV = "LIGHTNING_BN_FUSED"
+_compiled: Callable | None = None
+_compile_failed = False
+
+
+def _summary(
+    y: Tensor, x: Tensor, low: Tensor, high: Tensor, zero_tol: float, unit_dim: int, judge: bool
+) -> tuple[Tensor, Tensor]:
+    """The row of ``y`` (values) with saturation judged on ``x`` (when ``judge``), and per-unit liveness.
+
+    Values: sums around the tensor's own mean (float32 accumulation keeps full precision), shifted back in float64;
+    inf/NaN in ``y`` show in the sums, min and max on purpose (``nonfinite`` counts them). Saturation: finite
+    elements of ``x`` at or beyond an asymptote bound; liveness: any finite, unsaturated sample per unit.
+    """
+    v = y if y.dtype in (torch.float32, torch.float64) else y.float()
+    n = v.numel()
+    c = v.sum() / n
+    d = v - c
+    d2 = d * d
+    s1, s2, s3, s4 = d.sum().double(), d2.sum().double(), (d2 * d).sum().double(), (d2 * d2).sum().double()
+    c = c.double()
+    near = (v.abs() <= zero_tol).sum(dtype=torch.float64)
+    nonfinite = (~torch.isfinite(v)).sum(dtype=torch.float64)
+    count = torch.full((), float(n), dtype=torch.float64, device=v.device)
+    raw = torch.stack(
+        [
+            count,
+            s1 + n * c,
+            s2 + 2 * c * s1 + n * c * c,
+            s3 + 3 * c * s2 + 3 * c * c * s1 + n * c**3,
+            s4 + 4 * c * s3 + 6 * c * c * s2 + 4 * c**3 * s1 + n * c**4,
+            v.amin().double(),
+            v.amax().double(),
+            near,
+            nonfinite,
+        ]
+    )
+    if not judge:
+        zero = torch.zeros(3, dtype=torch.float64, device=v.device)
+        return torch.cat([raw, zero]), torch.zeros(0, dtype=torch.float64, device=v.device)
+    u = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    finite = torch.isfinite(u)
+    saturated = finite & ((u <= low) | (u >= high))
+    units = u.shape[unit_dim]
+    alive = (finite & ~saturated).movedim(unit_dim, -1).reshape(-1, units).any(0).double()
+    extra = torch.stack(
+        [
+            saturated.sum(dtype=torch.float64),
+            torch.full((), float(units), dtype=torch.float64, device=v.device),
+            torch.zeros((), dtype=torch.float64, device=v.device),
+        ]
+    )
+    return torch.cat([raw, extra]), alive
+
+
+def backend(choice: Backend = "auto") -> Literal["compiled", "eager"]:
+    """The path a monitor takes: ``choice``, with ``"auto"`` resolved (env ``LIGHTNING_BN_FUSED`` overrides auto).
+
+    Raises:
+        ValueError: for a choice that is not one of :data:`BACKENDS`, naming it.
+    """
+    if choice not in BACKENDS:
+        raise ValueError(f"Expected `fused` to be one of {list(BACKENDS)} but got {choice!r}")
+    if choice == "auto":
+        choice = os.environ.get(_ENV, "compiled").lower()
+        if choice not in ("compiled", "eager"):
+            raise ValueError(f"Expected ${_ENV} to be 'compiled' or 'eager' but got {choice!r}")
+        if _compile_failed or not hasattr(torch, "compile"):
+            return "eager"
+    return choice  # type: ignore[return-value]
+
+
+def fused_row(
+    y: Tensor,
+    zero_tol: float,
+    *,
+    x: Tensor | None = None,
+    bounds: tuple[Tensor, Tensor] | None = None,
+    unit_dim: int | None = None,
+    path: Literal["compiled", "eager"] = "eager",
+) -> tuple[Tensor, Tensor]:
+    """One row (see :data:`lightning_bn.stats.FIELDS`) and the per-unit alive flags of a watched tensor, in one pass.
+
+    Args:
+        y: the values summarized.
+        zero_tol: ``|y|`` at or below this is near zero.
+        x: where saturation is judged (the activation's input, or its output for monotone kinds); ``None``: no
+            saturation (a layer's output).
+        bounds: ``(low, high)`` asymptote bounds as 0-d tensors on ``x``'s device (input or output bounds).
+        unit_dim: the dimension of ``x`` indexing units.
+        path: ``"compiled"`` or ``"eager"`` (see :func:`backend`); a failed compilation falls back to eager for the
+            rest of the process, with one warning.
+
+    Example::
+
+        >>> y = torch.tensor([[-1.0, 2.0], [3.0, -4.0]])
+        >>> row, alive = fused_row(y, 1e-6, x=y, bounds=(torch.tensor(0.0), torch.tensor(float("inf"))), unit_dim=1)
+        >>> row.tolist()[:2], row.tolist()[9:11], alive.tolist()
+        ([4.0, 0.0], [2.0, 2.0], [1.0, 1.0])
+    """
+    global _compiled, _compile_failed
+    judge = x is not None and bounds is not None and y.numel() > 0
+    if y.numel() == 0:  # the row of nothing: zero counts, min +inf, max -inf (lightning_bn.stats.empty_row)
+        row = torch.zeros(12, dtype=torch.float64, device=y.device)
+        row[5], row[6] = float("inf"), float("-inf")
+        return row, torch.zeros(0, dtype=torch.float64, device=y.device)
+    if x is None or not judge:
+        x, low, high, unit_dim = y, y.new_zeros((), dtype=torch.float32), y.new_zeros((), dtype=torch.float32), 0
+    else:
+        low, high = bounds
+        unit_dim = 0 if unit_dim is None else unit_dim % max(x.ndim, 1)
+        if x.ndim == 0:
+            x = x.reshape(1)
+    args = (y.detach(), x.detach(), low, high, float(zero_tol), int(unit_dim), judge)
+    if path == "compiled" and not _compile_failed:
+        if _compiled is None:
+            _compiled = torch.compile(_summary, dynamic=True)
+        key = (x.ndim, y.ndim, str(y.dtype), judge, y.device.type)
+        try:
+            started = time.perf_counter()
+            out = _compiled(*args)
+            if key not in COMPILE_SECONDS:
+                COMPILE_SECONDS[key] = time.perf_counter() - started
+            return out
+        except Exception as err:  # no working compiler here: the eager path gives the same figures
+            _compile_failed = True
+            warnings.warn(
+                f"lightning-bn: compiling the fused summary failed ({type(err).__name__}: {err}); using the eager "
+                "path (same figures, slower). Set LIGHTNING_BN_FUSED=eager to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _summary(*args)
