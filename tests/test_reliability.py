@@ -237,3 +237,32 @@ def test_report_says_an_event_file_is_damaged(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"damaged event file '{files[0]}'" in err and "record 1: the CRC of its data does not match" in err
     assert code == 2 and "none holds lightning-bn scalars" not in err
+
+
+def test_update_ratio_sample_is_close_to_exact_and_copies_a_quarter(tmp_path):
+    """The default update ratio copies <= ~25% of the parameter bytes and lands within 5% of the exact one."""
+
+    torch.manual_seed(0)
+    net = mlp(2, 256, nn.ReLU)
+    params = sum(p.numel() for p in net.parameters())
+    runs = {}
+    for mode in (True, "all"):
+        torch.manual_seed(0)
+        model = BoringClassifier(mlp(2, 256, nn.ReLU), optimizer="adam", lr=1e-3)
+        monitor = GradientMonitor(every_n_steps=1, update_ratio=mode)
+        copied = []
+        original = monitor._measure_gradients
+
+        def spy(trainer_, optimizer, monitor=monitor, copied=copied, original=original):
+            original(trainer_, optimizer)
+            if monitor._pending is not None:
+                copied.append(sum(t.numel() for t in monitor._pending["before"]))
+
+        monitor._measure_gradients = spy
+        logdir = tmp_path / str(mode)
+        trainer(logdir, logger=TensorBoardLogger(logdir), max_steps=2, callbacks=[monitor]).fit(model)
+        runs[mode] = (read_scalars(logdir), max(copied))
+    sampled, exact = runs[True][0], runs["all"][0]
+    assert runs[True][1] <= 0.26 * params and runs["all"][1] == params
+    for tag in [t for t in exact if t.startswith("update_ratio/")]:
+        assert sampled[tag][-1][1] == pytest.approx(exact[tag][-1][1], rel=0.05), tag

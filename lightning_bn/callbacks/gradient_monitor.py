@@ -21,22 +21,37 @@ from lightning_bn import stats, writers
 from lightning_bn.callbacks._periodic import PeriodicMonitor, check_positive_int
 from lightning_bn.probes import ForwardOrder
 
+#: Parameters with fewer elements are copied whole for the update ratio.
+_WHOLE = 4096
+
+
+def _sample(p: Tensor, stride: int) -> Tensor:
+    """Every ``stride``-th element of a parameter, as a view (no copy) of its data."""
+    flat = p.detach().reshape(-1)
+    return flat if stride == 1 else flat[::stride]
+
 
 class GradientMonitor(PeriodicMonitor):
     r"""Log gradient and update statistics per parameter, on optimizer steps that are multiples of ``every_n_steps``.
 
     Norms are computed on the device in one fused call per optimizer step and leave it in one transfer after the
     step. The update ratio ``‖Δw‖ / ‖w‖`` compares the weights before and after the optimizer step, so it needs a
-    copy of the parameters on logging steps only (``update_ratio=False`` avoids it); about 1e-3 is the classic
-    healthy value. With gradient accumulation the figures are those of the accumulated gradient; frozen
-    parameters and parameters without a gradient are skipped.
+    copy of the weights on logging steps. By default each parameter is copied on an evenly strided sample of at most
+    ``update_ratio_budget`` (a quarter) of its elements — small parameters (under 4096 elements) whole — so the extra
+    memory of a logging step stays near a quarter of the parameters' bytes and every parameter gets its ratio on every
+    logging step: exact for the small ones, the ratio of the same sample of ``Δw`` and ``w`` for the large ones (a
+    1-in-4 sample of thousands of elements, within a few percent). ``update_ratio="all"`` copies everything (exact),
+    ``update_ratio=False`` nothing. About 1e-3 is the classic healthy value. With gradient accumulation the figures
+    are those of the accumulated gradient; frozen parameters and parameters without a gradient are skipped.
 
     Args:
         every_n_steps: log on optimizer steps that are multiples of this.
         norm_type: the p of the p-norm (``float("inf")`` allowed).
         histograms: also write a histogram of each gradient (TensorBoard only).
         histogram_bins: bins per histogram.
-        update_ratio: log ``update_ratio/<param>`` (copies the parameters on logging steps).
+        update_ratio: ``True`` (sampled within ``update_ratio_budget``), ``"all"`` (exact, copies every parameter) or
+            ``False``.
+        update_ratio_budget: fraction of each large parameter's elements copied on a logging step.
 
     Raises:
         MisconfigurationException: for a non-positive ``every_n_steps``/``histogram_bins`` or ``norm_type`` <= 0.
@@ -54,7 +69,8 @@ class GradientMonitor(PeriodicMonitor):
         norm_type: float = 2.0,
         histograms: bool = False,
         histogram_bins: int = 64,
-        update_ratio: bool = True,
+        update_ratio: bool | str = True,
+        update_ratio_budget: float = 0.25,
     ) -> None:
         super().__init__(every_n_steps)
         if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type > 0:
@@ -62,7 +78,15 @@ class GradientMonitor(PeriodicMonitor):
         self.norm_type = float(norm_type)
         self.histograms = histograms
         self.histogram_bins = check_positive_int("histogram_bins", histogram_bins)
+        if update_ratio not in (True, False, "all"):
+            raise MisconfigurationException(
+                f"Expected `update_ratio` to be True, False or 'all' but got {update_ratio!r}"
+            )
+        budget = update_ratio_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+            raise MisconfigurationException(f"Expected `update_ratio_budget` in (0, 1] but got {budget!r}")
         self.update_ratio = update_ratio
+        self.update_ratio_budget = float(budget)
         self._names: dict[Tensor, str] = {}
         self._module_rank: dict[str, int] = {}
         self._order: ForwardOrder | None = None
@@ -195,7 +219,9 @@ class GradientMonitor(PeriodicMonitor):
         pending["grad"].append(stats.parameter_norms([p.grad for p in params], self.norm_type))
         pending["params"] += params
         if self.update_ratio:
-            pending["before"] += [p.detach().clone() for p in params]
+            strides = self._strides(params)
+            pending["strides"] = pending.get("strides", []) + strides
+            pending["before"] += [_sample(p, k).clone() for p, k in zip(params, strides)]
         if self.histograms and writers.tensorboard_writers(trainer.loggers):
             for p in params:
                 g = p.grad.detach()
@@ -209,6 +235,18 @@ class GradientMonitor(PeriodicMonitor):
                     )
                 )
 
+    def _strides(self, params: list[Tensor]) -> list[int]:
+        """Per parameter, the stride of its sample: 1 (whole) for ``"all"`` and small parameters; the large ones share
+        what the budget leaves after the small ones, so the copies stay within ``update_ratio_budget`` in total."""
+        if self.update_ratio == "all":
+            return [1] * len(params)
+        sizes = [p.numel() for p in params]
+        small = sum(n for n in sizes if n < _WHOLE)
+        large = sum(sizes) - small
+        room = self.update_ratio_budget * sum(sizes) - small
+        stride = max(1, math.ceil(large / room)) if room > 0 else max(1, large)
+        return [1 if n < _WHOLE else stride for n in sizes]
+
     def _flush(self, trainer: pl.Trainer) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
@@ -220,9 +258,12 @@ class GradientMonitor(PeriodicMonitor):
         grad = torch.cat(pending["grad"])
         weight = stats.parameter_norms(pending["params"], self.norm_type)
         parts = [grad, weight, stats.total_norm(grad, self.norm_type).reshape(1)]
-        if self.update_ratio:
-            torch._foreach_sub_(pending["before"], [p.detach() for p in pending["params"]])  # in place: Δw
+        strides = pending.get("strides", [])
+        if strides:
+            after = [_sample(p, k) for p, k in zip(pending["params"], strides)]
+            torch._foreach_sub_(pending["before"], after)  # in place: Δw on the same sample
             parts.append(stats.parameter_norms(pending["before"], self.norm_type))
+            parts.append(stats.parameter_norms(after, self.norm_type))
         parts += [torch.cat([h[2], h[3]]) for h in pending["hists"]]
         if self._bad is not None:
             parts.append(self._bad.double())
@@ -236,12 +277,11 @@ class GradientMonitor(PeriodicMonitor):
         for i, name in enumerate(names):
             metrics[writers.metric_key("grad_norm", name)] = grad_norms[i]
             metrics[writers.metric_key("weight_norm", name)] = weight_norms[i]
-        if self.update_ratio:
-            updates = host[offset : offset + n]
-            offset += n
-            for i, name in enumerate(names):
-                ratio = updates[i] / weight_norms[i] if weight_norms[i] else math.nan
-                metrics[writers.metric_key("update_ratio", name)] = ratio
+        if strides:
+            updates, sampled = host[offset : offset + n], host[offset + n : offset + 2 * n]
+            offset += 2 * n
+            for name, update, weight in zip(names, updates, sampled):
+                metrics[writers.metric_key("update_ratio", name)] = update / weight if weight else math.nan
         writers.log_scalars(trainer.loggers, metrics, pending["step"])
         if pending["hists"]:
             histograms = []
