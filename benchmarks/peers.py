@@ -17,6 +17,16 @@ from torch import Tensor, nn
 HOOKED_TYPES = (nn.Linear, nn.Conv2d, nn.ReLU, nn.GELU)
 
 
+class LightningGradNorm(Callback):
+    """Lightning's own recipe: ``lightning.pytorch.utilities.grad_norm`` in ``on_before_optimizer_step`` and
+    ``pl_module.log_dict`` of the per-parameter norms and the total, every step."""
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        from lightning.pytorch.utilities import grad_norm
+
+        pl_module.log_dict(grad_norm(pl_module, norm_type=2))
+
+
 class HandWrittenStats(Callback):
     """The pattern found in many training scripts: forward hooks on every Linear/Conv/ReLU/GELU call ``.item()`` on
     the output's mean and std on every step, and the step's figures go to ``trainer.logger.log_metrics``."""

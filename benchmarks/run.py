@@ -131,6 +131,11 @@ class Model:
     batch_size: int
 
 
+def resnet_cnn() -> nn.Module:
+    """ResNet-18 (the layout of the prepare() timing below) with a 10-class head, for 32x32 images."""
+    return resnet18(classes=10)
+
+
 MODELS = [
     Model("MLP on digits", "64-512x4-10 ReLU MLP, scikit-learn digits, batch 128", mlp, digits, 128),
     Model("small CNN", "3 x (Conv3x3-BN-ReLU-MaxPool) 16/32/64 + linear, 3x32x32 synthetic, batch 32", cnn, images, 32),
@@ -142,6 +147,7 @@ MODELS = [
         tokens,
         32,
     ),
+    Model("ResNet-18-sized CNN", "ResNet-18 (11.2M parameters), 3x32x32 synthetic, batch 16", resnet_cnn, images, 16),
 ]
 
 
@@ -172,6 +178,13 @@ def configurations(status: dict[str, str | None]) -> list[Config]:
         Config("ours, every_n_steps=10", 10, ours(10), BASELINE, memory=False),
         Config("ours, every_n_steps=1", 1, ours(1), BASELINE),
         Config("hand-written hooks, .item() every step", 1, lambda: [peers.HandWrittenStats()], BASELINE, peer="hooks"),
+        Config(
+            "Lightning grad_norm + log_dict, every step",
+            1,
+            lambda: [peers.LightningGradNorm()],
+            BASELINE,
+            peer="grad_norm",
+        ),
     ]
     if status["lightning-bolts"] is None:
         for n in (50, 1):

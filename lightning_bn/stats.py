@@ -194,7 +194,7 @@ def reduce_across_processes(rows: Tensor, alive: Tensor, group: object | None = 
 
 
 #: Histograms are taken over at most this many evenly strided elements of a tensor (a faithful picture, cheaply).
-HISTOGRAM_SAMPLE = 16384
+HISTOGRAM_SAMPLE = 4096
 
 
 def histogram(t: Tensor, low: Tensor, high: Tensor, bins: int) -> Tensor:
