@@ -25,21 +25,11 @@ from torch import Tensor, nn
 
 import lightning_bn
 from lightning_bn.guards import init_mismatches
-from lightning_bn.tracing import trace_model
+from lightning_bn.tracing import NORM_TYPES, trace_model
 from tests.zoo import ZOO, ZooCase, main_output, run_model
 
 NAMES = sorted(ZOO)
-_TORCH_NORMS = tuple(
-    t
-    for t in (
-        nn.modules.batchnorm._NormBase,
-        nn.LayerNorm,
-        nn.GroupNorm,
-        nn.LocalResponseNorm,
-        getattr(nn, "RMSNorm", None),
-    )
-    if t is not None
-)
+_TORCH_NORMS = NORM_TYPES  # the norm classes the library itself knows
 
 
 def build(name: str) -> ZooCase:

@@ -80,6 +80,22 @@ class _PendingCall:
     measured: Tensor | None = None
 
 
+def _std_and_nonfinite(x: Tensor) -> Tensor:
+    """(std over the finite elements, count of the others) in float64, with no activation-sized float64 copy: the
+    trace runs on real batches of real models, where one such copy is megabytes."""
+    finite = torch.isfinite(x)
+    count = finite.sum()
+    if x.numel() < 2:
+        return torch.tensor([float("nan"), float(x.numel() - int(count))], dtype=torch.float64, device=x.device)
+    v = torch.where(finite, x, 0).float()
+    n = count.double().clamp_min(1)
+    mean = v.sum(dtype=torch.float64) / n
+    centered = torch.where(finite, v - mean.float(), 0)
+    var = (centered * centered).sum(dtype=torch.float64) / (n - 1).clamp_min(1)
+    std = torch.where(count > 1, var.sqrt(), torch.full_like(var, float("nan")))
+    return torch.stack([std, (x.numel() - count).double()])
+
+
 class _Tracer:
     """Bookkeeping of one traced forward pass."""
 
@@ -150,11 +166,11 @@ class _Tracer:
         """(std, saturated fraction) of an activation's input, over its finite elements; no step of the model."""
         self.opaque += 1
         try:
-            v = x.detach().double().reshape(-1)
-            v = v[torch.isfinite(v)]
-            if v.numel() < 2:
-                return v.new_full((2,), float("nan"))
-            return torch.stack([v.std(), activation.saturated(v).double().mean()])
+            v = x.detach()
+            finite = torch.isfinite(v)
+            count = finite.sum()
+            saturated = (activation.saturated(v) & finite).sum() / count.clamp_min(1)
+            return torch.stack([_std_and_nonfinite(v)[0], saturated.double()])
         finally:
             self.opaque -= 1
 
@@ -246,10 +262,7 @@ class _Tracer:
     def _leave_layer(self, module: nn.Module, name: str, merged: _Meta, output: Any, main: Any) -> None:
         if name not in self.layers and isinstance(main, Tensor):
             self.opaque += 1  # the measurement is no step of the model
-            x = main.detach().double()
-            finite = torch.isfinite(x)
-            std = x[finite].std() if x.numel() > 1 else x.new_tensor(float("nan"))
-            self.measured[name] = torch.stack([std, (~finite).sum().double()])
+            self.measured[name] = _std_and_nonfinite(main.detach())
             self.opaque -= 1
             self.layers[name] = LayerTrace(
                 name, module, get_activation(None), "none", tuple(main.shape), layout=_layer_layout(module, main)
