@@ -540,9 +540,11 @@ def write_results(
         "`pytorch_lightning` loggers, so it cannot join a `lightning.pytorch` Trainer anyway. Bolts is unmaintained "
         "(last release 2023).",
         "",
-        "## GPU (H200)",
+        "## GPU",
         "",
-        "see closing note",
+        "Not measured by this script (CPU only). `benchmarks/gpu_sync_check.py` counts host syncs with "
+        "`torch.cuda.set_sync_debug_mode` and `benchmarks/profile_logging_step.py --accelerator gpu` times each phase "
+        "of a logging step; the last GPU figures (an H200, before the fused pass) are in the README's Cost section.",
         "",
     ]
     return "\n".join(out)
