@@ -1,6 +1,6 @@
 """Suite-wide settings: one intra-op thread per test process (xdist runs one process per core), and the eager fused
-pass by default: compiling it costs seconds per process and per tensor rank, which ~700 short tests would pay again
-and again; tests/test_fused.py checks the compiled path against the eager one explicitly."""
+pass (as "auto" picks on CPU anyway): compiling costs seconds per process and per tensor rank, which ~700 short tests
+would pay again and again; tests/test_fused.py checks the compiled path against the eager one explicitly."""
 
 import os
 

@@ -88,9 +88,10 @@ class ActivationMonitor(PeriodicMonitor):
         heatmap: write an image of saturation per activation layer over the logged steps at each epoch end
             (TensorBoard only).
         zero_tol: ``|x|`` at or below this counts towards ``act_zero``.
-        fused: how the one fused pass per watched tensor runs: ``"auto"`` (compiled with ``torch.compile`` where a
-            compiler works, else eager; ``LIGHTNING_BN_FUSED=eager`` forces eager), ``"compiled"`` or ``"eager"``.
-            Both give the same figures; compiling takes seconds once per process (reported at the first log).
+        fused: how the one fused pass per watched tensor runs: ``"auto"`` (compiled with ``torch.compile`` on CUDA,
+            eager on CPU where building the C++ kernels costs more than it saves; ``LIGHTNING_BN_FUSED`` overrides),
+            ``"compiled"`` or ``"eager"``. Both give the same figures; compiling takes seconds once per process
+            (reported at the first log).
 
     Raises:
         MisconfigurationException: for a non-positive ``every_n_steps`` or ``histogram_bins``, a ``modules`` entry
