@@ -13,6 +13,7 @@ back to eager (one warning). :data:`COMPILE_SECONDS` holds how long each compila
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -34,7 +35,7 @@ _compile_failed = False
 
 
 def _summary(
-    y: Tensor, x: Tensor, low: Tensor, high: Tensor, zero_tol: float, unit_dim: int, judge: bool
+    y: Tensor, x: Tensor, low_bound: Tensor, high_bound: Tensor, zero_tol: float, unit_dim: int, judge: bool
 ) -> tuple[Tensor, Tensor]:
     """The row of ``y`` (values) with saturation judged on ``x`` (when ``judge``), and per-unit liveness.
 
@@ -42,15 +43,23 @@ def _summary(
     inf/NaN in ``y`` show in the sums, min and max on purpose (``nonfinite`` counts them). Saturation: finite
     elements of ``x`` at or beyond an asymptote bound; liveness: any finite, unsaturated sample per unit.
     """
-    v = y if y.dtype in (torch.float32, torch.float64) else y.float()
+    v = (y if y.dtype in (torch.float32, torch.float64) else y.float()).reshape(-1)
     n = v.numel()
     c = v.sum() / n
     d = v - c
     d2 = d * d
-    s1, s2, s3, s4 = d.sum().double(), d2.sum().double(), (d2 * d).sum().double(), (d2 * d2).sum().double()
+    # dot products: the third and fourth power sums without another tensor-sized temporary
+    s1, s2 = d.sum().double(), d2.sum().double()
+    s3, s4 = torch.dot(d2, d).double(), torch.dot(d2, d2).double()
     c = c.double()
-    near = (v.abs() <= zero_tol).sum(dtype=torch.float64)
-    nonfinite = (~torch.isfinite(v)).sum(dtype=torch.float64)
+    low, high = torch.aminmax(v)
+    if torch.compiler.is_compiling():  # fused into one kernel: the plain forms
+        nonfinite = (n - torch.count_nonzero(torch.isfinite(v))).double()
+        near = torch.count_nonzero(v.abs() <= zero_tol).double()
+    else:  # eager: float passes only (comparisons that make bool tensors are several times slower on CPU)
+        nonfinite = (v * 0).nan_to_num_(nan=1.0).sum().double()  # inf * 0 and NaN * 0 are NaN, the rest 0
+        above = torch.nn.functional.threshold(v.abs().nan_to_num_(nan=math.inf), zero_tol, 0.0).sign_().sum()
+        near = n - above.double()  # NaN became inf above, so it is no zero
     count = torch.full((), float(n), dtype=torch.float64, device=v.device)
     raw = torch.stack(
         [
@@ -59,8 +68,8 @@ def _summary(
             s2 + 2 * c * s1 + n * c * c,
             s3 + 3 * c * s2 + 3 * c * c * s1 + n * c**3,
             s4 + 4 * c * s3 + 6 * c * c * s2 + 4 * c**3 * s1 + n * c**4,
-            v.amin().double(),
-            v.amax().double(),
+            low.double(),
+            high.double(),
             near,
             nonfinite,
         ]
@@ -69,13 +78,14 @@ def _summary(
         zero = torch.zeros(3, dtype=torch.float64, device=v.device)
         return torch.cat([raw, zero]), torch.zeros(0, dtype=torch.float64, device=v.device)
     u = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    finite = torch.isfinite(u)
-    saturated = finite & ((u <= low) | (u >= high))
+    # False for inf and NaN; eagerly two passes where isfinite takes three (inductor would fold u * 0 to 0)
+    finite = torch.isfinite(u) if torch.compiler.is_compiling() else (u * 0) == 0
+    saturated = finite & ((u <= low_bound) | (u >= high_bound))
     units = u.shape[unit_dim]
     alive = (finite & ~saturated).movedim(unit_dim, -1).reshape(-1, units).any(0).double()
     extra = torch.stack(
         [
-            saturated.sum(dtype=torch.float64),
+            torch.count_nonzero(saturated).double(),
             torch.full((), float(units), dtype=torch.float64, device=v.device),
             torch.zeros((), dtype=torch.float64, device=v.device),
         ]
