@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["BACKENDS", "COMPILE_SECONDS", "Backend", "backend", "fused_row"]
+__all__ = ["BACKENDS", "COMPILE_SECONDS", "Backend", "backend", "fused_row", "saturation_counts"]
 
 Backend = Literal["auto", "compiled", "eager"]
 BACKENDS: tuple[str, ...] = ("auto", "compiled", "eager")
@@ -78,19 +78,30 @@ def _summary(
         zero = torch.zeros(3, dtype=torch.float64, device=v.device)
         return torch.cat([raw, zero]), torch.zeros(0, dtype=torch.float64, device=v.device)
     u = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    saturated, units, alive = saturation_counts(u, low_bound, high_bound, unit_dim)
+    extra = torch.stack([saturated, units, torch.zeros((), dtype=torch.float64, device=v.device)])
+    return torch.cat([raw, extra]), alive
+
+
+def saturation_counts(
+    u: Tensor, low: Tensor | float, high: Tensor | float, unit_dim: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Saturated-element count, unit count and per-unit alive flags (float64) of ``u`` against asymptote bounds:
+    the one saturation rule of the library. Non-finite elements are neither saturated nor alive.
+
+    Example::
+
+        >>> saturated, units, alive = saturation_counts(torch.tensor([[-1.0, 2.0], [0.5, -3.0]]), 0.0, float("inf"), 1)
+        >>> saturated.item(), units.item(), alive.tolist()
+        (2.0, 2.0, [1.0, 1.0])
+    """
     # False for inf and NaN; eagerly two passes where isfinite takes three (inductor would fold u * 0 to 0)
     finite = torch.isfinite(u) if torch.compiler.is_compiling() else (u * 0) == 0
-    saturated = finite & ((u <= low_bound) | (u >= high_bound))
+    saturated = finite & ((u <= low) | (u >= high))
     units = u.shape[unit_dim]
     alive = (finite & ~saturated).movedim(unit_dim, -1).reshape(-1, units).any(0).double()
-    extra = torch.stack(
-        [
-            torch.count_nonzero(saturated).double(),
-            torch.full((), float(units), dtype=torch.float64, device=v.device),
-            torch.zeros((), dtype=torch.float64, device=v.device),
-        ]
-    )
-    return torch.cat([raw, extra]), alive
+    count = torch.count_nonzero(saturated).double()
+    return count, torch.full((), float(units), dtype=torch.float64, device=u.device), alive
 
 
 def backend(choice: Backend = "auto", device_type: str | None = None) -> Backend:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_bn.activations import Activation
-from lightning_bn.fused import fused_row
+from lightning_bn.fused import fused_row, saturation_counts
 
 __all__ = [
     "FIELDS",
@@ -144,16 +144,9 @@ def saturation(
         (2.0, 2.0, [0.0, 1.0])
     """
     x = _float(t)
+    x = x if x.ndim else x.reshape(1)
     low, high = activation.output_asymptotes() if from_output else activation.asymptotes
-    finite = torch.isfinite(x)
-    saturated = finite & ((x <= low) | (x >= high))
-    dim = unit_dim_of(x) if unit_dim is None else unit_dim
-    units = x.shape[dim] if x.ndim else 1
-    alive_elements = finite & ~saturated
-    per_unit = alive_elements.movedim(dim, -1).reshape(-1, units) if x.ndim else alive_elements.reshape(1, 1)
-    alive = per_unit.any(dim=0).double()
-    count = saturated.sum(dtype=torch.float64)
-    return count, torch.full((), float(units), dtype=torch.float64, device=x.device), alive
+    return saturation_counts(x, low, high, unit_dim_of(x) if unit_dim is None else unit_dim)
 
 
 def empty_row(device: torch.device | str = "cpu") -> Tensor:

@@ -48,6 +48,11 @@ def validate_module_filter(modules: ModuleFilter) -> None:
         )
 
 
+def _matches(entry: str | type, name: str, module: nn.Module) -> bool:
+    """A ``modules`` entry against one module: a glob pattern on its name, or a type."""
+    return fnmatch.fnmatchcase(name, entry) if isinstance(entry, str) else isinstance(module, entry)
+
+
 def select_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[str, nn.Module]]:
     """The ``(qualified name, module)`` pairs of ``model`` chosen by ``modules`` (see :data:`ModuleFilter`).
 
@@ -69,14 +74,10 @@ def select_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple
     if callable(modules) and not isinstance(modules, type):
         return [(n, m) for n, m in named if modules(n, m)]
     entries = [modules] if isinstance(modules, (str, type)) else list(modules)
-
-    def matches(entry: str | type, name: str, module: nn.Module) -> bool:
-        return fnmatch.fnmatchcase(name, entry) if isinstance(entry, str) else isinstance(module, entry)
-
     for entry in entries:
-        if not any(matches(entry, n, m) for n, m in named):
+        if not any(_matches(entry, n, m) for n, m in named):
             raise ValueError(f"Expected `modules` entry {entry!r} to match a module of the model, but it matches none")
-    return [(n, m) for n, m in named if any(matches(e, n, m) for e in entries)]
+    return [(n, m) for n, m in named if any(_matches(e, n, m) for e in entries)]
 
 
 @dataclass
@@ -159,18 +160,12 @@ def watch_targets(model: nn.Module, model_map: ModelMap | None, modules: ModuleF
         chosen = [t for n, m, t in candidates if modules(n, m)]
     else:
         entries = [modules] if isinstance(modules, (str, type)) else list(modules)
-
-        def matches(entry: str | type, name: str, module: nn.Module) -> bool:
-            if isinstance(entry, str):
-                return fnmatch.fnmatchcase(name, entry)
-            return isinstance(module, entry)
-
         for entry in entries:
-            if not any(matches(entry, n, m) for n, m, _ in candidates):
+            if not any(_matches(entry, n, m) for n, m, _ in candidates):
                 raise ValueError(
                     f"Expected `modules` entry {entry!r} to match a module of the model, but it matches none"
                 )
-        chosen = [t for n, m, t in candidates if any(matches(e, n, m) for e in entries)]
+        chosen = [t for n, m, t in candidates if any(_matches(e, n, m) for e in entries)]
     unique = list({id(t): t for t in chosen}.values())
     rank = {name: i for i, name in enumerate(model_map.order)}
     names = {id(m): n for n, m in model.named_modules()}
