@@ -42,24 +42,24 @@ def _summary(
     Values: sums around the tensor's own mean (float32 accumulation keeps full precision), shifted back in float64;
     inf/NaN in ``y`` show in the sums, min and max on purpose (``nonfinite`` counts them). Saturation: finite
     elements of ``x`` at or beyond an asymptote bound; liveness: any finite, unsaturated sample per unit.
+
+    Written twice on purpose: the plain forms below are what inductor fuses into one kernel; eagerly every operation
+    is a kernel launch and a dispatch (~5-10 us each on CPU), so :func:`_summary_eager` reaches the same figures
+    with half as many operations and float passes only.
     """
+    if not torch.compiler.is_compiling():
+        return _summary_eager(y, x, low_bound, high_bound, zero_tol, unit_dim, judge)
     v = (y if y.dtype in (torch.float32, torch.float64) else y.float()).reshape(-1)
     n = v.numel()
     c = v.sum() / n
     d = v - c
     d2 = d * d
-    # dot products: the third and fourth power sums without another tensor-sized temporary
     s1, s2 = d.sum().double(), d2.sum().double()
     s3, s4 = torch.dot(d2, d).double(), torch.dot(d2, d2).double()
     c = c.double()
     low, high = torch.aminmax(v)
-    if torch.compiler.is_compiling():  # fused into one kernel: the plain forms
-        nonfinite = (n - torch.count_nonzero(torch.isfinite(v))).double()
-        near = torch.count_nonzero(v.abs() <= zero_tol).double()
-    else:  # eager: float passes only (comparisons that make bool tensors are several times slower on CPU)
-        nonfinite = (v * 0).nan_to_num_(nan=1.0).sum().double()  # inf * 0 and NaN * 0 are NaN, the rest 0
-        above = torch.nn.functional.threshold(v.abs().nan_to_num_(nan=math.inf), zero_tol, 0.0).sign_().sum()
-        near = n - above.double()  # NaN became inf above, so it is no zero
+    nonfinite = (n - torch.count_nonzero(torch.isfinite(v))).double()
+    near = torch.count_nonzero(v.abs() <= zero_tol).double()
     count = torch.full((), float(n), dtype=torch.float64, device=v.device)
     raw = torch.stack(
         [
@@ -83,6 +83,106 @@ def _summary(
     return torch.cat([raw, extra]), alive
 
 
+#: ``_SHIFT[device]``: binomial coefficients and exponents that move power sums around ``c`` back to raw ones
+_SHIFT: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def _shift_back(c: Tensor, centered: Tensor, n: int) -> Tensor:
+    """Raw power sums 1..4 from sums of ``(v - c)^j``, j = 1..4, in four small operations:
+    ``sum v^k = n c^k + sum_j C(k, j) c^(k-j) sum (v - c)^j``."""
+    table = _SHIFT.get(c.device)
+    if table is None:
+        binom = torch.tensor(
+            [[math.comb(k, j) if j <= k else 0 for j in range(1, 5)] for k in range(1, 5)], dtype=torch.float64
+        )
+        exps = torch.tensor([[max(k - j, 0) for j in range(1, 5)] for k in range(1, 5)] + [[1, 2, 3, 4]])
+        table = _SHIFT[c.device] = (binom.to(c.device), exps.to(c.device))
+    binom, exps = table
+    powers = c.pow(exps)  # (5, 4): c^(k-j) per entry, and c^1..c^4 in the last row
+    return torch.addmv(powers[4] * n, binom * powers[:4], centered)
+
+
+def _count(t: Tensor) -> Tensor:
+    """Sum of a 0/1 float tensor, exact: float32 holds every integer up to 2^24, so larger tensors sum in float64."""
+    return t.sum() if t.numel() < 1 << 24 else t.sum(dtype=torch.float64)
+
+
+def _summary_eager(
+    y: Tensor, x: Tensor, low_bound: Tensor, high_bound: Tensor, zero_tol: float, unit_dim: int, judge: bool
+) -> tuple[Tensor, Tensor]:
+    """:func:`_summary` for eager execution: the same figures in about 25 operations, float passes only (a comparison
+    that makes a bool tensor, then counting it, is several times slower on CPU than a float pass).
+
+    On CPU, where reading a value is no device synchronization, the non-finite count is skipped when the sums are
+    finite (it is then 0), and the bounds are used as Python numbers (clamping to tensors is ~7x slower there).
+    """
+    v = (y if y.dtype in (torch.float32, torch.float64) else y.float()).reshape(-1)
+    n = v.numel()
+    on_cpu = v.device.type == "cpu"
+    c = v.mean()
+    d = v - c
+    d2 = d * d
+    parts = [d.sum(), d2.sum(), torch.dot(d2, d), torch.dot(d2, d2)]
+    del d, d2  # at most two tensor-sized temporaries alive at once
+    parts += torch.aminmax(v)
+    # inf and NaN leave abs() as inf/NaN: nan_to_num_ makes both "large", so neither is near zero
+    parts.append(_count(torch.nn.functional.threshold(v.abs().nan_to_num_(nan=math.inf), zero_tol, 0.0).sign_()))
+    clean = on_cpu and math.isfinite(parts[1].item())  # any inf/NaN makes the centred square sum inf/NaN
+    nonfinite = None if clean else _count((v * 0).nan_to_num_(nan=1.0))  # inf * 0 and NaN * 0 are NaN, the rest 0
+    if nonfinite is not None:
+        parts.append(nonfinite)
+    if judge:
+        u = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        same = u.shape == y.shape and u.data_ptr() == y.data_ptr() and u.dtype == v.dtype
+        bounds = (low_bound.item(), high_bound.item()) if on_cpu else (low_bound, high_bound)
+        finite = (n - nonfinite if nonfinite is not None else v.new_full((), float(n))) if same else None
+        saturated, units, alive = _saturation_eager(u, *bounds, unit_dim, finite, assume_finite=clean and same)
+        parts.append(saturated)
+    scalars = torch.stack([p.to(v.dtype) for p in parts]).double()
+    moments = _shift_back(c.double(), scalars[:4], n)
+    zero = scalars.new_zeros(1)
+    row = torch.cat(
+        [
+            scalars.new_full((1,), float(n)),
+            moments,
+            scalars[4:6],
+            n - scalars[6:7],  # near zero: the elements not above the tolerance
+            scalars[7:8] if nonfinite is not None else zero,
+            scalars[-1:] if judge else zero,
+            units.reshape(1) if judge else zero,
+            zero,
+        ]
+    )
+    return row, (alive if judge else row.new_zeros(0))
+
+
+def _saturation_eager(
+    u: Tensor,
+    low: Tensor | float,
+    high: Tensor | float,
+    unit_dim: int,
+    finite: Tensor | None = None,
+    assume_finite: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`saturation_counts` in float passes: an element's distance to the nearer bound, after clamping into the
+    bounds, is > 0 exactly when it is finite and unsaturated (inf and NaN come out NaN, then 0). ``finite``: the
+    finite-element count when the caller has it; ``assume_finite``: the caller knows there is no inf/NaN."""
+    units = u.shape[unit_dim] if u.ndim else 1
+    w = u.reshape(1) if u.ndim == 0 else u
+    inside = torch.clamp(w, low, high)
+    gap = inside - low
+    torch.minimum(gap, inside.neg_().add_(high), out=gap)
+    if not assume_finite:
+        gap.nan_to_num_(nan=0.0, posinf=0.0)
+    dims = [i for i in range(w.ndim) if i != unit_dim % w.ndim]
+    alive = (gap.amax(dim=dims) if dims else gap).reshape(units).sign().double()
+    alive_elements = _count(gap.sign_())
+    if finite is None:
+        finite = w.numel() - _count((w * 0).nan_to_num_(nan=1.0))
+    saturated = (finite - alive_elements).double()
+    return saturated, torch.full((), float(units), dtype=torch.float64, device=u.device), alive
+
+
 def saturation_counts(
     u: Tensor, low: Tensor | float, high: Tensor | float, unit_dim: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -95,8 +195,9 @@ def saturation_counts(
         >>> saturated.item(), units.item(), alive.tolist()
         (2.0, 2.0, [1.0, 1.0])
     """
-    # False for inf and NaN; eagerly two passes where isfinite takes three (inductor would fold u * 0 to 0)
-    finite = torch.isfinite(u) if torch.compiler.is_compiling() else (u * 0) == 0
+    if not torch.compiler.is_compiling():
+        return _saturation_eager(u, low, high, unit_dim)
+    finite = torch.isfinite(u)
     saturated = finite & ((u <= low) | (u >= high))
     units = u.shape[unit_dim]
     alive = (finite & ~saturated).movedim(unit_dim, -1).reshape(-1, units).any(0).double()

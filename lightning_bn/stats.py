@@ -199,6 +199,15 @@ def histogram(t: Tensor, low: Tensor, high: Tensor, bins: int) -> Tensor:
     x = _float(t).reshape(-1)
     if x.numel() > HISTOGRAM_SAMPLE:
         x = x[:: -(-x.numel() // HISTOGRAM_SAMPLE)]
+    if x.device.type == "cpu":  # reading the bounds is no device sync here: one histc kernel (NaN/inf ignored)
+        lo, hi = float(low), float(high)
+        if math.isfinite(lo) and math.isfinite(hi) and hi > lo:
+            return torch.histc(x, bins, lo, hi).double()
+    return _bin_counts(x, low, high, bins)
+
+
+def _bin_counts(x: Tensor, low: Tensor, high: Tensor, bins: int) -> Tensor:
+    """:func:`histogram`'s kernels-only path (CUDA, degenerate or non-finite bounds): no value leaves the device."""
     low, high = low.to(x.dtype), high.to(x.dtype)
     scale = bins / (high - low).clamp_min(1e-12)
     valid = (x * 0).nan_to_num_(nan=-1.0).add_(1.0)  # 1 for finite elements, 0 for inf/NaN

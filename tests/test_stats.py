@@ -101,3 +101,19 @@ def test_relu_with_negative_bias_is_dead_and_he_init_is_not():
     # depth correlates samples, so a few units of the deepest layers go quiet on a whole batch (measured ~0.03-0.07)
     assert max(f["dead"] for f in alive) <= 0.1
     assert sum(f["dead"] for f in alive) / len(alive) <= 0.05
+
+
+def test_histogram_paths_agree():
+    """The CPU path (one histc kernel) and the kernels-only path (CUDA) give the same counts, NaN/inf left out."""
+    torch.manual_seed(0)
+    t = torch.randn(20000)
+    t[::997] = float("nan")
+    t[5::1009] = float("inf")
+    finite = t[torch.isfinite(t)]
+    low, high = finite.min().double(), finite.max().double()
+    fast = stats.histogram(t, low, high, 64)
+    sample = t[:: -(-t.numel() // stats.HISTOGRAM_SAMPLE)]
+    kernels = stats._bin_counts(sample, low, high, 64)
+    assert fast.sum().item() == kernels.sum().item() == torch.isfinite(sample).sum().item()
+    assert (fast - kernels).abs().max().item() <= 1.0  # a value on a bin edge may round to either side
+    assert (fast - kernels).abs().sum().item() <= 2.0
