@@ -8,6 +8,7 @@ that overlays all layers in one chart per statistic, text, and images such as th
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ import numpy as np
 __all__ = [
     "fast_tensorboard_crc",
     "heatmap_image",
+    "flush_layout",
+    "forget_layout",
     "log_histograms",
     "log_image",
     "log_scalars",
@@ -100,6 +103,7 @@ def log_scalars(loggers: Iterable[Any], metrics: Mapping[str, float], step: int)
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             fast_tensorboard_crc()
+            flush_layout([logger.experiment])
             _write_summary(logger, metrics, step)
         else:
             logger.log_metrics(dict(metrics), step=step)
@@ -135,15 +139,52 @@ def log_histograms(writers: Sequence[Any], prefix: str, histograms: Sequence[Map
         )
         for h in histograms
     ]
+    flush_layout(writers)
     for writer in writers:
         writer._get_file_writer().add_summary(Summary(value=values), step)
 
 
+#: Per SummaryWriter: the custom-scalars sections registered so far, and whether the merged layout is written.
+_LAYOUTS: weakref.WeakKeyDictionary[Any, tuple[dict[str, dict[str, list]], bool]] = weakref.WeakKeyDictionary()
+
+
 def write_layout(writers: Sequence[Any], category: str, statistics: Sequence[str]) -> None:
-    """A custom-scalars layout: one chart per statistic overlaying every layer (``<statistic>/.*``)."""
-    layout = {category: {stat: ["Multiline", [f"^{stat}/.*"]] for stat in statistics}}
+    """Register a custom-scalars section: one chart per statistic overlaying every layer (``<statistic>/.*``).
+
+    TensorBoard shows one layout per run (the first one written), so sections are not written here: every monitor
+    registers its own when it starts, and the first figures written to the run (:func:`log_scalars`,
+    :func:`flush_layout`) carry one layout with all of them, whichever monitors are present and in whatever order
+    they started. A section registered after that rewrites the merged layout.
+    """
     for writer in writers:
-        writer.add_custom_scalars(layout)
+        sections, written = _LAYOUTS.get(writer, ({}, False))
+        charts = {stat: ["Multiline", [f"^{stat}/.*"]] for stat in statistics}
+        changed = sections.get(category) != charts
+        sections[category] = charts
+        _LAYOUTS[writer] = (sections, written and not changed)
+
+
+def flush_layout(writers: Sequence[Any]) -> None:
+    """Write the merged layout of each writer whose registered sections are not written yet (see :func:`write_layout`).
+
+    Sections come in a fixed order (activations before gradients, then any others by title).
+    """
+    for writer in writers:
+        sections, written = _LAYOUTS.get(writer, ({}, True))
+        if written:
+            continue
+        order = sorted(sections, key=lambda title: (_SECTION_ORDER.get(title, len(_SECTION_ORDER)), title))
+        writer.add_custom_scalars({title: sections[title] for title in order})
+        _LAYOUTS[writer] = (sections, True)
+
+
+def forget_layout(writers: Sequence[Any]) -> None:
+    """Drop the sections registered for ``writers`` (a monitor's teardown: a closed writer is not kept alive)."""
+    for writer in writers:
+        _LAYOUTS.pop(writer, None)
+
+
+_SECTION_ORDER = {"lightning-bn: activations": 0, "lightning-bn: gradients": 1}
 
 
 def log_text(writers: Sequence[Any], tag: str, text: str, step: int = 0) -> None:

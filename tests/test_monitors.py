@@ -46,6 +46,39 @@ def test_event_files_hold_every_statistic(tmp_path):
     assert [step for step, _ in values["act_std/net.1"]] == [0, 2]
 
 
+def _layouts(logdir: Path) -> list:
+    """Every custom-scalars layout event written under ``logdir``, parsed."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    found = []
+    for path in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "custom_scalars__config__":
+                    layout = layout_pb2.Layout()
+                    layout.ParseFromString(value.tensor.string_val[0])
+                    found.append(layout)
+    return found
+
+
+@pytest.mark.parametrize("gradient_first", [False, True])
+def test_one_merged_layout_per_run_whatever_the_callback_order(tmp_path, gradient_first):
+    """TensorBoard shows one custom-scalars layout per run: exactly one is written, holding both monitors'
+    sections (activations first), whichever callback comes first."""
+    callbacks = [ActivationMonitor(every_n_steps=2), GradientMonitor(every_n_steps=2)]
+    if gradient_first:
+        callbacks.reverse()
+    t = trainer(tmp_path, logger=TensorBoardLogger(tmp_path), max_steps=4, callbacks=callbacks)
+    t.fit(BoringClassifier(mlp(2, 16, nn.Tanh)))
+    layouts = _layouts(tmp_path)
+    assert len(layouts) == 1
+    titles = [category.title for category in layouts[0].category]
+    assert titles == ["lightning-bn: activations", "lightning-bn: gradients"]
+    charts = {chart.title for category in layouts[0].category for chart in category.chart}
+    assert {"act_std", "act_saturation", "grad_norm", "update_ratio"} <= charts
+
+
 def test_logged_figures_equal_torch_on_the_same_tensor(tmp_path):
     """Logged mean/std/min/max of a layer equal torch's figures on that layer's output at that step (rel 1e-5)."""
     torch.manual_seed(0)
