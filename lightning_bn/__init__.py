@@ -30,6 +30,7 @@ from lightning_bn.norms import (
 from lightning_bn.options import PrepareOptions
 from lightning_bn.probes import ActivationProbe, select_modules, watch_targets
 from lightning_bn.recalibration import recalibrate
+from lightning_bn.report.plot import plot
 from lightning_bn.stats import figures, summarize
 from lightning_bn.tracing import LayerTrace, ModelMap, recognize, trace_activations, trace_model
 from lightning_bn.wrapper import Report, prepare
@@ -41,9 +42,17 @@ if TYPE_CHECKING:
         BatchNormGuard,
         BatchNormRecalibration,
         GradientMonitor,
+        HealthCheck,
     )
 
-_CALLBACKS = {"ActivationMonitor", "AutoInit", "BatchNormGuard", "BatchNormRecalibration", "GradientMonitor"}
+_CALLBACKS = {
+    "ActivationMonitor",
+    "AutoInit",
+    "BatchNormGuard",
+    "BatchNormRecalibration",
+    "GradientMonitor",
+    "HealthCheck",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -66,11 +75,13 @@ __all__ = [
     "BatchNormRecalibration",
     "BatchNormWarning",
     "GradientMonitor",
+    "HealthCheck",
     "LayerTrace",
     "ModelMap",
     "PrepareOptions",
     "Report",
     "available_activations",
+    "plot",
     "convert_norms",
     "create_norm_layer",
     "figures",

@@ -15,13 +15,14 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import lightning_bn
 from lightning_bn.report import FLAGS, RunHealth, Thresholds, analyze
+from lightning_bn.report.formatting import format_markdown, format_table
 from lightning_bn.report.reading import (
     _EVENT_GLOB,
     _event_files,
@@ -42,22 +43,6 @@ EXIT_FLAGGED = 1
 #: LOGDIR is missing or holds no lightning-bn scalars (argparse also exits 2 on a usage error)
 EXIT_NO_LOGS = 2
 
-#: the note, in the flags column and under the problems, on a layer zero-initialized on purpose (no flag, no failure)
-_ZERO_INIT_NOTE = "zero-init (deliberate)"
-_COLUMNS = (
-    "layer",
-    "saturation",
-    "worst sat.",
-    "dead",
-    "worst dead",
-    "std",
-    "std/first",
-    "grad norm",
-    "update ratio",
-    "nonfinite",
-    "flags",
-)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-bn`` console script; returns the exit status.
@@ -75,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "report":
         parser.print_help(sys.stderr)
         return EXIT_NO_LOGS
-    return report(args.logdir, args.format, args.fail_on, _thresholds(args))
+    return report(args.logdir, args.format, args.fail_on, _thresholds(args), every_layer=args.all)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,46 +89,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FLAGS",
         help=f"exit with status 1 when any of these comma-separated flags is raised: {', '.join(FLAGS)}, or all",
     )
-    rep.add_argument(
-        "--max-saturation",
-        metavar="FRACTION",
-        type=_fraction,
-        default=defaults.max_saturation,
-        help="saturated above this fraction of saturated elements; a ReLU sits near 0.5 by design "
-        "(default: %(default)s)",
-    )
-    rep.add_argument(
-        "--max-dead",
-        metavar="FRACTION",
-        type=_fraction,
-        default=defaults.max_dead,
-        help="dead above this fraction of units saturated on every sample (default: %(default)s)",
-    )
-    rep.add_argument(
-        "--min-std-ratio",
-        metavar="RATIO",
-        type=_positive,
-        default=defaults.min_std_ratio,
-        help="vanishing below this output std relative to the first layer of the same type (default: %(default)s)",
-    )
-    rep.add_argument(
-        "--max-std-ratio",
-        metavar="RATIO",
-        type=_positive,
-        default=defaults.max_std_ratio,
-        help="exploding above this output std relative to the first layer of the same type (default: %(default)s)",
-    )
-    rep.add_argument(
-        "--max-update-ratio",
-        metavar="RATIO",
-        type=_positive,
-        default=defaults.max_update_ratio,
-        help="exploding above this ||update|| / ||weights|| of one optimizer step (default: %(default)s)",
-    )
+    rep.add_argument("--all", action="store_true", help="list every layer, not only the flagged ones")
+    threshold_options = [
+        ("--saturation-margin", _fraction, "saturated above the activation kind's healthy saturation (at a N(0, 1) "
+         "input: 0.5 for ReLU, ~0 for tanh/sigmoid) plus this"),
+        ("--max-saturation", _fraction, "an absolute saturation limit for every kind instead of the per-kind rule"),
+        ("--max-dead", _fraction, "dead above this fraction of units saturated on every sample"),
+        ("--min-std-ratio", _positive, "vanishing below this output std relative to the first layer of the same type"),
+        ("--max-std-ratio", _positive, "exploding above this output std relative to the first layer of the same type"),
+        ("--max-update-ratio", _positive, "exploding above this ||update|| / ||weights|| of one optimizer step"),
+        ("--min-grad-ratio", _positive, "vanishing_gradient below this gradient norm relative to the largest layer's "
+         "at the same step (or exactly 0 with non-zero weights)"),
+        ("--min-update-ratio", _positive, "stalled below this update ratio ..."),
+        ("--stalled-steps", _count, "... on this many consecutive logged steps"),
+    ]  # fmt: skip
+    for option, kind, text in threshold_options:
+        default = getattr(defaults, option[2:].replace("-", "_"))
+        rep.add_argument(
+            option,
+            metavar="VALUE",
+            type=kind,
+            default=default,
+            help=f"{text} (default: {'per kind' if default is None else default})".replace("%", "%%"),
+        )
     return parser
 
 
-def report(logdir: Path, output: str, fail_on: Sequence[str], thresholds: Thresholds) -> int:
+def report(logdir: Path, output: str, fail_on: Sequence[str], thresholds: Thresholds, every_layer: bool = False) -> int:
     """Print the report of every run under ``logdir`` to stdout; returns the exit status."""
     if not logdir.exists():
         return _no_logs(f"'{logdir}' does not exist")
@@ -173,44 +145,15 @@ def report(logdir: Path, output: str, fail_on: Sequence[str], thresholds: Thresh
             f"{len(skipped)} run(s) under '{logdir}' but none holds lightning-bn scalars (act_*/<layer>, "
             "grad_norm/<param>, ...)"
         )
-    formatter: Callable[[list[RunHealth], list[str], Thresholds], str] = {
-        "table": format_table,
-        "markdown": format_markdown,
-        "json": format_json,
-    }[output]
-    print(formatter(runs, skipped, thresholds))
+    if output == "json":
+        print(format_json(runs, skipped, thresholds))
+    else:
+        print((format_markdown if output == "markdown" else format_table)(runs, skipped, thresholds, every_layer))
     failed = [flag for flag in FLAGS if flag in fail_on and any(flag in run.raised for run in runs)]
     if failed:
         print(f"lightning-bn report: failing on {', '.join(failed)} (--fail-on)", file=sys.stderr)
         return EXIT_FLAGGED
     return EXIT_OK
-
-
-def format_table(runs: list[RunHealth], skipped: list[str], thresholds: Thresholds) -> str:
-    """Aligned plain-text tables, one per run, each followed by its problems."""
-    blocks = [_legend(thresholds)]
-    for run in runs:
-        rows = [_COLUMNS, *(_row(layer) for layer in run.layers)]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-        blocks.append("\n".join([f"run {run.name}: {_steps(run)}", *lines, *_problems(run, "  ")]))
-    if skipped:
-        blocks.append(f"skipped (no lightning-bn scalars): {', '.join(skipped)}")
-    return "\n\n".join(blocks)
-
-
-def format_markdown(runs: list[RunHealth], skipped: list[str], thresholds: Thresholds) -> str:
-    """A section per run: a pipe table and a list of its problems."""
-    blocks = [_legend(thresholds)]
-    for run in runs:
-        header = "| " + " | ".join(_COLUMNS) + " |"
-        rule = "|" + "|".join("---" for _ in _COLUMNS) + "|"
-        rows = ["| " + " | ".join(cell.replace("|", "\\|") for cell in _row(layer)) + " |" for layer in run.layers]
-        blocks.append("\n".join([f"### `{run.name}`", "", _steps(run), "", header, rule, *rows, ""]))
-        blocks.append("\n".join(_problems(run, "- ")))
-    if skipped:
-        blocks.append(f"Skipped (no lightning-bn scalars): {', '.join(f'`{name}`' for name in skipped)}")
-    return "\n\n".join(blocks)
 
 
 def format_json(runs: list[RunHealth], skipped: list[str], thresholds: Thresholds) -> str:
@@ -236,68 +179,6 @@ def _strict(value: Any) -> Any:
     if isinstance(value, list):
         return [_strict(item) for item in value]
     return value
-
-
-def _legend(t: Thresholds) -> str:
-    return (
-        f"flags: saturated (saturation > {t.max_saturation:g}), dead (dead fraction > {t.max_dead:g}), nonfinite "
-        f"(inf/NaN activation or gradient), vanishing / exploding (std/first < {t.min_std_ratio:g} / > "
-        f"{t.max_std_ratio:g}; first = the first layer of the same module type, or of the same function for "
-        "activations, in runs that logged their layers table (layers in forward order); for the first of each type "
-        "and in runs without the table, the first layer of the same kind, activation or not), exploding (update "
-        f"ratio > {t.max_update_ratio:g}); {_ZERO_INIT_NOTE}: weights (or a norm's output) exactly 0 at the first "
-        f"logged step, not flagged vanishing until std/first reaches {t.min_std_ratio:g}"
-    )
-
-
-def _steps(run: RunHealth) -> str:
-    if not run.steps:
-        return "no steps"
-    order = ", layers in forward order" if run.forward_order else ""
-    return (
-        f"{len(run.steps)} logged steps ({run.steps[0]}-{run.steps[-1]}), latest figures at step {run.steps[-1]}{order}"
-    )
-
-
-def _row(layer: Any) -> tuple[str, ...]:
-    nonfinite = _number(layer.worst_nonfinite, ".0f")
-    if layer.nonfinite_gradient:
-        nonfinite = "grad" if layer.worst_nonfinite is None else f"{nonfinite}+grad"
-    return (
-        layer.name,
-        _number(layer.saturation, ".2f"),
-        _number(layer.worst_saturation, ".2f"),
-        _number(layer.dead, ".2f"),
-        _number(layer.worst_dead, ".2f"),
-        _number(layer.std, ".3g"),
-        _number(layer.std_ratio, ".3g"),
-        _number(layer.grad_norm, ".3g"),
-        _number(layer.update_ratio, ".2g"),
-        nonfinite,
-        ", ".join([flag.describe() for flag in layer.flags.values()] + [_ZERO_INIT_NOTE] * layer.zero_init) or "-",
-    )
-
-
-def _number(value: float | None, spec: str) -> str:
-    if value is None:
-        return "-"
-    return format(value, spec) if math.isfinite(value) else str(value)
-
-
-def _problems(run: RunHealth, bullet: str) -> list[str]:
-    problems = run.problems()
-    lines = [] if problems else [f"{bullet}no problems"]
-    for flag, found in problems.items():
-        first = next(layer for layer in run.layers if layer.name == found["first_layer"])
-        count = len(found["layers"])
-        lines.append(
-            f"{bullet}{flag}: {count} layer{'s' * (count != 1)}, first at step {found['first_step']} in "
-            f"{found['first_layer']} ({first.flags[flag].reason})"
-        )
-    if run.zero_init:
-        count = len(run.zero_init)
-        lines.append(f"{bullet}{_ZERO_INIT_NOTE}: {count} layer{'s' * (count != 1)}: {', '.join(run.zero_init)}")
-    return lines
 
 
 def _no_logs(why: str) -> int:
@@ -330,6 +211,16 @@ def _positive(text: str) -> float:
     value = _float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number but got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number but got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 but got {text!r}")
     return value
 
 

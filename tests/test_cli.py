@@ -38,6 +38,14 @@ def _nan_gradient_at_net4(net: nn.Sequential) -> nn.Sequential:
     return net
 
 
+def _zero_gradients(net: nn.Sequential, count: int) -> nn.Sequential:
+    linears = [layer for layer in net if isinstance(layer, nn.Linear)][:count]
+    for layer in linears:
+        for p in layer.parameters():
+            p.register_hook(torch.zeros_like)
+    return net
+
+
 #: run name -> (model, batch size, lr): the classic good and bad set-ups, as small as still shows the effect
 RUNS = {
     "he_relu": lambda: (_init(mlp(6, 64, nn.ReLU), _he), 32, 0.1),
@@ -48,6 +56,10 @@ RUNS = {
     "xavier_relu30": lambda: (_init(mlp(30, 64, nn.ReLU), nn.init.xavier_normal_, bias=0.0), 32, 0.01),
     "dead_relu": lambda: (_init(mlp(4, 32, nn.ReLU), _he, bias=-10.0), 32, 0.1),
     "nan_gradient": lambda: (_nan_gradient_at_net4(_init(mlp(4, 32, nn.ReLU), _he)), 32, 0.1),
+    # the issue's case: 10 sigmoid layers 256 wide, N(0, 1) weights; ~55-60% of each sigmoid layer saturated
+    "sigmoid_normal256": lambda: (_init(mlp(10, 256, nn.Sigmoid), lambda w: nn.init.normal_(w, 0.0, 1.0)), 32, 0.1),
+    # gradients of the first five Linears replaced by exact zeros (weights stay non-zero)
+    "zero_gradients": lambda: (_zero_gradients(_init(mlp(6, 32, nn.ReLU), _he), 5), 32, 0.1),
 }
 
 
@@ -100,8 +112,11 @@ def test_good_runs_flag_nothing(report, run):
 
 
 def test_sigmoid_with_normal_weights_is_saturated_at_deep_layers(report):
-    """Every sigmoid after the first is flagged saturated from step 0; the first sigmoid and the Linears are not."""
-    assert _flagged(report, "sigmoid_normal", "saturated") == [f"net.{i}" for i in range(3, 20, 2)]
+    """Every sigmoid is flagged saturated from step 0 (the first one ~50% saturated: its pre-activation std is ~8;
+    far above a sigmoid's healthy ~0.003); the Linears are not."""
+    assert _flagged(report, "sigmoid_normal", "saturated") == [f"net.{i}" for i in range(1, 20, 2)]
+    first = report["runs"]["sigmoid_normal/version_0"]["layers"]["net.1"]["saturation"]["latest"]
+    assert 0.3 < first < 0.7
     assert report["runs"]["sigmoid_normal/version_0"]["problems"]["saturated"]["first_step"] == 0
     assert not _flagged(report, "sigmoid_normal", "vanishing") + _flagged(report, "sigmoid_normal", "exploding")
 
@@ -147,11 +162,15 @@ def test_json_is_strict_and_complete(logs, capsys):
 
     document = json.loads(out, parse_constant=reject)
     assert document["thresholds"] == {
-        "max_saturation": 0.7,
+        "saturation_margin": 0.2,
+        "max_saturation": None,
         "max_dead": 0.5,
         "min_std_ratio": 0.01,
         "max_std_ratio": 100.0,
         "max_update_ratio": 1.0,
+        "min_grad_ratio": 1e-3,
+        "min_update_ratio": 1e-5,
+        "stalled_steps": 5,
     }
     assert document["flags"] == ["nonfinite"]
     layer = document["runs"]["version_0"]["layers"]["net.1"]
@@ -198,7 +217,7 @@ def test_thresholds_are_options(logs, capsys):
 
 def test_table_is_aligned_and_says_since_when(logs, capsys):
     """The table has one aligned row per layer, flags with the step they started, and a problem summary."""
-    main(["report", str(logs / "dead_relu")])
+    main(["report", str(logs / "dead_relu"), "--all"])
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("layer "))
@@ -206,7 +225,9 @@ def test_table_is_aligned_and_says_since_when(logs, capsys):
     assert [row.split()[0] for row in rows[1:]] == [f"net.{i}" for i in range(9)]
     assert len({row.index(row.split()[1]) for row in rows[1:]}) == 1  # second column starts at the same offset
     assert "saturated since step 0, dead since step 0" in rows[4]
-    assert "  dead: 4 layers, first at step 0 in net.1 (dead fraction 1)" in lines
+    dead = next(line for line in lines if line.startswith("  dead: "))
+    assert dead.startswith("  dead: 4 layers, first at step 0 in net.1 (dead fraction 1); try: ")
+    assert "He init" in dead  # one line of advice per flag
 
 
 def test_markdown_is_a_pipe_table(logs, capsys):
@@ -304,3 +325,64 @@ def test_flags_record_first_and_last_step_and_clearing():
     assert dead.describe() == "dead at steps 0-10 (cleared)"
     assert run.layers[1].flags["exploding"].describe() == "exploding since step 10"
     assert set(FLAGS) >= run.raised == {"dead", "exploding"}
+
+
+def test_sigmoid_256_with_normal_weights_is_saturated_by_its_kind(report):
+    """The issue's case: ~55-60% of each sigmoid's elements saturated is far above a sigmoid's healthy ~0.003, so
+    every sigmoid layer is flagged, although the fraction is under the 0.7 a ReLU would need."""
+    run = report["runs"]["sigmoid_normal256/version_0"]
+    sigmoids = [f"net.{i}" for i in range(1, 20, 2)]
+    assert _flagged(report, "sigmoid_normal256", "saturated") == sigmoids
+    for name in sigmoids:
+        saturation = run["layers"][name]["saturation"]
+        assert 0.3 < saturation["latest"] < 0.7  # under the old absolute limit: only the per-kind rule flags it
+        assert saturation["healthy"] < 0.01 and saturation["limit"] == pytest.approx(saturation["healthy"] + 0.2)
+    relu = report["runs"]["he_relu/version_0"]["layers"]["net.1"]["saturation"]
+    assert relu["healthy"] == pytest.approx(0.5, abs=1e-3) and 0.4 < relu["latest"] < relu["limit"]
+
+
+def test_zero_gradients_are_flagged_vanishing(report):
+    """Five Linears whose gradients are exactly 0 (weights non-zero) are flagged vanishing_gradient from step 0;
+    the sixth Linear and the activations are not."""
+    flagged = _flagged(report, "zero_gradients", "vanishing_gradient")
+    assert flagged == [f"net.{i}" for i in range(0, 10, 2)]
+    layer = report["runs"]["zero_gradients/version_0"]["layers"]["net.0"]
+    assert layer["grad_norm"] == 0.0
+    assert layer["flags"]["vanishing_gradient"]["first_step"] == 0
+
+
+@pytest.mark.parametrize(
+    ("run", "fail_on", "code"),
+    [
+        ("zero_gradients", "vanishing_gradient", EXIT_FLAGGED),
+        ("he_relu", "vanishing_gradient,saturated,stalled", EXIT_OK),
+        ("sigmoid_normal256", "saturated", EXIT_FLAGGED),
+        ("sigmoid_normal256", "nonfinite", EXIT_OK),
+    ],
+)
+def test_fail_on_follows_the_new_flags(logs, run, fail_on, code):
+    assert main(["report", str(logs / run), "--fail-on", fail_on]) == code
+
+
+def test_stalled_updates_need_a_run_of_steps():
+    """``stalled``: update ratio below min_update_ratio on stalled_steps consecutive logged steps; a shorter run or
+    a NaN in between does not count."""
+    weight = {"weight_norm": {s: 1.0 for s in range(8)}}
+    tiny = {s: 1e-7 for s in range(8)}
+    scalars = {f"{k}/net.0.weight": list(v.items()) for k, v in {**weight, "update_ratio": tiny}.items()}
+    scalars["grad_norm/net.0.weight"] = [(s, 1.0) for s in range(8)]
+    flag = analyze(scalars).layers[0].flags["stalled"]
+    assert (flag.first_step, flag.last_step, flag.active) == (0, 7, True)
+    short = dict(scalars, **{"update_ratio/net.0.weight": [(s, 1e-7 if s != 4 else math.nan) for s in range(8)]})
+    assert "stalled" not in analyze(short).layers[0].flags
+    assert "stalled" in analyze(short, thresholds=Thresholds(stalled_steps=4)).layers[0].flags
+
+
+def test_default_report_folds_healthy_layers(logs, capsys):
+    """Without --all a healthy run prints no table, one line per layer type, and 'no problems'."""
+    assert main(["report", str(logs / "he_relu")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert not [line for line in out.splitlines() if line.startswith("net.")]
+    assert "healthy layers (13; --all lists them):" in out
+    assert [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("    ")] == ["Linear", "relu"]
+    assert "no problems" in out

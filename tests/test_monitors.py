@@ -309,3 +309,26 @@ def test_gradient_monitor_hooks_only_the_first_batch(tmp_path):
     t.fit(model)
     assert hooks_per_step[0] > 0
     assert hooks_per_step[1] == hooks_per_step[2] == hooks_per_step[3] == 0
+
+
+def test_heatmap_is_a_readable_matplotlib_figure(tmp_path):
+    """The saturation heatmap is a labelled figure (not a strip of pixels): at least 12 px per layer row, and far
+    larger than the old 8 px per cell strip; its pixels vary (a drawn chart with axes and a colour bar)."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t = trainer(
+        tmp_path, logger=TensorBoardLogger(tmp_path), max_steps=6, callbacks=[ActivationMonitor(every_n_steps=2)]
+    )
+    t.fit(BoringClassifier(mlp(4, 16, nn.Sigmoid)))
+    acc = EventAccumulator(str(next(Path(tmp_path).rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
+    acc.Reload()
+    event = acc.Images("act_saturation_heatmap")[-1]
+    image = Image.open(io.BytesIO(event.encoded_image_string))
+    layers = 4  # the four sigmoids
+    image.save(tmp_path / "heatmap.png")
+    assert image.height >= 12 * layers + 60 and image.width >= 300
+    pixels = len(set(image.convert("RGB").getdata()))
+    assert pixels > 50

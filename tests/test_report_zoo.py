@@ -161,7 +161,7 @@ def test_the_report_reads_the_tag_the_monitor_writes():
 def test_zero_init_residual_is_deliberate_not_vanishing(logs, capsys, run):
     """A ResNet whose residual branches end in a zero-weight BatchNorm passes --fail-on all; the report marks those
     norms zero-init (deliberate), from their weights or (without GradientMonitor) from the layers table."""
-    assert main(["report", str(_run(logs, run)), "--fail-on", "all"]) == EXIT_OK
+    assert main(["report", str(_run(logs, run)), "--fail-on", "all", "--all"]) == EXIT_OK
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("net.")}
     assert rows["net.3.bn2"].endswith("zero-init (deliberate)")
@@ -232,11 +232,11 @@ def test_rows_follow_forward_order_not_registration_order(logs, capsys):
     assert [layer.name for layer in analyze(read_scalars(run)).layers] == forward[::-1]  # tag order
     assert [entry["name"] for entry in read_layers(run)] == forward  # the last of the tables written
     assert list(_json(logs, "out_of_order", capsys)["layers"]) == forward
-    main(["report", str(run)])
+    main(["report", str(run), "--all"])
     out = capsys.readouterr().out
     assert [line.split()[0] for line in out.splitlines() if line.startswith("net.")] == forward
     assert "layers in forward order" in out
-    main(["report", str(run), "--format", "markdown"])
+    main(["report", str(run), "--format", "markdown", "--all"])
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("| net.")] == forward
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,14 +36,28 @@ class PeriodicMonitor(Callback):
     removed on an exception and at teardown (:meth:`_release`).
     """
 
+    #: logged steps of each figure kept on the host for :class:`~lightning_bn.HealthCheck` (the latest ones)
+    HISTORY = 1000
+
     def __init__(self, every_n_steps: int) -> None:
         self.every_n_steps = check_every_n_steps(every_n_steps)
         self._last_logged_step = -1
+        #: every figure this fit logged (rank zero): tag -> ``[(step, value)]``, the latest :attr:`HISTORY` steps
+        self.figures: dict[str, deque[tuple[int, float]]] = {}
 
     def _reset(self) -> None:
         """Forget what belongs to the previous fit (subclasses extend it)."""
         self._release()
         self._last_logged_step = -1
+        self.figures = {}
+
+    def _remember(self, metrics: Mapping[str, float], step: int) -> None:
+        """Keep the figures just logged (host floats, already transferred) for HealthCheck."""
+        for tag, value in metrics.items():
+            series = self.figures.get(tag)
+            if series is None:
+                series = self.figures[tag] = deque(maxlen=self.HISTORY)
+            series.append((step, float(value)))
 
     def _release(self) -> None:
         """Remove every hook and drop every tensor this callback holds (subclasses implement it)."""

@@ -22,6 +22,7 @@ from lightning_bn import writers
 from lightning_bn.callbacks._periodic import PeriodicMonitor, check_positive_int
 from lightning_bn.fused import BACKENDS, COMPILE_SECONDS
 from lightning_bn.probes import ActivationProbe, ModuleFilter, WatchTarget, validate_module_filter, watch_targets
+from lightning_bn.report.plot import saturation_heatmap
 from lightning_bn.stats import DEFAULT_ZERO_TOL
 from lightning_bn.tracing import HookSet, ModelMap, trace_model
 
@@ -43,7 +44,8 @@ LAYERS_TAG = "lightning_bn/layers"
 
 
 def layer_entry(target: WatchTarget) -> dict[str, Any]:
-    """What the report needs to know of a watched layer: name, module type, activation, how it is watched.
+    """What the report needs to know of a watched layer: name, module type, activation, how it is watched and, for
+    an activation, the fraction its kind saturates at a healthy N(0, 1) input.
 
     Example::
 
@@ -52,8 +54,11 @@ def layer_entry(target: WatchTarget) -> dict[str, Any]:
         {'name': 'fc1', 'module_type': 'Linear', 'activation': None, 'hook': 'layer'}
     """
     activation = target.activation.describe() if target.activation is not None else None
-    return {"name": target.name, "module_type": type(target.module).__name__, "activation": activation,
-            "hook": target.hook}  # fmt: skip
+    entry = {"name": target.name, "module_type": type(target.module).__name__, "activation": activation,
+             "hook": target.hook}  # fmt: skip
+    if target.activation is not None:  # the report's baseline for this kind (lightning_bn.report.Thresholds)
+        entry["healthy_saturation"] = round(target.activation.healthy_saturation, 6)
+    return entry
 
 
 def _is_compiled(module: object) -> bool:
@@ -135,6 +140,8 @@ class ActivationMonitor(PeriodicMonitor):
         self.model_map: ModelMap | None = None
         self._pending_step: int | None = None
         self._history: list[tuple[int, dict[str, float]]] = []
+        #: the watched layers in forward order (the layers table the report reads), once known
+        self.layers: list[dict[str, Any]] | None = None
 
     @override
     def _reset(self) -> None:
@@ -202,8 +209,9 @@ class ActivationMonitor(PeriodicMonitor):
             raise MisconfigurationException(f"`ActivationMonitor(modules={self.modules!r})` selected no module")
         bins = self.histogram_bins if self.histograms and writers.tensorboard_writers(trainer.loggers) else 0
         self._probe = ActivationProbe(targets, histogram_bins=bins, zero_tol=self.zero_tol, fused=self.fused)
+        self.layers = [layer_entry(t) for t in targets]
         if trainer.is_global_zero:
-            table = json.dumps([layer_entry(t) for t in targets])
+            table = json.dumps(self.layers)
             writers.log_text(writers.tensorboard_writers(trainer.loggers), LAYERS_TAG, table, step=0)
 
     @override
@@ -289,6 +297,7 @@ class ActivationMonitor(PeriodicMonitor):
             for key, value in figs.items()
         }
         writers.log_scalars(trainer.loggers, metrics, step)
+        self._remember(metrics, step)
         tb = writers.tensorboard_writers(trainer.loggers)
         if result.histograms:
             writers.log_histograms(tb, "act_hist", result.histograms, step)
@@ -303,7 +312,10 @@ class ActivationMonitor(PeriodicMonitor):
             return
         layers = list(dict.fromkeys(name for _, sat in self._history for name in sat))
         grid = np.array([[sat.get(name, np.nan) for _, sat in self._history] for name in layers])
-        writers.log_image(tb, "act_saturation_heatmap", writers.heatmap_image(grid), self._history[-1][0])
+        steps = [step for step, _ in self._history]
+        kinds = {t.name: t.activation.kind.name for t in self._probe.targets if t.activation} if self._probe else {}
+        image = saturation_heatmap(grid, steps, layers, [kinds.get(name) for name in layers])
+        writers.log_image(tb, "act_saturation_heatmap", image, self._history[-1][0])
 
     @override
     def state_dict(self) -> dict[str, Any]:

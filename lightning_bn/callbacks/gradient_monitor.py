@@ -292,6 +292,7 @@ class GradientMonitor(PeriodicMonitor):
             for name, update, weight in zip(names, updates, sampled):
                 metrics[writers.metric_key("update_ratio", name)] = update / weight if weight else math.nan
         writers.log_scalars(trainer.loggers, metrics, pending["step"])
+        self._remember(metrics, pending["step"])
         if pending["hists"]:
             histograms = []
             bins = self.histogram_bins

@@ -109,6 +109,11 @@ class ActivationProbe(_HookSet):
     def names(self) -> list[str]:
         return [t.name for t in self._targets]
 
+    @property
+    def targets(self) -> list[WatchTarget]:
+        """The watched targets, in order."""
+        return [t.spec for t in self._targets]
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """While inside, the attached hooks record nothing (a forward pass that is no training step)."""

@@ -1,9 +1,9 @@
 """Judge the health of a run from its logged monitor scalars: saturated, dead, non-finite, vanishing, exploding layers.
 
-A pure function over ``{tag: [(step, value)]}`` (what :class:`ActivationMonitor` and :class:`GradientMonitor`
-log) and, when the run has it, the table of watched layers that :class:`ActivationMonitor` writes as TensorBoard text
-:data:`LAYERS_TAG` (forward order, module type, activation); testable without event files. ``lightning-bn report``
-(:mod:`lightning_bn.cli`) reads the files.
+A pure function over ``{tag: [(step, value)]}`` (what :class:`~lightning_bn.ActivationMonitor` and
+:class:`~lightning_bn.GradientMonitor` log) and, when the run has it, the table of watched layers that
+:class:`~lightning_bn.ActivationMonitor` writes as TensorBoard text :data:`LAYERS_TAG` (forward order, module type,
+activation); testable without event files. ``lightning-bn report`` (:mod:`lightning_bn.cli`) reads the files.
 """
 
 from .analysis import analyze, is_monitor_tag

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, overload
 
 from .health import FLAGS, Flag, LayerHealth, RunHealth, Thresholds
 from .layers import (
+    _activation,
     _is_zero_init,
     _kind,
     _layer_table,
@@ -49,13 +52,36 @@ def is_monitor_tag(tag: str) -> bool:
     return bool(name) and statistic in _ACTIVATION_STATISTICS | _PARAMETER_STATISTICS
 
 
+@overload
+def analyze(
+    scalars: str | os.PathLike[str],
+    name: str = "",
+    thresholds: Thresholds = ...,
+    layers: Sequence[Mapping[str, Any]] | None = None,
+) -> list[RunHealth]: ...
+
+
+@overload
 def analyze(
     scalars: Mapping[str, Sequence[tuple[int, float]]],
     name: str = "",
+    thresholds: Thresholds = ...,
+    layers: Sequence[Mapping[str, Any]] | None = None,
+) -> RunHealth: ...
+
+
+def analyze(
+    scalars: Mapping[str, Sequence[tuple[int, float]]] | str | os.PathLike[str],
+    name: str = "",
     thresholds: Thresholds = Thresholds(),  # noqa: B008  (frozen: immutable, as in its defining module)
     layers: Sequence[Mapping[str, Any]] | None = None,
-) -> RunHealth:
-    """Flag the layers of one run from its logged scalars.
+) -> RunHealth | list[RunHealth]:
+    """Flag the layers of one run from its logged scalars, or of every run under a log directory.
+
+    Given a path (``analyze("lightning_logs")``: a directory of TensorBoard runs, or one event file), every run below
+    it that holds lightning-bn scalars is read (with its layers table) and analyzed: a list of :class:`RunHealth`,
+    each named by its path relative to the directory, sorted (``lightning-bn report`` prints the same). Raises
+    ``FileNotFoundError`` naming the path when it does not exist.
 
     With ``layers`` (the run's layers table, see :data:`LAYERS_TAG`) the layers come in its order, the forward order
     of the model, and each output std is compared with that of the first layer of the same module type (a LayerNorm
@@ -93,6 +119,8 @@ def analyze(
         >>> layer.saturation, layer.worst_saturation, layer.flags["saturated"].describe()
         (0.95, 0.95, 'saturated since step 5')
     """
+    if isinstance(scalars, (str, os.PathLike)):
+        return _analyze_logdir(Path(scalars), thresholds)
     activations: dict[str, dict[str, dict[int, float]]] = {}
     parameters: dict[str, dict[str, dict[str, dict[int, float]]]] = {}
     for tag, series in scalars.items():
@@ -112,12 +140,33 @@ def analyze(
     order = _merge_orders(logged, list(parameters))
     zero_init = {layer for layer in order if _is_zero_init(layer, activations.get(layer, {}), parameters, table)}
     std_ratios = _std_ratios(order, activations, table, zero_init)
+    grads = {layer: _per_step(parameters.get(layer, {}), _grad_norm) for layer in order}
+    largest: dict[int, tuple[float, str]] = {}  # per step: the largest finite layer gradient norm, and whose
+    for layer, grad in grads.items():
+        for step, value in grad.items():
+            if math.isfinite(value) and value > largest.get(step, (0.0, ""))[0]:
+                largest[step] = (value, layer)
+    # while a deliberately zero-initialized layer is still 0 (e.g. the last norm of each residual branch), nothing
+    # upstream of it in its branch gets a gradient, by design: gradients are not judged up to the step it leaves 0
+    # and the layers beside it in its block (the branch it closes) get small gradients until its output has grown:
+    # they are judged from the step its std ratio reaches min_std_ratio (as its own vanishing flag is)
+    woken = [_left_zero(parameters.get(layer, {}).get(f"{layer}.weight", {})) for layer in zero_init]
+    quiet_until = max((step for step in woken if step is not None), default=-1)
+    gated: dict[str, float] = {}  # layer -> the step from which its gradient is judged
+    for closing in zero_init:
+        ratio = std_ratios.get(closing, ({}, None))[0]
+        awake = min((step for step, value in ratio.items() if value >= thresholds.min_std_ratio), default=math.inf)
+        block = closing.rpartition(".")[0]
+        for layer in order:
+            if layer != closing and block and layer.rpartition(".")[0] == block:
+                gated[layer] = max(gated.get(layer, -1), awake if ratio else -1)
     out = []
     for depth, layer in enumerate(order):
         act, params = activations.get(layer, {}), parameters.get(layer, {})
         kind = _kind(act)
-        grad = _per_step(params, _grad_norm)
+        grad = grads[layer]
         update = _per_step(params, _update_ratio)
+        weights = _per_step(params, _weight_norm)
         ratio, reference = std_ratios.get(layer, ({}, None))
         judged_ratio, judged_update = ratio, update
         if layer in zero_init:
@@ -125,6 +174,15 @@ def analyze(
             judged_ratio = {step: value for step, value in ratio.items() if awake and step >= awake[0]}
             left_zero = _left_zero(params.get(f"{layer}.weight", {}))  # the update from 0 reads 1: no judgement
             judged_update = {step: value for step, value in update.items() if left_zero is None or step > left_zero}
+        entry = table.get(layer) if table is not None else None
+        healthy = entry.get("healthy_saturation") if entry is not None else None
+        healthy = float(healthy) if isinstance(healthy, (int, float)) and math.isfinite(healthy) else None
+        limit = thresholds.saturation_limit(healthy)
+        gradient_share = {
+            step: (value, largest[step])
+            for step, value in grad.items()
+            if step in largest and math.isfinite(value) and step > quiet_until and step >= gated.get(layer, -1)
+        }
         out.append(
             LayerHealth(
                 layer,
@@ -142,14 +200,47 @@ def analyze(
                 nonfinite=_latest(act.get("act_nonfinite")),
                 worst_nonfinite=_worst(act.get("act_nonfinite")),
                 nonfinite_gradient=any(not math.isfinite(v) for v in grad.values()),
-                flags=_flags(act, grad, judged_update, ratio, judged_ratio, reference or "", thresholds),
-                module_type=_module_type(table.get(layer) if table is not None else None),
+                flags=_flags(
+                    act,
+                    grad,
+                    judged_update,
+                    ratio,
+                    judged_ratio,
+                    reference or "",
+                    thresholds,
+                    limit,
+                    gradient_share,
+                    weights,
+                    layer,
+                ),
+                module_type=_module_type(entry),
                 std_reference=reference,
                 zero_init=layer in zero_init,
+                activation=_activation(entry),
+                healthy_saturation=healthy,
+                saturation_limit=limit if "act_saturation" in act else None,
             )
         )
     steps = {s for layer in [*activations.values(), *parameters.values()] for s in _steps(layer)}
     return RunHealth(name, sorted(steps), out, forward_order=table is not None)
+
+
+def _analyze_logdir(logdir: Path, thresholds: Thresholds) -> list[RunHealth]:
+    from .reading import find_runs, read_layers, read_scalars
+
+    if not logdir.exists():
+        raise FileNotFoundError(f"Expected a log directory or event file but {str(logdir)!r} does not exist")
+    runs = []
+    for run in find_runs(logdir):
+        health = analyze(
+            read_scalars(run),
+            run.relative_to(logdir).as_posix() if run != logdir else ".",
+            thresholds,
+            read_layers(run),
+        )
+        if health.layers:
+            runs.append(health)
+    return runs
 
 
 def _per_step(
@@ -167,6 +258,12 @@ def _per_step(
 def _grad_norm(params: list[Mapping[str, Mapping[int, float]]], step: int) -> float | None:
     """The 2-norm over the layer's parameters (exact for the monitor's default 2-norms; inf/NaN propagate)."""
     norms = [p["grad_norm"][step] for p in params if step in p.get("grad_norm", {})]
+    return math.sqrt(sum(n * n for n in norms)) if norms else None
+
+
+def _weight_norm(params: list[Mapping[str, Mapping[int, float]]], step: int) -> float | None:
+    """The 2-norm over the layer's parameters' weights."""
+    norms = [p["weight_norm"][step] for p in params if step in p.get("weight_norm", {})]
     return math.sqrt(sum(n * n for n in norms)) if norms else None
 
 
@@ -206,32 +303,69 @@ def _flags(
     vanishing_ratio: Mapping[int, float],
     reference: str,
     thresholds: Thresholds,
+    saturation_limit: float,
+    gradient_share: Mapping[int, tuple[float, tuple[float, str]]],
+    weights: Mapping[int, float],
+    layer: str,
 ) -> dict[str, Flag]:
     """Evaluate every condition at every logged step; keep the first and last step where each held.
 
     At a step where the layer's activations hold inf/NaN, only ``nonfinite`` is judged: its other figures are void.
-    ``vanishing`` is judged on ``vanishing_ratio`` (the steps of ``std_ratio`` where it may hold).
+    ``vanishing`` is judged on ``vanishing_ratio`` (the steps of ``std_ratio`` where it may hold);
+    ``saturated`` against ``saturation_limit`` (the layer's kind's healthy saturation plus the margin);
+    ``vanishing_gradient`` on ``gradient_share`` (per step: the layer's gradient norm, and the largest layer's with
+    its name); ``stalled`` on runs of ``stalled_steps`` consecutive logged steps of ``update``.
     """
     t = thresholds
     nonfinite = act.get("act_nonfinite", {})
     void = {step for step, count in nonfinite.items() if count > 0}
-    checks: list[tuple[str, Mapping[int, float], Callable[[float], bool], Callable[[float], str]]] = [
-        ("saturated", act.get("act_saturation", {}), lambda v: v > t.max_saturation, "saturation {:.3g}".format),
-        ("dead", act.get("act_dead", {}), lambda v: v > t.max_dead, "dead fraction {:.3g}".format),
-        ("nonfinite", nonfinite, lambda v: v > 0, "{:.0f} non-finite activations".format),
-        ("nonfinite", grad, lambda v: not math.isfinite(v), "gradient norm {}".format),
-        ("vanishing", vanishing_ratio, lambda v: v < t.min_std_ratio, f"std {{:.3g}} x that of {reference}".format),
-        ("exploding", std_ratio, lambda v: v > t.max_std_ratio, f"std {{:.3g}} x that of {reference}".format),
-        ("exploding", update, lambda v: v > t.max_update_ratio, "update ratio {:.3g}".format),
-    ]
+
+    def starved(value: tuple[float, tuple[float, str]], step: int) -> bool:
+        norm, (top, _) = value
+        return norm < t.min_grad_ratio * top or (norm == 0 and weights.get(step, 0.0) > 0)
+
+    def starved_reason(value: tuple[float, tuple[float, str]]) -> str:
+        norm, (top, name) = value
+        if name == layer:
+            return f"gradient norm {norm:.3g} with non-zero weights"
+        return f"gradient norm {norm:.3g}, {norm / top:.2g} x that of {name}"
+
+    checks: list[tuple[str, Mapping[int, Any], Callable[[Any, int], bool], Callable[[Any], str]]] = [
+        ("saturated", act.get("act_saturation", {}), lambda v, s: v > saturation_limit,
+         lambda v: f"saturation {v:.3g} > {saturation_limit:.3g}"),
+        ("dead", act.get("act_dead", {}), lambda v, s: v > t.max_dead, "dead fraction {:.3g}".format),
+        ("nonfinite", nonfinite, lambda v, s: v > 0, "{:.0f} non-finite activations".format),
+        ("nonfinite", grad, lambda v, s: not math.isfinite(v), "gradient norm {}".format),
+        ("vanishing", vanishing_ratio, lambda v, s: v < t.min_std_ratio, f"std {{:.3g}} x that of {reference}".format),
+        ("exploding", std_ratio, lambda v, s: v > t.max_std_ratio, f"std {{:.3g}} x that of {reference}".format),
+        ("exploding", update, lambda v, s: v > t.max_update_ratio, "update ratio {:.3g}".format),
+        ("vanishing_gradient", gradient_share, starved, starved_reason),
+    ]  # fmt: skip
     last_step = max(_steps({**act, "grad": grad, "update": update}), default=None)
     hits: dict[str, list[tuple[int, str]]] = {}
     for name, series, condition, reason in checks:
         judged = series.items() if name == "nonfinite" else [(s, v) for s, v in series.items() if s not in void]
-        hits.setdefault(name, []).extend((step, reason(v)) for step, v in judged if condition(v))
+        hits.setdefault(name, []).extend((step, reason(v)) for step, v in judged if condition(v, step))
+    hits["stalled"] = _stalled(update, t)
     out = {}
     for name in FLAGS:
         found = sorted(hits.get(name, []))
         if found:
             out[name] = Flag(name, found[0][0], found[-1][0], found[-1][0] == last_step, found[0][1])
     return out
+
+
+def _stalled(update: Mapping[int, float], t: Thresholds) -> list[tuple[int, str]]:
+    """The steps inside runs of at least ``stalled_steps`` consecutive logged steps with ``update_ratio`` below
+    ``min_update_ratio`` (NaN breaks a run)."""
+    hits: list[tuple[int, str]] = []
+    run: list[tuple[int, float]] = []
+    for step, value in [*sorted(update.items()), (None, math.nan)]:
+        if step is not None and value < t.min_update_ratio:
+            run.append((step, value))
+            continue
+        if len(run) >= t.stalled_steps:
+            worst = max(v for _, v in run)
+            hits += [(s, f"update ratio <= {worst:.2g} for {len(run)} logged steps") for s, _ in run]
+        run = []
+    return hits

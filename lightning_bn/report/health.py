@@ -5,20 +5,49 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FLAGS", "Flag", "LayerHealth", "RunHealth", "Thresholds"]
+__all__ = ["ADVICE", "FLAGS", "UNKNOWN_BASELINE", "Flag", "LayerHealth", "RunHealth", "Thresholds"]
 
 #: Every problem the report can flag, in the order it lists them.
-FLAGS = ("saturated", "dead", "nonfinite", "vanishing", "exploding")
+FLAGS = ("saturated", "dead", "nonfinite", "vanishing", "exploding", "vanishing_gradient", "stalled")
+
+#: The saturation baseline of a layer whose activation kind is unknown (no layers table, or a table without it):
+#: a ReLU's, the highest of the common kinds, so that no healthy layer is flagged for want of its kind.
+UNKNOWN_BASELINE = 0.5
+
+#: One line per flag: what usually causes it and what to try. The report prints it under each flagged layer.
+ADVICE: dict[str, str] = {
+    "saturated": "inputs sit on the activation's flat ends, so gradients vanish there: use the init made for this "
+    "activation (lightning_bn.prepare: Xavier for tanh/sigmoid, He for ReLU), put a norm before it, or lower the "
+    "learning rate",
+    "dead": "units that never activate learn nothing: He init (lightning_bn.prepare), a lower learning rate, a norm "
+    "before the activation, or a leaky kind (LeakyReLU, GELU)",
+    "nonfinite": "inf/NaN: lower the learning rate, clip gradients, check the init gain and, under mixed precision, "
+    "the loss scaling",
+    "vanishing": "the signal shrinks with depth: use the init matching the activation (He for ReLU, Xavier for tanh) "
+    "or add normalization (lightning_bn.prepare(norm=...))",
+    "exploding": "the signal or the updates grow: lower the learning rate, check the init gain, add normalization or "
+    "gradient clipping",
+    "vanishing_gradient": "almost no gradient reaches this layer: look for saturated activations or a detached path "
+    "after it, or add residual connections / normalization",
+    "stalled": "the weights barely move: raise the learning rate (for this parameter group), or check weight decay and "
+    "the optimizer's state",
+}
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a layer is flagged, judged at every logged step.
+    """When a layer is flagged, judged at every logged step: the health rules of the report and of the callbacks'
+    fit-end summary and fail-fast (:class:`lightning_bn.HealthCheck`), in one place.
 
     Args:
-        max_saturation: ``saturated`` when ``act_saturation`` exceeds this. A ReLU sits near 0.5 by construction (its
-            negative half has zero slope), so the default is well above that; a sigmoid net with N(0, 1) weights
-            reaches ~0.8 (Glorot & Bengio 2010).
+        saturation_margin: ``saturated`` when ``act_saturation`` exceeds what is healthy *for the layer's activation
+            kind* by more than this. The healthy value is the fraction a unit-variance input ``N(0, 1)`` saturates
+            (:attr:`lightning_bn.activations.Activation.healthy_saturation`, written by ``ActivationMonitor`` into the
+            run's layers table): 0.5 for ReLU (its negative half has zero slope by construction), ~0.003 for tanh and
+            sigmoid, so a sigmoid layer 20% pinned at its asymptotes is flagged and a ReLU layer at 55% is not. A kind
+            the run did not record counts as :data:`UNKNOWN_BASELINE` (0.5).
+        max_saturation: an absolute limit for every kind instead (``None``: the per-kind rule above). A sigmoid net
+            with N(0, 1) weights reaches ~0.8 (Glorot & Bengio 2010).
         max_dead: ``dead`` when more than this fraction of the units is saturated on every sample of the batch.
         min_std_ratio: ``vanishing`` when a layer's output std falls below this times the std of the first layer of
             the same type: with the run's layers table, the same module type (a LayerNorm with the first LayerNorm)
@@ -30,18 +59,35 @@ class Thresholds:
         max_std_ratio: ``exploding`` when that ratio exceeds this.
         max_update_ratio: also ``exploding`` when one optimizer step moves a layer's parameters by more than this
             times their norm (``update_ratio``; ~1e-3 is healthy, a zero-initialized layer reads exactly 1 once).
+        min_grad_ratio: ``vanishing_gradient`` when a layer's gradient norm (over its parameters) is below this times
+            the largest layer's at the same step, or exactly 0 while its weights are not.
+        min_update_ratio: ``stalled`` when ``update_ratio`` stays below this (~1e-3 is healthy) ...
+        stalled_steps: ... on at least this many consecutive logged steps.
 
     Example::
 
-        >>> Thresholds(max_saturation=0.9).max_dead
-        0.5
+        >>> t = Thresholds()
+        >>> t.saturation_limit(0.5), round(t.saturation_limit(0.003), 3), t.saturation_limit(None)
+        (0.7, 0.203, 0.7)
+        >>> Thresholds(max_saturation=0.9).saturation_limit(0.0)
+        0.9
     """
 
-    max_saturation: float = 0.7
+    saturation_margin: float = 0.2
+    max_saturation: float | None = None
     max_dead: float = 0.5
     min_std_ratio: float = 0.01
     max_std_ratio: float = 100.0
     max_update_ratio: float = 1.0
+    min_grad_ratio: float = 1e-3
+    min_update_ratio: float = 1e-5
+    stalled_steps: int = 5
+
+    def saturation_limit(self, healthy: float | None) -> float:
+        """The saturation above which a layer whose kind saturates ``healthy`` at a N(0, 1) input is flagged."""
+        if self.max_saturation is not None:
+            return self.max_saturation
+        return (UNKNOWN_BASELINE if healthy is None else healthy) + self.saturation_margin
 
 
 @dataclass
@@ -96,14 +142,30 @@ class LayerHealth:
     module_type: str | None = None
     std_reference: str | None = None
     zero_init: bool = False
+    activation: str | None = None
+    healthy_saturation: float | None = None
+    saturation_limit: float | None = None
+
+    @property
+    def layer_type(self) -> str:
+        """What the layer is, for the report's type column: ``"relu"``, ``"Linear"``, ``"LayerNorm"``, ..."""
+        if self.activation:
+            return self.activation
+        return self.module_type or {"activation": "activation", "parameters": "(parameters)"}.get(self.kind, "layer")
 
     def to_dict(self) -> dict[str, Any]:
         figures = {
             "depth": self.depth,
             "kind": self.kind,
             "module_type": self.module_type,
+            "activation": self.activation,
             "zero_init": self.zero_init,
-            "saturation": {"latest": self.saturation, "worst": self.worst_saturation},
+            "saturation": {
+                "latest": self.saturation,
+                "worst": self.worst_saturation,
+                "healthy": self.healthy_saturation,
+                "limit": self.saturation_limit,
+            },
             "dead": {"latest": self.dead, "worst": self.worst_dead},
             "std": self.std,
             "std_ratio": self.std_ratio,

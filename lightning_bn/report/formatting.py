@@ -1,0 +1,169 @@
+"""The report as text: a diagnosis per run (flagged layers, healthy layers folded by type, advice per flag), as an
+aligned table or Markdown. Used by ``lightning-bn report`` and by :class:`lightning_bn.HealthCheck` at fit end."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .health import ADVICE, RunHealth, Thresholds
+
+__all__ = ["format_markdown", "format_table"]
+
+#: the note, in the flags column and under the problems, on a layer zero-initialized on purpose (no flag, no failure)
+_ZERO_INIT_NOTE = "zero-init (deliberate)"
+_COLUMNS = (
+    "layer",
+    "type",
+    "saturation",
+    "worst sat.",
+    "dead",
+    "worst dead",
+    "std",
+    "std/first",
+    "grad norm",
+    "update ratio",
+    "nonfinite",
+    "flags",
+)
+
+
+def format_table(runs: list[RunHealth], skipped: list[str], thresholds: Thresholds, every_layer: bool = False) -> str:
+    """Per run, a diagnosis: the flagged layers in forward order with the step each problem started (every layer with
+    ``every_layer``), the healthy layers folded into one line per layer type, and one line of advice per flag."""
+    blocks = [_legend(thresholds)]
+    for run in runs:
+        shown = run.layers if every_layer else [layer for layer in run.layers if layer.flags]
+        lines = [f"run {run.name}: {_steps(run)}"]
+        if shown:
+            rows = [_COLUMNS, *(_row(layer) for layer in shown)]
+            widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+            lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        if not every_layer:
+            lines += _healthy(run, "  ")
+        blocks.append("\n".join([*lines, *_problems(run, "  ")]))
+    if skipped:
+        blocks.append(f"skipped (no lightning-bn scalars): {', '.join(skipped)}")
+    return "\n\n".join(blocks)
+
+
+def format_markdown(
+    runs: list[RunHealth], skipped: list[str], thresholds: Thresholds, every_layer: bool = False
+) -> str:
+    """A section per run: a pipe table of the flagged layers (every layer with ``every_layer``), the healthy layers
+    by type, and the problems with advice."""
+    blocks = [_legend(thresholds)]
+    for run in runs:
+        shown = run.layers if every_layer else [layer for layer in run.layers if layer.flags]
+        header = "| " + " | ".join(_COLUMNS) + " |"
+        rule = "|" + "|".join("---" for _ in _COLUMNS) + "|"
+        rows = ["| " + " | ".join(cell.replace("|", "\\|") for cell in _row(layer)) + " |" for layer in shown]
+        table = [header, rule, *rows, ""] if shown else []
+        healthy = [] if every_layer else [*_healthy(run, "- "), ""]
+        blocks.append("\n".join([f"### `{run.name}`", "", _steps(run), "", *table, *healthy]))
+        blocks.append("\n".join(_problems(run, "- ")))
+    if skipped:
+        blocks.append(f"Skipped (no lightning-bn scalars): {', '.join(f'`{name}`' for name in skipped)}")
+    return "\n\n".join(blocks)
+
+
+def _legend(t: Thresholds) -> str:
+    saturation = (
+        f"saturation > {t.max_saturation:g}"
+        if t.max_saturation is not None
+        else f"saturation > the kind's healthy saturation at a N(0, 1) input + {t.saturation_margin:g}"
+    )
+    return (
+        f"flags: saturated ({saturation}), dead (dead fraction > {t.max_dead:g}), nonfinite (inf/NaN activation or "
+        f"gradient), vanishing / exploding (std/first < {t.min_std_ratio:g} / > {t.max_std_ratio:g}; first = the "
+        "first layer of the same type), exploding (update ratio > "
+        f"{t.max_update_ratio:g}), vanishing_gradient (gradient norm < {t.min_grad_ratio:g} x the largest layer's, "
+        f"or 0 with non-zero weights), stalled (update ratio < {t.min_update_ratio:g} for {t.stalled_steps} logged "
+        f"steps in a row); {_ZERO_INIT_NOTE}: weights (or a norm's output) exactly 0 at the first logged step, not "
+        f"flagged vanishing until std/first reaches {t.min_std_ratio:g}"
+    )
+
+
+def _healthy(run: RunHealth, bullet: str) -> list[str]:
+    """One line per layer type of the layers without flags: how many, and the range of their latest figures."""
+    groups: dict[str, list[Any]] = {}
+    for layer in run.layers:
+        if not layer.flags:
+            groups.setdefault(layer.layer_type, []).append(layer)
+    if not groups:
+        return []
+    lines = [f"{bullet}healthy layers ({sum(map(len, groups.values()))}; --all lists them):"]
+    for layer_type, layers in groups.items():
+        figures = [
+            f"{label} {_span([getattr(layer, attribute) for layer in layers], spec)}"
+            for label, attribute, spec in (
+                ("saturation", "saturation", ".2f"),
+                ("dead", "dead", ".2f"),
+                ("std", "std", ".3g"),
+                ("grad norm", "grad_norm", ".2g"),
+                ("update ratio", "update_ratio", ".2g"),
+            )
+            if any(getattr(layer, attribute) is not None for layer in layers)
+        ]
+        count = f"{len(layers)} layer{'s' * (len(layers) != 1)}"
+        lines.append(f"{bullet}  {layer_type}: {count}" + (f", {', '.join(figures)}" if figures else ""))
+    return lines
+
+
+def _span(values: list[float | None], spec: str) -> str:
+    found = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not found:
+        return "-"
+    low, high = format(found[0], spec), format(found[-1], spec)
+    return low if low == high else f"{low}..{high}"
+
+
+def _steps(run: RunHealth) -> str:
+    if not run.steps:
+        return "no steps"
+    order = ", layers in forward order" if run.forward_order else ""
+    return (
+        f"{len(run.steps)} logged steps ({run.steps[0]}-{run.steps[-1]}), latest figures at step {run.steps[-1]}{order}"
+    )
+
+
+def _row(layer: Any) -> tuple[str, ...]:
+    nonfinite = _number(layer.worst_nonfinite, ".0f")
+    if layer.nonfinite_gradient:
+        nonfinite = "grad" if layer.worst_nonfinite is None else f"{nonfinite}+grad"
+    return (
+        layer.name,
+        layer.layer_type,
+        _number(layer.saturation, ".2f"),
+        _number(layer.worst_saturation, ".2f"),
+        _number(layer.dead, ".2f"),
+        _number(layer.worst_dead, ".2f"),
+        _number(layer.std, ".3g"),
+        _number(layer.std_ratio, ".3g"),
+        _number(layer.grad_norm, ".3g"),
+        _number(layer.update_ratio, ".2g"),
+        nonfinite,
+        ", ".join([flag.describe() for flag in layer.flags.values()] + [_ZERO_INIT_NOTE] * layer.zero_init) or "-",
+    )
+
+
+def _number(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if math.isfinite(value) else str(value)
+
+
+def _problems(run: RunHealth, bullet: str) -> list[str]:
+    problems = run.problems()
+    lines = [] if problems else [f"{bullet}no problems"]
+    for flag, found in problems.items():
+        first = next(layer for layer in run.layers if layer.name == found["first_layer"])
+        count = len(found["layers"])
+        lines.append(
+            f"{bullet}{flag}: {count} layer{'s' * (count != 1)}, first at step {found['first_step']} in "
+            f"{found['first_layer']} ({first.flags[flag].reason}); try: {ADVICE[flag]}"
+        )
+    if run.zero_init:
+        count = len(run.zero_init)
+        lines.append(f"{bullet}{_ZERO_INIT_NOTE}: {count} layer{'s' * (count != 1)}: {', '.join(run.zero_init)}")
+    return lines
