@@ -105,6 +105,26 @@ def screenshot_custom_scalars(browser: Chromium, url: str, path: Path) -> None:
     browser.resize(WIDTH, HEIGHT)
 
 
+# Ticks "Show actual image size" (the heatmap is drawn to be read at 100%, not as a card thumbnail).
+ACTUAL_SIZE_JS = """(() => {
+  let clicked = 0;
+  const walk = (node) => {
+    if (!node || clicked) return;
+    const tag = node.tagName || '';
+    if ((tag === 'PAPER-CHECKBOX' || tag === 'MAT-CHECKBOX' || tag === 'LABEL')
+        && (node.textContent || '').includes('actual image size')) {
+      const box = (node.shadowRoot && node.shadowRoot.querySelector('#checkbox'))
+        || node.querySelector('input') || node;
+      box.click(); clicked++; return;
+    }
+    if (node.shadowRoot) walk(node.shadowRoot);
+    for (const child of node.children || []) walk(child);
+  };
+  walk(document.documentElement);
+  return clicked;
+})()"""
+
+
 def screenshot_heatmap(browser: Chromium, url: str, path: Path) -> None:
     browser.goto(f"{url}/?darkMode=false#images")
     browser.wait_for_text("act_saturation_heatmap", "step ", timeout=30)
@@ -113,7 +133,8 @@ def screenshot_heatmap(browser: Chromium, url: str, path: Path) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("the act_saturation_heatmap image did not load")
         time.sleep(0.25)
-    settle(browser, 1.0)
+    browser.evaluate(ACTUAL_SIZE_JS)
+    settle(browser, 1.5)
     browser.screenshot(path)
 
 

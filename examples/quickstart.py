@@ -1,10 +1,12 @@
 """Quickstart: watch activations and gradients of an MLP on scikit-learn's digits, in TensorBoard.
 
 Trains a 64-128-128-10 ReLU network on CPU for a few seconds with ``ActivationMonitor`` and ``GradientMonitor``
-logging every 10 steps, then prints the validation accuracy and the command that opens the logs::
+logging every 10 steps and ``HealthCheck`` judging them (its diagnosis is printed at fit end), then prints the
+validation accuracy and the commands that open and check the logs::
 
     python examples/quickstart.py
     tensorboard --logdir runs/quickstart
+    lightning-bn report runs/quickstart
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_bn import ActivationMonitor, GradientMonitor
+from lightning_bn import ActivationMonitor, GradientMonitor, HealthCheck
 
 
 def digits() -> tuple[TensorDataset, TensorDataset]:
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         limit_train_batches=12 if args.fast else None,
         logger=logger,
         log_every_n_steps=10,
-        callbacks=[ActivationMonitor(every_n_steps=10), GradientMonitor(every_n_steps=10)],
+        # HealthCheck prints the report's diagnosis at fit end (and can stop training: stop_on=("nonfinite",))
+        callbacks=[ActivationMonitor(every_n_steps=10), GradientMonitor(every_n_steps=10), HealthCheck()],
         enable_checkpointing=False,
         enable_model_summary=False,
     )
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"val accuracy: {accuracy:.4f}")
     print(f"logs: {logger.log_dir}")
     print(f"view them with: tensorboard --logdir {args.logdir}")
+    print(f"check them with: lightning-bn report {args.logdir}")
 
 
 if __name__ == "__main__":

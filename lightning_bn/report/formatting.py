@@ -31,7 +31,7 @@ _COLUMNS = (
 def format_table(runs: list[RunHealth], skipped: list[str], thresholds: Thresholds, every_layer: bool = False) -> str:
     """Per run, a diagnosis: the flagged layers in forward order with the step each problem started (every layer with
     ``every_layer``), the healthy layers folded into one line per layer type, and one line of advice per flag."""
-    blocks = [_legend(thresholds)]
+    blocks: list[str] = []
     for run in runs:
         shown = run.layers if every_layer else [layer for layer in run.layers if layer.flags]
         lines = [f"run {run.name}: {_steps(run)}"]
@@ -44,7 +44,7 @@ def format_table(runs: list[RunHealth], skipped: list[str], thresholds: Threshol
         blocks.append("\n".join([*lines, *_problems(run, "  ")]))
     if skipped:
         blocks.append(f"skipped (no lightning-bn scalars): {', '.join(skipped)}")
-    return "\n\n".join(blocks)
+    return "\n\n".join([*blocks, _legend(thresholds)])
 
 
 def format_markdown(
@@ -52,7 +52,7 @@ def format_markdown(
 ) -> str:
     """A section per run: a pipe table of the flagged layers (every layer with ``every_layer``), the healthy layers
     by type, and the problems with advice."""
-    blocks = [_legend(thresholds)]
+    blocks: list[str] = []
     for run in runs:
         shown = run.layers if every_layer else [layer for layer in run.layers if layer.flags]
         header = "| " + " | ".join(_COLUMNS) + " |"
@@ -64,7 +64,7 @@ def format_markdown(
         blocks.append("\n".join(_problems(run, "- ")))
     if skipped:
         blocks.append(f"Skipped (no lightning-bn scalars): {', '.join(f'`{name}`' for name in skipped)}")
-    return "\n\n".join(blocks)
+    return "\n\n".join([*blocks, _legend(thresholds)])
 
 
 def _legend(t: Thresholds) -> str:
@@ -74,7 +74,7 @@ def _legend(t: Thresholds) -> str:
         else f"saturation > the kind's healthy saturation at a N(0, 1) input + {t.saturation_margin:g}"
     )
     return (
-        f"flags: saturated ({saturation}), dead (dead fraction > {t.max_dead:g}), nonfinite (inf/NaN activation or "
+        f"rules: saturated ({saturation}), dead (dead fraction > {t.max_dead:g}), nonfinite (inf/NaN activation or "
         f"gradient), vanishing / exploding (std/first < {t.min_std_ratio:g} / > {t.max_std_ratio:g}; first = the "
         "first layer of the same type), exploding (update ratio > "
         f"{t.max_update_ratio:g}), vanishing_gradient (gradient norm < {t.min_grad_ratio:g} x the largest layer's, "
