@@ -92,7 +92,8 @@ def test_fit_end_summary_lists_the_flagged_layers(tmp_path, caplog):
     text = caplog.text
     assert "lightning-bn health at fit end" in text
     assert "dead since step 0" in text and "try: units that never activate" in text
-    assert [layer.name for layer in check.health.layers if "dead" in layer.flags] == ["net.1", "net.3", "net.5", "net.7"]
+    dead = [layer.name for layer in check.health.layers if "dead" in layer.flags]
+    assert dead == ["net.1", "net.3", "net.5", "net.7"]
 
 
 @pytest.mark.parametrize(

@@ -255,8 +255,9 @@ def test_update_ratio_sample_is_close_to_exact_and_copies_a_quarter(tmp_path):
 
         def spy(trainer_, optimizer, monitor=monitor, copied=copied, original=original):
             original(trainer_, optimizer)
-            if monitor._pending is not None:
-                copied.append(sum(t.numel() for t in monitor._pending["before"]))
+            pending = monitor._probe._pending
+            if pending is not None:
+                copied.append(sum(t.numel() for t in pending["before"]))
 
         monitor._measure_gradients = spy
         logdir = tmp_path / str(mode)

@@ -6,7 +6,6 @@ naming the first layer in forward order, when a gradient is non-finite.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,18 +16,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_bn import stats, writers
+from lightning_bn import writers
 from lightning_bn.callbacks._periodic import PeriodicMonitor, check_positive_int
 from lightning_bn.probes import ForwardOrder
-
-#: Parameters with fewer elements are copied whole for the update ratio.
-_WHOLE = 4096
-
-
-def _sample(p: Tensor, stride: int) -> Tensor:
-    """Every ``stride``-th element of a parameter, as a view (no copy) of its data."""
-    flat = p.detach().reshape(-1)
-    return flat if stride == 1 else flat[::stride]
+from lightning_bn.probes.gradients import GradientProbe, local
 
 
 class GradientMonitor(PeriodicMonitor):
@@ -98,7 +89,7 @@ class GradientMonitor(PeriodicMonitor):
         self._names: dict[Tensor, str] = {}
         self._module_rank: dict[str, int] = {}
         self._order: ForwardOrder | None = None
-        self._pending: dict[str, Any] | None = None
+        self._probe: GradientProbe | None = None
         self._warned_nonfinite = False
         self._watched = []  # every parameter, in forward order: the non-finite watch
         self._bad = None  # on the device: (first bad step, index in _watched, parameters affected), or -1s
@@ -117,11 +108,20 @@ class GradientMonitor(PeriodicMonitor):
         if self._order is not None:
             self._order.detach()
             self._order = None
-        self._pending = None  # drops the parameter copies of an unfinished logging step
+        if self._probe is not None:
+            self._probe.reset()  # drops the parameter copies of an unfinished logging step
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {p: n for n, p in pl_module.named_parameters()}
+        bins = self.histogram_bins if self.histograms and writers.tensorboard_writers(trainer.loggers) else 0
+        self._probe = GradientProbe(
+            pl_module.named_parameters(),
+            self.norm_type,
+            self.update_ratio,
+            self.update_ratio_budget,
+            histogram_bins=bins,
+        )
         self._module_rank = {}
         self._order = ForwardOrder(pl_module)
         if trainer.is_global_zero:
@@ -142,7 +142,7 @@ class GradientMonitor(PeriodicMonitor):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if self.nonfinite_every_step or self._pending is not None or self._due(trainer):
+        if self.nonfinite_every_step or (self._probe is not None and self._probe.pending) or self._due(trainer):
             self._watch_nonfinite(trainer)
         self._measure_gradients(trainer, optimizer)
 
@@ -168,7 +168,8 @@ class GradientMonitor(PeriodicMonitor):
         """Every step, on the device, no host sync: keep the first step with a non-finite gradient and the first
         parameter in forward order that has one; read with the next logging transfer or at epoch end."""
         if not trainer.is_global_zero or self._warned_nonfinite:
-            return  # gradients are identical on every rank after DDP's all-reduce
+            return  # DDP: gradients are identical on every rank; sharded: rank zero's shards (a non-finite value in
+            # another rank's shard reaches every rank's activations and gradients at the next step)
         if not self._watched:
             rank = {name: i for i, name in enumerate(self._order.names if self._order is not None else [])}
             rank = rank or self._module_rank
@@ -177,7 +178,7 @@ class GradientMonitor(PeriodicMonitor):
         present = tuple(i for i, p in enumerate(self._watched) if p.grad is not None)
         if not present:
             return
-        grads = [self._watched[i].grad for i in present]
+        grads = [local(self._watched[i].grad) for i in present]
         if self._index is None or self._index[0] != present:  # built once: no host-to-device copy per step
             self._index = (present, torch.tensor(present, device=grads[0].device))
         index = self._index[1]
@@ -202,121 +203,30 @@ class GradientMonitor(PeriodicMonitor):
         )
 
     def _measure_gradients(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
-        if not trainer.is_global_zero:
-            return  # gradients and weights are identical on every rank after DDP's all-reduce
-        if self._pending is None and not self._due(trainer):
+        if self._probe is None or (not trainer.is_global_zero and not self._probe.sharded):
+            return  # plain parameters are identical on every rank after DDP's all-reduce: rank zero measures
+        if not self._probe.pending and not self._due(trainer):
             return
-        params = [
-            p
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.requires_grad and p.grad is not None and p in self._names
-        ]
-        if self._pending is None:
-            self._pending = {
-                "step": trainer.global_step,
-                "names": [],
-                "grad": [],
-                "params": [],
-                "before": [],
-                "hists": [],
-            }
-        pending = self._pending
-        if not params:
-            return
-        pending["names"] += [self._names[p] for p in params]
-        pending["grad"].append(stats.parameter_norms([p.grad for p in params], self.norm_type))
-        pending["params"] += params
-        if self.update_ratio:
-            strides = self._strides(params)
-            pending["strides"] = pending.get("strides", []) + strides
-            pending["before"] += [_sample(p, k).clone() for p, k in zip(params, strides)]
-        if self.histograms and writers.tensorboard_writers(trainer.loggers):
-            for p in params:
-                g = p.grad.detach()
-                low, high = g.amin().double(), g.amax().double()
-                pending["hists"].append(
-                    (
-                        self._names[p],
-                        g.numel(),
-                        torch.stack([low, high, g.double().sum(), g.double().square().sum()]),
-                        stats.histogram(g, low, high, self.histogram_bins),
-                    )
-                )
-
-    def _strides(self, params: list[Tensor]) -> list[int]:
-        """Per parameter, the stride of its sample: 1 (whole) for ``"all"`` and small parameters; the large ones share
-        what the budget leaves after the small ones, so the copies stay within ``update_ratio_budget`` in total."""
-        if self.update_ratio == "all":
-            return [1] * len(params)
-        sizes = [p.numel() for p in params]
-        small = sum(n for n in sizes if n < _WHOLE)
-        large = sum(sizes) - small
-        room = self.update_ratio_budget * sum(sizes) - small
-        stride = max(1, math.ceil(large / room)) if room > 0 else max(1, large)
-        return [1 if n < _WHOLE else stride for n in sizes]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._probe.measure(trainer.global_step, params)
 
     def _flush(self, trainer: pl.Trainer) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
+        if self._probe is None or not self._probe.pending:
             return
-        self._last_logged_step = pending["step"]
-        names = pending["names"]
-        if not names:
+        extra = [self._bad.double()] if self._bad is not None and trainer.is_global_zero else []
+        result = self._probe.collect(extra)
+        if result is None:
             return
-        grad = torch.cat(pending["grad"])
-        weight = stats.parameter_norms(pending["params"], self.norm_type)
-        parts = [grad, weight, stats.total_norm(grad, self.norm_type).reshape(1)]
-        strides = pending.get("strides", [])
-        if strides:
-            after = [_sample(p, k) for p, k in zip(pending["params"], strides)]
-            torch._foreach_sub_(pending["before"], after)  # in place: Δw on the same sample
-            parts.append(stats.parameter_norms(pending["before"], self.norm_type))
-            parts.append(stats.parameter_norms(after, self.norm_type))
-        parts += [torch.cat([h[2], h[3]]) for h in pending["hists"]]
-        if self._bad is not None:
-            parts.append(self._bad.double())
-        host = torch.cat([t.to(grad.device) for t in parts]).cpu().tolist()  # the one transfer
-        if self._bad is not None:
-            self._report_nonfinite([int(v) for v in host[-3:]])
-        n = len(names)
-        grad_norms, weight_norms, total = host[:n], host[n : 2 * n], host[2 * n]
-        offset = 2 * n + 1
-        metrics = {writers.metric_key("grad_norm", "total"): total}
-        for i, name in enumerate(names):
-            metrics[writers.metric_key("grad_norm", name)] = grad_norms[i]
-            metrics[writers.metric_key("weight_norm", name)] = weight_norms[i]
-        if strides:
-            updates, sampled = host[offset : offset + n], host[offset + n : offset + 2 * n]
-            offset += 2 * n
-            for name, update, weight in zip(names, updates, sampled):
-                metrics[writers.metric_key("update_ratio", name)] = update / weight if weight else math.nan
-        writers.log_scalars(trainer.loggers, metrics, pending["step"])
-        self._remember(metrics, pending["step"])
-        if pending["hists"]:
-            histograms = []
-            bins = self.histogram_bins
-            for name, numel, _, _ in pending["hists"]:
-                low, high, total_sum, sum_sq = host[offset : offset + 4]
-                counts = host[offset + 4 : offset + 4 + bins]
-                offset += 4 + bins
-                if not (math.isfinite(low) and math.isfinite(high)):
-                    continue
-                histograms.append(
-                    {
-                        "name": name,
-                        "min": low,
-                        "max": high,
-                        "num": numel,
-                        "sum": total_sum,
-                        "sum_squares": sum_sq,
-                        "bucket_counts": counts,
-                        "bucket_limits": [low + (high - low) * (k + 1) / bins for k in range(bins)],
-                    }
-                )
-            writers.log_histograms(
-                writers.tensorboard_writers(trainer.loggers), "grad_hist", histograms, pending["step"]
-            )
+        self._last_logged_step = result.step
+        if not trainer.is_global_zero or not result.metrics:
+            return
+        if extra:
+            self._report_nonfinite([int(v) for v in result.extra[-3:]])
+        writers.log_scalars(trainer.loggers, result.metrics, result.step)
+        self._remember(result.metrics, result.step)
+        if result.histograms:
+            writers.log_histograms(writers.tensorboard_writers(trainer.loggers), "grad_hist", result.histograms,
+                                   result.step)  # fmt: skip
 
     @override
     def state_dict(self) -> dict[str, Any]:

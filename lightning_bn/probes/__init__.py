@@ -1,5 +1,7 @@
 """Hook lifecycle of the monitors: what to watch (:mod:`~lightning_bn.probes.select`), the activation probe that
-summarizes it on the device (:mod:`~lightning_bn.probes.activation`), and the forward order of modules."""
+summarizes it on the device (:mod:`~lightning_bn.probes.activation`), the gradient probe
+(:mod:`~lightning_bn.probes.gradients`: norms and update ratios, exact under sharding), and the forward order of
+modules."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import warnings
 from typing import Any
 
 from lightning_bn.probes.activation import ActivationProbe, ProbeResult
+from lightning_bn.probes.gradients import GradientProbe, GradientResult
 from lightning_bn.probes.order import ForwardOrder
 from lightning_bn.probes.select import (
     ModuleFilter,
@@ -21,6 +24,8 @@ from lightning_bn.tracing import HookSet as _HookSet
 __all__ = [
     "ActivationProbe",
     "ForwardOrder",
+    "GradientProbe",
+    "GradientResult",
     "ModuleFilter",
     "ProbeResult",
     "WatchTarget",

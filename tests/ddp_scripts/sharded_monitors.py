@@ -1,8 +1,8 @@
 """Train with ActivationMonitor + GradientMonitor on 1 process (batch 32) or 2 processes under ModelParallelStrategy
 (FSDP2 ``fully_shard`` over a data-parallel mesh, batch 16 each, gloo) or DDP, logging every step.
 
-Usage: python sharded_monitors.py OUT_DIR {single,fsdp2,ddp} [STEPS]. Rank zero writes OUT_DIR/metrics.csv (CSVLogger)
-and OUT_DIR/weights.pt (the trained weights, gathered).
+Usage: python sharded_monitors.py OUT_DIR {single,fsdp2,fsdp2_uneven,ddp} [STEPS]. Rank zero writes
+OUT_DIR/metrics.csv (CSVLogger).
 """
 
 import sys
@@ -13,22 +13,23 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from lightning_bn import ActivationMonitor, GradientMonitor
 
 
 def build() -> nn.Sequential:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 30), nn.Tanh(), nn.Linear(30, 4))
+    # 31 rows: FSDP2 shards it unevenly (16 + 15)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 31), nn.Tanh(), nn.Linear(31, 4))
     nn.init.constant_(net[0].bias, -1.5)  # some units dead on half a batch but alive on the whole
     return net
 
 
 class Net(pl.LightningModule):
-    def __init__(self, batch_size: int, sharded: bool) -> None:
+    def __init__(self, batch_size: int, sharded: bool, uneven: bool = False) -> None:
         super().__init__()
-        self.sharded = sharded
+        self.sharded, self.uneven = sharded, uneven
         self.net = build() if not sharded else None
         self.batch_size = batch_size
         g = torch.Generator().manual_seed(1)
@@ -54,6 +55,9 @@ class Net(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def train_dataloader(self):
+        if self.uneven:  # rank 0: 52 samples, rank 1: 50: the fourth batches hold 4 and 2 samples
+            rank = self.trainer.global_rank
+            return DataLoader(Subset(self.data, range(0, 52) if rank == 0 else range(52, 102)), batch_size=16)
         # rank r takes samples r, r + 2, ...: the two first batches together are the single run's first batch
         sampler = DistributedSampler(self.data, shuffle=False) if self.trainer.world_size > 1 else None
         return DataLoader(self.data, batch_size=self.batch_size, sampler=sampler)
@@ -64,6 +68,7 @@ def main(out_dir: str, mode: str, steps: str = "3") -> None:
         "single": "auto",
         "ddp": "ddp",
         "fsdp2": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        "fsdp2_uneven": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
     }[mode]
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -81,7 +86,9 @@ def main(out_dir: str, mode: str, steps: str = "3") -> None:
         use_distributed_sampler=False,
     )
     started = time.perf_counter()
-    trainer.fit(Net(batch_size=32 if mode == "single" else 16, sharded=mode == "fsdp2"))
+    trainer.fit(
+        Net(batch_size=32 if mode == "single" else 16, sharded=mode.startswith("fsdp2"), uneven="uneven" in mode)
+    )
     if trainer.is_global_zero:
         print(f"fit seconds: {time.perf_counter() - started:.2f}")
 
