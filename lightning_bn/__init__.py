@@ -18,6 +18,7 @@ from lightning_bn.activations import (
 )
 from lightning_bn.guards import BatchNormWarning, guard
 from lightning_bn.init import init_layer_, lsuv_, zero_init_residual_
+from lightning_bn.monitor import Monitor
 from lightning_bn.norms import (
     ChannelsFirst,
     ChannelsLast,
@@ -78,6 +79,7 @@ __all__ = [
     "HealthCheck",
     "LayerTrace",
     "ModelMap",
+    "Monitor",
     "PrepareOptions",
     "Report",
     "available_activations",

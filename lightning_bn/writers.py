@@ -26,6 +26,7 @@ __all__ = [
     "metric_key",
     "tensorboard_writers",
     "write_layout",
+    "write_scalars",
 ]
 
 
@@ -107,6 +108,17 @@ def log_scalars(loggers: Iterable[Any], metrics: Mapping[str, float], step: int)
             _write_summary(logger, metrics, step)
         else:
             logger.log_metrics(dict(metrics), step=step)
+
+
+def write_scalars(writer: Any, metrics: Mapping[str, float], step: int) -> None:
+    """Write ``metrics`` to a ``SummaryWriter`` as one event (one summary with many values), after the merged
+    Custom Scalars layout if it is not written yet."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    fast_tensorboard_crc()
+    flush_layout([writer])
+    values = [Summary.Value(tag=key, simple_value=float(value)) for key, value in metrics.items()]
+    writer._get_file_writer().add_summary(Summary(value=values), step)
 
 
 def _write_summary(logger: Any, metrics: Mapping[str, float], step: int) -> None:

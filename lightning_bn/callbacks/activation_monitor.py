@@ -21,44 +21,16 @@ from typing_extensions import override
 from lightning_bn import writers
 from lightning_bn.callbacks._periodic import PeriodicMonitor, check_positive_int
 from lightning_bn.fused import BACKENDS, COMPILE_SECONDS
-from lightning_bn.probes import ActivationProbe, ModuleFilter, WatchTarget, validate_module_filter, watch_targets
+from lightning_bn.probes import ActivationProbe, ModuleFilter, validate_module_filter, watch_targets
+from lightning_bn.probes.activation import STATISTICS, layer_entry
 from lightning_bn.report.plot import saturation_heatmap
 from lightning_bn.stats import DEFAULT_ZERO_TOL
 from lightning_bn.tracing import HookSet, ModelMap, trace_model
 
 #: figure name (see :func:`lightning_bn.stats.figures`) -> logged statistic
-STATISTICS = {
-    "mean": "act_mean",
-    "std": "act_std",
-    "kurtosis": "act_kurtosis",
-    "min": "act_min",
-    "max": "act_max",
-    "zero": "act_zero",
-    "saturation": "act_saturation",
-    "dead": "act_dead",
-    "nonfinite": "act_nonfinite",
-}
-_HISTORY_LIMIT = 1000
 #: TensorBoard text tag of the watched layers in forward order (JSON list of :func:`layer_entry`), for the report.
 LAYERS_TAG = "lightning_bn/layers"
-
-
-def layer_entry(target: WatchTarget) -> dict[str, Any]:
-    """What the report needs to know of a watched layer: name, module type, activation, how it is watched and, for
-    an activation, the fraction its kind saturates at a healthy N(0, 1) input.
-
-    Example::
-
-        >>> from torch import nn
-        >>> layer_entry(WatchTarget("fc1", nn.Linear(2, 2)))
-        {'name': 'fc1', 'module_type': 'Linear', 'activation': None, 'hook': 'layer'}
-    """
-    activation = target.activation.describe() if target.activation is not None else None
-    entry = {"name": target.name, "module_type": type(target.module).__name__, "activation": activation,
-             "hook": target.hook}  # fmt: skip
-    if target.activation is not None:  # the report's baseline for this kind (lightning_bn.report.Thresholds)
-        entry["healthy_saturation"] = round(target.activation.healthy_saturation, 6)
-    return entry
+_HISTORY_LIMIT = 1000
 
 
 def _is_compiled(module: object) -> bool:
@@ -291,11 +263,7 @@ class ActivationMonitor(PeriodicMonitor):
             )
         if not trainer.is_global_zero:
             return
-        metrics = {
-            writers.metric_key(STATISTICS[key], name): value
-            for name, figs in zip(result.names, result.figures)
-            for key, value in figs.items()
-        }
+        metrics = result.metrics()
         writers.log_scalars(trainer.loggers, metrics, step)
         self._remember(metrics, step)
         tb = writers.tensorboard_writers(trainer.loggers)

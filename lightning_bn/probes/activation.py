@@ -22,7 +22,37 @@ from lightning_bn.fused import Backend, backend, fused_row
 from lightning_bn.probes.select import WatchTarget, _as_target, select_modules  # noqa: F401  (doctest)
 from lightning_bn.tracing import HookSet as _HookSet
 
-__all__ = ["ActivationProbe", "ProbeResult"]
+__all__ = ["STATISTICS", "ActivationProbe", "ProbeResult", "layer_entry"]
+
+#: figure of a row (:func:`lightning_bn.stats.figures`) -> the statistic its logged tag starts with
+STATISTICS = {
+    "mean": "act_mean",
+    "std": "act_std",
+    "kurtosis": "act_kurtosis",
+    "min": "act_min",
+    "max": "act_max",
+    "zero": "act_zero",
+    "saturation": "act_saturation",
+    "dead": "act_dead",
+    "nonfinite": "act_nonfinite",
+}
+
+
+def layer_entry(target: WatchTarget) -> dict[str, Any]:
+    """What the report needs to know of a watched layer: name, module type, activation, how it is watched and, for
+    an activation, the fraction its kind saturates at a healthy N(0, 1) input.
+
+    Example::
+
+        >>> layer_entry(WatchTarget("fc1", nn.Linear(2, 2)))
+        {'name': 'fc1', 'module_type': 'Linear', 'activation': None, 'hook': 'layer'}
+    """
+    activation = target.activation.describe() if target.activation is not None else None
+    entry = {"name": target.name, "module_type": type(target.module).__name__, "activation": activation,
+             "hook": target.hook}  # fmt: skip
+    if target.activation is not None:  # the report's baseline for this kind (lightning_bn.report.Thresholds)
+        entry["healthy_saturation"] = round(target.activation.healthy_saturation, 6)
+    return entry
 
 
 def _eager(fn: Callable) -> Callable:
@@ -37,6 +67,14 @@ class ProbeResult:
     names: list[str]
     figures: list[dict[str, float]]
     histograms: list[dict[str, Any]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """The figures as logged: ``{"act_std/<layer>": value, ...}``."""
+        return {
+            f"{STATISTICS[key]}/{name}": value
+            for name, figs in zip(self.names, self.figures)
+            for key, value in figs.items()
+        }
 
 
 @dataclass

@@ -112,6 +112,16 @@ class GradientProbe:
         #: some parameter is a DTensor: every process measures its shards and one all-reduce combines them
         self.sharded = any(is_sharded(p) for p in self.names)
         self._pending: dict[str, Any] | None = None
+        self._snapshot: dict[Tensor, tuple[int, Tensor]] = {}
+
+    def snapshot(self, params: Sequence[Tensor] | None = None) -> None:
+        """Copy the (sampled) weights now, for the update ratio of a step measured after ``optimizer.step()`` (a plain
+        loop: :class:`~lightning_bn.Monitor` calls this before the forward pass of a logging step)."""
+        if not self.update_ratio:
+            return
+        chosen = [p for p in (self.names if params is None else params) if p in self.names and p.requires_grad]
+        strides = self._strides(chosen)
+        self._snapshot = {p: (k, _sample(local(p), k).clone()) for p, k in zip(chosen, strides)}
 
     @property
     def pending(self) -> bool:
@@ -121,6 +131,7 @@ class GradientProbe:
     def reset(self) -> None:
         """Drop an uncollected step (and its parameter copies)."""
         self._pending = None
+        self._snapshot = {}
 
     def measure(self, step: int, params: Sequence[Tensor] | None = None) -> None:
         """Gradient norms of ``params`` (default: every named parameter with a gradient) on the device and, for the
@@ -138,9 +149,15 @@ class GradientProbe:
         pending["params"] += chosen
         pending["grad"].append(self._powers([local(p.grad) for p in chosen]))
         if self.update_ratio:
-            strides = self._strides(chosen)
+            snapshot, self._snapshot = self._snapshot, {}
+            if all(p in snapshot for p in chosen):  # copied before the forward pass (see snapshot)
+                strides = [snapshot[p][0] for p in chosen]
+                before = [snapshot[p][1] for p in chosen]
+            else:
+                strides = self._strides(chosen)
+                before = [_sample(local(p), k).clone() for p, k in zip(chosen, strides)]
             pending["strides"] += strides
-            pending["before"] += [_sample(local(p), k).clone() for p, k in zip(chosen, strides)]
+            pending["before"] += before
         if self.histogram_bins:
             for p in chosen:
                 g = local(p.grad)
