@@ -106,3 +106,20 @@ def test_small_batch_batchnorm_loses_to_groupnorm_and_layernorm_at_batch_2(tmp_p
     assert any("GroupNorm or LayerNorm" in m for m in summary["guard_messages"])
     assert results["batch"]["2"]["guard_warned"]
     assert not any(results[norm][b]["guard_warned"] for norm in ("group", "layer") for b in ("2", "32"))
+
+
+def test_sharded_example_figures_equal_one_process(tmp_path: Path) -> None:
+    """examples/sharded.py --fast: ModelParallelStrategy (FSDP2, 2 CPU processes) logs every figure of the
+    single-process run over the same global batch, each within 1e-5 relative."""
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "sharded.py"), "--fast", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "sharded.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "sharded.json").read_text())
+    assert summary["figures_compared"] >= 40 and summary["missing_in_sharded"] == []
+    assert summary["max_relative_difference"] <= 1e-5, summary["where"]
