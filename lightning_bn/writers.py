@@ -134,11 +134,17 @@ def log_histograms(writers: Sequence[Any], prefix: str, histograms: Sequence[Map
     step's histograms in one event."""
     if not histograms:
         return
-    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
+
+    def metadata(h: Mapping[str, Any]) -> SummaryMetadata | None:
+        # what a histogram of part of a tensor covers (a sharded parameter: this process's shard), in its description
+        covers = h.get("covers")
+        return SummaryMetadata(summary_description=f"covers {covers}") if covers and covers != "all" else None
 
     values = [
         Summary.Value(
             tag=metric_key(prefix, h["name"]),
+            metadata=metadata(h),
             histo=HistogramProto(
                 min=h["min"],
                 max=h["max"],

@@ -41,3 +41,23 @@ def test_events_written_with_the_fast_crc_read_back(tmp_path):
     assert [e.value for e in acc.Scalars("act_std/fc1")] == [0.5, 1.5, 2.5]
     assert acc.Histograms("act_hist/fc1")[0].histogram_value.num == 100
     assert os.listdir(tmp_path)
+
+
+def test_histogram_of_a_shard_says_what_it_covers(tmp_path):
+    """A histogram of part of a tensor (a sharded parameter's local shard) carries that in its description."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    common = {"min": 0.0, "max": 1.0, "num": 2, "sum": 1.0, "sum_squares": 1.0, "bucket_limits": [0.5, 1.0],
+              "bucket_counts": [1.0, 1.0]}  # fmt: skip
+    writers.log_histograms(
+        [writer],
+        "grad_hist",
+        [{**common, "name": "w", "covers": "this process's shard (2 of 4)"}, {**common, "name": "b", "covers": "all"}],
+        0,
+    )
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert acc.SummaryMetadata("grad_hist/w").summary_description == "covers this process's shard (2 of 4)"
+    assert "grad_hist/b" in acc.Tags()["histograms"]  # a whole tensor: no description
