@@ -5,7 +5,8 @@ The EMA of running statistics lags the weights and, with a high momentum, follow
 Like ``torch.optim.swa_utils.update_bn`` and fvcore's ``update_bn_stats`` the model runs in training mode without
 gradients, but the statistics are pooled exactly (per-channel count, mean and sum of squared deviations in float64),
 so they equal the mean and unbiased variance of every value each BatchNorm saw — including across DDP ranks, with
-one all-gather that every rank reaches however many batches it has (see :func:`recalibrate`).
+one all-gather that every rank reaches however many batches it has (see :func:`recalibrate`), and under sharding
+(FSDP2, FSDP1, tensor parallelism), whose forward is a collective: the ranks then run their batches in lockstep.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_bn.tracing import HookSet, model_state
 
-__all__ = ["default_forward", "recalibrate", "resolve_forward"]
+__all__ = ["default_forward", "recalibrate", "resolve_forward", "sharded_statistics"]
 
 # the buffers of a BatchNorm that recalibration writes; everything else in the model is put back as it was
 _WRITTEN = ("running_mean", "running_var", "num_batches_tracked")
@@ -89,6 +90,8 @@ class _Accumulator:
 
     def hook(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
+        if _is_dtensor(x):  # a tensor-parallel activation: the whole of it (every rank of its mesh is in this forward)
+            x = x.full_tensor()
         channels = x.shape[1] if x.ndim > 1 else x.shape[0]
         values = (x.transpose(0, 1) if x.ndim > 1 else x.unsqueeze(1)).reshape(channels, -1).double()
         values = values - self.shift[:, None]
@@ -134,6 +137,56 @@ class _Buffers:
                     continue
                 module._buffers[name] = buffer
                 buffer.copy_(values)
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without torch.distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _forward_runs_collectives(model: nn.Module) -> bool:
+    """Whether every forward of ``model`` is itself a collective, so the ranks must run their batches in lockstep:
+    SyncBatchNorm, FSDP2 (``fully_shard``: an all-gather per unit), FSDP1 (``FullyShardedDataParallel``), or other
+    DTensor parameters (tensor parallelism)."""
+    if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: FSDP2 lives elsewhere; its parameters are DTensors anyway
+        FSDPModule = FullyShardedDataParallel  # noqa: N806
+    if any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules()):
+        return True
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+def sharded_statistics(model: nn.Module) -> list[str]:
+    """Names of the BatchNorms whose running statistics are DTensors (a tensor-parallel plan or ``distribute_module``
+    took them in): :func:`recalibrate` refuses those, it pools plain per-rank buffers.
+
+    Example::
+
+        >>> sharded_statistics(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+        []
+    """
+    return [
+        _clean(n)
+        for n, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and any(_is_dtensor(b) for b in (m.running_mean, m.running_var))
+    ]
+
+
+def _clean(name: str) -> str:
+    """A module's name without the wrapper attributes FSDP1 and activation checkpointing insert."""
+    for part in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(part, "")
+    return name
 
 
 def _all_ranks_have_a_batch(have: bool, device: torch.device) -> bool:
@@ -184,6 +237,7 @@ def recalibrate(
     *,
     forward: Callable[[nn.Module, Any], Any] | None = default_forward,
     device: torch.device | str | None = None,
+    group: Any = None,
 ) -> dict[str, dict[str, float]]:
     """Set every BatchNorm's running mean/var to the exact statistics of its inputs over ``num_batches`` batches.
 
@@ -201,12 +255,22 @@ def recalibrate(
     all run as many batches as the rank with the fewest (an error raised in the middle of one rank's forward can then
     still leave the others in SyncBatchNorm's collective, as in training).
 
+    Sharded models work the same way: under FSDP2 (``fully_shard``), FSDP1 (pass the ``FullyShardedDataParallel``
+    wrapper, whose forward gathers the weights) and tensor parallelism every forward is a collective too, so they run
+    in lockstep; BatchNorm buffers are never sharded, so every rank ends with the same pooled statistics. Under tensor
+    parallelism the ranks of one tensor-parallel group see the same batches: pass ``group`` = the data-parallel
+    process group (``device_mesh["data_parallel"].get_group()``) so each value counts once; DTensor inputs of a
+    BatchNorm are gathered whole.
+
     Args:
         model: any ``nn.Module`` with BatchNorm layers (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``).
         dataloader: yields batches; only the first ``num_batches`` are used.
         num_batches: batches to average over (per rank).
         forward: ``forward(model, batch)`` runs one batch; ``None`` or default: :func:`default_forward`.
         device: where to move each batch; default the device of the model's first parameter or buffer.
+        group: under ``torch.distributed``, the process group (holding this rank) whose ranks' statistics are
+            pooled; default all ranks. Every rank still takes part in the one all-gather (and the lockstep), so a
+            failure anywhere makes every rank raise.
 
     Returns:
         Per BatchNorm name: ``mean_shift`` = ||new mean − old mean|| / ||new std|| and ``var_shift`` =
@@ -214,7 +278,8 @@ def recalibrate(
         over all ranks).
 
     Raises:
-        ValueError: for a ``num_batches`` that is not a positive integer.
+        ValueError: for a ``num_batches`` that is not a positive integer, a ``group`` without ``torch.distributed``
+            or without this rank, or BatchNorms with DTensor running statistics (:func:`sharded_statistics`).
         TypeError: for a ``forward`` that is not a callable taking ``(model, batch)``.
         RuntimeError: under ``torch.distributed``, on the ranks whose own pass went well when another rank's failed.
 
@@ -234,12 +299,20 @@ def recalibrate(
     norms = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         return {}
+    sharded = sharded_statistics(model)
+    if sharded:  # every rank has the same modules: every rank raises here, before any collective
+        raise ValueError(
+            f"Expected plain running statistics, but BatchNorm modules {sharded} hold DTensors (a tensor-parallel plan "
+            "or `distribute_module` took them in). Leave BatchNorm out of the parallelize plan: its buffers then stay "
+            "plain tensors, which recalibration pools exactly over the data-parallel ranks (`group`)."
+        )
     if device is None:
         device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     device = torch.device(device)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    pooled = _pooled_ranks(group, distributed)
     collective_device = norms[0][1].running_mean.device
-    lockstep = collective_device if distributed and any(isinstance(m, nn.SyncBatchNorm) for _, m in norms) else None
+    lockstep = collective_device if distributed and _forward_runs_collectives(model) else None
     accumulators = []
     for _, m in norms:
         zeros = torch.zeros(m.num_features, dtype=torch.float64, device=m.running_mean.device)
@@ -270,7 +343,7 @@ def recalibrate(
                 f"BatchNorm recalibration failed on rank(s) {failed} (see the error raised there); every rank's "
                 "running statistics were restored."
             )
-        result, written = _write(norms, ranks[:, 1:], old)
+        result, written = _write(norms, ranks[pooled, 1:] if pooled is not None else ranks[:, 1:], old)
     except BaseException:
         buffers.restore()
         raise
@@ -279,6 +352,18 @@ def recalibrate(
             m.momentum = momentum
     buffers.restore(keep={(m, name) for m in written for name in _WRITTEN})
     return result
+
+
+def _pooled_ranks(group: Any, distributed: bool) -> list[int] | None:
+    """The global ranks whose statistics are pooled (``None``: all of them)."""
+    if group is None:
+        return None
+    if not distributed:
+        raise ValueError("Expected `group` only under an initialized torch.distributed process group, but found none")
+    ranks = sorted(torch.distributed.get_process_group_ranks(group))
+    if torch.distributed.get_rank() not in ranks:
+        raise ValueError(f"Expected `group` to hold this rank ({torch.distributed.get_rank()}) but it holds {ranks}")
+    return ranks
 
 
 def _gather(mine: Tensor) -> Tensor:
@@ -316,5 +401,5 @@ def _write(
     if figures:
         host = torch.stack([f for _, f in figures]).cpu().tolist()  # one transfer
         for (name, _), (mean_shift, var_shift, count) in zip(figures, host):
-            result[name] = {"mean_shift": mean_shift, "var_shift": var_shift, "count": count}
+            result[_clean(name)] = {"mean_shift": mean_shift, "var_shift": var_shift, "count": count}
     return result, written

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -24,6 +25,40 @@ def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise MisconfigurationException(f"Expected `{name}` to be True or False but got {value!r}")
     return value
+
+
+def _strategy_is(trainer: pl.Trainer, name: str) -> bool:
+    return any(cls.__name__ == name for cls in type(trainer.strategy).__mro__)
+
+
+def _data_parallel_size(trainer: pl.Trainer) -> int:
+    """How many replicas see different samples: the world size, less the tensor-parallel ranks that share a batch."""
+    try:
+        kwargs = trainer.strategy.distributed_sampler_kwargs  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # a single-device strategy, or no mesh yet
+        return trainer.world_size
+    return int((kwargs or {}).get("num_replicas", trainer.world_size))
+
+
+def _sync_hint(trainer: pl.Trainer) -> str:
+    if _strategy_is(trainer, "ModelParallelStrategy"):
+        return (
+            f"{type(trainer.strategy).__name__} ignores `Trainer(sync_batchnorm=True)`: convert with "
+            "`torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group="
+            'self.device_mesh["data_parallel"].get_group())` in `configure_model`, before `fully_shard`; GPU/XPU only'
+        )
+    return "`Trainer(sync_batchnorm=True)`"
+
+
+def _fsdp1_wrapper(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.nn.Module | None:
+    """FSDPStrategy's FSDP1 wrapper around the LightningModule itself: its weights exist only inside its forward (or
+    ``summon_full_params``), so a check that runs the model or reads weights goes through it."""
+    wrapper = trainer.strategy.model
+    if wrapper is None or wrapper is pl_module or not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return wrapper if isinstance(wrapper, FullyShardedDataParallel) else None
 
 
 def _check_above_one(name: str, value: Any) -> float:
@@ -47,6 +82,15 @@ class BatchNormGuard(Callback):
       in the first forward pass, activations pinned in saturation, a pre-activation signal that vanishes/explodes by
       more than ``depth_ratio`` with depth, or a weight more than ``init_factor`` from what ``prepare()`` would draw
       (layers it keeps on purpose — embeddings, tied, zero-init, attention — are never flagged).
+
+    Under sharding (``docs/distributed.md``) every check works as under DDP and judges this rank's modules (rank zero
+    warns): under ``ModelParallelStrategy`` the layers built in ``configure_model`` are looked at when they exist
+    (fit start, the first training steps, each evaluation); the init check reads FSDP2 / tensor-parallel (DTensor)
+    and FSDP1 weights whole (:func:`~lightning_bn.guards.full_parameters`: every rank gathers each weight once, into
+    host memory, at fit start; ``check_init=False`` skips that) and runs the forward through FSDPStrategy's wrapper;
+    the tiny-batch check counts the data-parallel replicas and says how to get SyncBatchNorm where
+    ``Trainer(sync_batchnorm=True)`` is ignored (``ModelParallelStrategy``; there the guard also warns at fit start
+    when that flag is set).
 
     Args:
         check_eval_mode: see above.
@@ -119,6 +163,7 @@ class BatchNormGuard(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_ignored_sync(trainer, pl_module)
         self._check_init(trainer, pl_module)
 
     @override
@@ -196,10 +241,31 @@ class BatchNormGuard(Callback):
         example = pl_module.example_input_array
         if example is not None:  # on the module's device and in its precision (bf16-true: bf16 inputs)
             example = trainer.precision_plugin.convert_input(move_data_to_device(example, pl_module.device))
+        # every rank runs it: under FSDP/tensor parallelism the forward and the reading of whole weights gather
+        model = _fsdp1_wrapper(trainer, pl_module) or pl_module
         with trainer.precision_plugin.forward_context():
-            findings = guards.init_mismatches(pl_module, example, self.init_factor, self.depth_ratio)
+            findings = guards.init_mismatches(model, example, self.init_factor, self.depth_ratio)
         for problem, message in guards.init_messages(findings).items():
             self._warn(f"init_{problem}", [f.name for f in findings if f.problem == problem], message)
+
+    def _check_ignored_sync(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``Trainer(sync_batchnorm=True)`` does nothing under ModelParallelStrategy: say so once the model exists."""
+        if not self.check_batch_size or not _strategy_is(trainer, "ModelParallelStrategy"):
+            return
+        if getattr(trainer.strategy, "_layer_sync", None) is None:
+            return
+        names = [n for n, m in guards.batch_norms(pl_module) if not isinstance(m, SyncBatchNorm)]
+        if names:
+            shown = ", ".join(f"'{n}'" for n in names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
+            self._warn(
+                "sync_ignored",
+                names,
+                f"`Trainer(sync_batchnorm=True)` has no effect under {type(trainer.strategy).__name__}: BatchNorm "
+                f"modules {shown} normalize over this device's batch only. Convert them with "
+                "`torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group="
+                'self.device_mesh["data_parallel"].get_group())` in `configure_model`, before `fully_shard` (GPU/XPU '
+                "only), or use GroupNorm/LayerNorm (`lightning_bn.convert_norms`).",
+            )
 
     def _start_batch_size_check(self, pl_module: pl.LightningModule) -> None:
         if not self.check_batch_size or self._steps_seen >= self.check_steps:
@@ -219,7 +285,7 @@ class BatchNormGuard(Callback):
         recorder, self._recorder = self._recorder, None
         self._steps_seen = self.check_steps
         modules = dict(guards.batch_norms(pl_module))
-        world = trainer.world_size
+        world = _data_parallel_size(trainer)
         # SyncBatchNorm normalizes over every device's values
         values = {
             name: count * (world if isinstance(modules.get(name), SyncBatchNorm) else 1)
@@ -229,7 +295,9 @@ class BatchNormGuard(Callback):
         for unit in sorted({recorder.units[n] for n in names}):
             group = [n for n in names if recorder.units[n] == unit]
             synced = all(isinstance(modules.get(n), SyncBatchNorm) for n in group)
-            message = guards.small_batch_message(group, values, self.min_values_per_channel, world, synced, unit)
+            message = guards.small_batch_message(
+                group, values, self.min_values_per_channel, world, synced, unit, _sync_hint(trainer)
+            )
             self._warn("small_batch", group, message)
 
     def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Generator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -17,9 +18,62 @@ from typing_extensions import override
 
 from lightning_bn import writers
 from lightning_bn.callbacks._periodic import check_positive_int
-from lightning_bn.recalibration import recalibrate, resolve_forward
+from lightning_bn.recalibration import recalibrate, resolve_forward, sharded_statistics
 
 _WHEN = ("fit_end", "epoch_end")
+
+
+def _fsdp1_wrapper(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module | None:
+    """FSDPStrategy's FSDP1 wrapper around the LightningModule itself (no ``configure_model`` wrapping): the module's
+    weights exist only inside the wrapper's forward, so the recalibration forward must go through it."""
+    wrapper = trainer.strategy.model
+    if wrapper is None or wrapper is pl_module or not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return wrapper if isinstance(wrapper, FullyShardedDataParallel) else None
+
+
+def _through(
+    wrapper: nn.Module, pl_module: pl.LightningModule, forward: Callable[[nn.Module, Any], Any]
+) -> Callable[[nn.Module, Any], Any]:
+    """``forward(pl_module, batch)`` run inside ``wrapper``'s forward (its pre-forward gathers the weights), as
+    Lightning runs ``training_step`` under FSDP: the LightningModule's ``forward`` is patched for one call."""
+
+    def run(_: nn.Module, batch: Any) -> Any:
+        patched = "forward" in pl_module.__dict__
+        original = pl_module.__dict__.get("forward")
+
+        def restore() -> None:
+            if patched:
+                pl_module.__dict__["forward"] = original
+            else:
+                pl_module.__dict__.pop("forward", None)
+
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            restore()  # the real forward again, for the user's code inside
+            return forward(pl_module, batch)
+
+        pl_module.__dict__["forward"] = inner
+        try:
+            return wrapper()
+        finally:
+            restore()
+
+    return run
+
+
+def _pooling_group(trainer: pl.Trainer) -> Any:
+    """The data-parallel process group under ModelParallelStrategy with tensor parallelism (its ranks share batches,
+    each value must count once), else ``None`` (all ranks)."""
+    try:
+        mesh = trainer.strategy.device_mesh  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # no mesh: DDP, FSDPStrategy (its HSDP mesh is data-parallel throughout)
+        return None
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    if mesh is None or "data_parallel" not in names or mesh["data_parallel"].size() == mesh.size():
+        return None
+    return mesh["data_parallel"].get_group()
 
 
 def shift_metrics(shifts: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -48,6 +102,13 @@ class BatchNormRecalibration(Callback):
     all ranks exactly, in one collective that every rank reaches however many batches its loader has (a failure on
     one rank makes every rank raise rather than wait). See :func:`lightning_bn.recalibrate`.
 
+    Sharded training works the same way (``docs/distributed.md``): under ``ModelParallelStrategy`` (FSDP2
+    ``fully_shard`` in ``configure_model``) and ``FSDPStrategy`` (FSDP1; its wrapper's forward is used) each forward
+    gathers the weights, so the ranks run their batches in lockstep (as many as the rank with the fewest); with
+    tensor parallelism the statistics are pooled over the data-parallel ranks only (tensor-parallel ranks share a
+    batch). BatchNorm buffers are not sharded: afterwards every rank holds the same, exact statistics (during
+    training FSDP leaves each rank its own running estimate).
+
     The epoch last recalibrated is saved in checkpoints (a resumed fit does not recalibrate an epoch twice) and
     forgotten in ``setup``, before a checkpoint is restored, so the same instance recalibrates again in a second
     ``Trainer.fit``. Nothing is attached to the model between recalibrations: each one removes its hooks and puts
@@ -63,7 +124,8 @@ class BatchNormRecalibration(Callback):
 
     Raises:
         MisconfigurationException: for a non-positive ``num_batches``, an unknown ``when`` or a ``forward`` that is
-            not ``None`` or a callable taking ``(model, batch)``.
+            not ``None`` or a callable taking ``(model, batch)``; at fit start, naming the strategy, for BatchNorms
+            whose running statistics a tensor-parallel plan turned into DTensors.
 
     Example::
 
@@ -94,6 +156,18 @@ class BatchNormRecalibration(Callback):
         if stage == "fit":  # a new fit; a resumed one gets `_last_epoch` back from its checkpoint after this
             self.shifts = {}
             self._last_epoch = -1
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after `configure_model`: the layers exist now; refuse before training rather than after it
+        sharded = sharded_statistics(pl_module)
+        if sharded:
+            raise MisconfigurationException(
+                f"`BatchNormRecalibration` cannot recalibrate under {type(trainer.strategy).__name__}: BatchNorm "
+                f"modules {sharded} hold DTensor running statistics (a tensor-parallel plan or `distribute_module` "
+                "took them in). Leave BatchNorm out of the parallelize plan in `configure_model`: its buffers then "
+                "stay plain tensors, pooled exactly over the data-parallel ranks; or remove the callback."
+            )
 
     @override
     def on_train_batch_end(
@@ -129,10 +203,19 @@ class BatchNormRecalibration(Callback):
                 category=RuntimeWarning,
             )
             return
+        model, forward = pl_module, self.forward
+        wrapper = _fsdp1_wrapper(trainer, pl_module)
+        if wrapper is not None:
+            model, forward = wrapper, _through(wrapper, pl_module, self.forward)
         batches = self._batches(trainer, pl_module, loader)
         try:
             self.shifts = recalibrate(
-                pl_module, batches, self.num_batches, forward=self.forward, device=pl_module.device
+                model,
+                batches,
+                self.num_batches,
+                forward=forward,
+                device=pl_module.device,
+                group=_pooling_group(trainer),
             )
         finally:
             batches.close()  # ends the loader's iterator (and its workers) now, also after an error

@@ -11,6 +11,8 @@
   activation needs, and the consequence in one forward pass: inf/NaN, vanishing or exploding signal).
 
 Every warning has the category :class:`BatchNormWarning` and is one line: what is wrong, where, what to do.
+Sharded models (FSDP2 ``fully_shard``, FSDP1, tensor parallelism) are read through :func:`full_parameters`; names
+are reported without FSDP1's wrapper parts (:func:`clean_name`).
 The guards build on :mod:`lightning_bn.tracing` (hooks, the calibration flag, the one data-flow trace) only.
 """
 
@@ -19,7 +21,14 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from lightning_bn.guards._common import BatchNormWarning, batch_norms, running_stat_norms
+from lightning_bn.guards._common import (
+    BatchNormWarning,
+    batch_norms,
+    clean_name,
+    full_parameters,
+    is_sharded,
+    running_stat_norms,
+)
 from lightning_bn.guards.batch_size import (
     DEFAULT_MIN_VALUES_PER_CHANNEL,
     BatchSizeRecorder,
@@ -57,10 +66,13 @@ __all__ = [
     "InitFinding",
     "batch_norms",
     "changed_running_stats",
+    "clean_name",
     "find_train_mode_norms",
+    "full_parameters",
     "guard",
     "init_messages",
     "init_mismatches",
+    "is_sharded",
     "leak_message",
     "running_stat_norms",
     "running_stats_snapshot",

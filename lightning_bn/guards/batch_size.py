@@ -105,8 +105,12 @@ def small_batch_message(
     world_size: int = 1,
     synced: bool = False,
     unit: str = "values per channel",
+    sync_hint: str = "`Trainer(sync_batchnorm=True)`",
 ) -> str:
     """One line for BatchNorms with too few values per channel, naming the fixes (and SyncBatchNorm under DDP).
+
+    ``world_size`` is the number of data-parallel replicas (devices that see different samples); ``sync_hint`` says
+    how to get SyncBatchNorm where the trainer's switch does not apply.
 
     Example::
 
@@ -121,7 +125,7 @@ def small_batch_message(
     )
     if world_size > 1 and not synced:
         line += (
-            f", or SyncBatchNorm (`Trainer(sync_batchnorm=True)`) to normalize over the global batch of "
+            f", or SyncBatchNorm ({sync_hint}) to normalize over the global batch of "
             f"{smallest * world_size} {unit} across {world_size} devices"
         )
     return line + ", or a larger batch."

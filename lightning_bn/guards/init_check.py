@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from lightning_bn.guards._common import clean_name, full_parameters
 from lightning_bn.layers import get_layer_kind, scheme_std
 from lightning_bn.tracing import ModelMap, module_order_activations, trace_model
 from lightning_bn.tracing.policy import plan_layers
@@ -188,6 +189,12 @@ def init_mismatches(
 
     Without an example input only 4. runs, on Linear/Conv layers, with the activation found by module order.
 
+    Sharded models work as they are (every rank must call it then, as in a Lightning hook): the forward pass runs
+    the sharded forward (FSDP gathers each weight there), and the weights are read whole
+    (:func:`~lightning_bn.guards.full_parameters`) — DTensor parameters of FSDP2 ``fully_shard`` or tensor
+    parallelism, FSDP1 units. Pass an FSDP1 wrapper itself (not the module inside it, whose weights it frees);
+    names are reported without FSDP1's ``_fsdp_wrapped_module`` parts.
+
     Example::
 
         >>> _ = torch.manual_seed(0)
@@ -203,15 +210,17 @@ def init_mismatches(
     if not 0 < saturation_margin < 1:
         raise ValueError(f"Expected `saturation_margin` in (0, 1) but got {saturation_margin!r}")
     found = _trace(model, example_input)  # runs first: lazy layers are materialized by it
-    findings = _weight_scale(model, found, factor)
-    if found is None:
-        return findings
-    overflow = _nonfinite(found)
-    if overflow is not None:
-        return [*findings, overflow]
-    findings += _saturating(found, saturation_margin)
-    depth = _depth(found, depth_ratio)
-    return findings + ([depth] if depth is not None else [])
+    with full_parameters(model):  # sharded weights (FSDP1/2, tensor parallel) read whole, as prepare() would see them
+        findings = _weight_scale(model, found, factor)
+    if found is not None:
+        overflow = _nonfinite(found)
+        if overflow is not None:
+            findings.append(overflow)
+        else:
+            findings += _saturating(found, saturation_margin)
+            depth = _depth(found, depth_ratio)
+            findings += [depth] if depth is not None else []
+    return [replace(f, name=" -> ".join(clean_name(part) for part in f.name.split(" -> "))) for f in findings]
 
 
 _ADVICE: dict[str, str] = {
