@@ -17,7 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_bn.init import LayerStep, init_layer_, sequential_init_, zero_init_residual_
+from lightning_bn.init import (
+    LayerStep,
+    init_layer_,
+    is_sharded,
+    planning_view,
+    reshard,
+    sequential_init_,
+    sharded_sequential_init_,
+    unsharded_params,
+    zero_init_residual_,
+)
 from lightning_bn.layers import get_layer_kind
 from lightning_bn.norms import NormInsertion, plan_insertions
 from lightning_bn.options import INIT_CHOICES, OVERRIDE_CHOICES, PrepareOptions
@@ -32,6 +42,7 @@ __all__ = [
     "PrepareOptions",
     "Report",
     "Skipped",
+    "has_layers",
     "prepare",
     "validate_options",
 ]
@@ -141,6 +152,12 @@ def validate_options(
     PrepareOptions(init, norm, overrides, position, exclude, distribution=distribution, mode=mode)
 
 
+def has_layers(model: nn.Module) -> bool:
+    """True if ``model`` holds a layer :func:`prepare` can initialize (False for a model built in ``configure_model``
+    before that hook has run)."""
+    return any(get_layer_kind(m) is not None for m in model.modules())
+
+
 def _example_input(model: nn.Module, example_input: Any) -> Any:
     if example_input is not None:
         return example_input
@@ -196,6 +213,12 @@ def prepare(
     ``init="lsuv"`` is full LSUV (Mishkin & Matas 2016); a scheme name applies that scheme to every layer with the
     detected activation's gain. Biases are zeroed.
 
+    A model with sharded parameters (``DTensor``: FSDP2 ``fully_shard``) gets the same weights as the unsharded model
+    for the same ``seed``: each layer is drawn full-size, one at a time, and every rank keeps its slice; the layers are
+    changed between forward passes instead of inside one (FSDP2 drops writes made inside ``forward``), one pass per
+    rescaling step (:func:`~lightning_bn.init.sharded_sequential_init_`). Call it on every rank with the same example
+    input and seed (the passes are collectives). Norms cannot be inserted into a sharded model.
+
     Args:
         model: an ``nn.Module`` or LightningModule.
         example_input: a Tensor, tuple of args or dict of kwargs for ``forward``; default:
@@ -226,8 +249,8 @@ def prepare(
     Raises:
         ValueError: for an unknown scheme / distribution / mode / norm / position, no example input, an example input
             that fails in ``forward``, a model without a layer to initialize, an override pattern matching no layer,
-            ``position="post"`` where the activation is a function, or a layer output the norm cannot normalize (the
-            message names the layer).
+            ``position="post"`` where the activation is a function, a layer output the norm cannot normalize (the
+            message names the layer), or ``norm`` with sharded parameters.
         TypeError: for ``overrides`` that is not a dict of patterns.
 
     Example::
@@ -246,15 +269,26 @@ def prepare(
 
 
 def _prepare(model: nn.Module, example_input: Any, o: PrepareOptions) -> Report:
-    if not any(get_layer_kind(m) is not None for m in model.modules()):
+    if not has_layers(model):
         raise ValueError(
             f"Found no layer to initialize in {type(model).__name__}: expected a Linear, Conv, ConvTranspose, "
             "Embedding or RNN module"
         )
     example_input = _example_input(model, example_input)
+    reshard(model)  # FSDP2 keeps the root's parameters unsharded after a forward pass
+    sharded = is_sharded(model)
+    if sharded and o.norm is not None:
+        raise ValueError(
+            f"Cannot insert norms (norm={o.norm!r}) into {type(model).__name__}: its parameters are sharded "
+            "(DTensor, FSDP2 `fully_shard`). Insert them before sharding: call `lightning_bn.prepare(model, example, "
+            "norm=..., seed=...)` where the model is built (in `configure_model`, before `fully_shard`), identically "
+            "on every rank"
+        )
     model_map = trace_model(model, example_input, batch_stats=True)
     traces = model_map.layers
-    plans, kept, skipped = plan_layers(model, model_map, o.init, o.overrides)
+    reshard(model)
+    with planning_view(model) if sharded else contextlib.nullcontext():
+        plans, kept, skipped = plan_layers(model, model_map, o.init, o.overrides)
     if not plans and not kept:
         raise ValueError(
             f"Found no layer to initialize in {type(model).__name__}: none ran on the example input or all were "
@@ -309,7 +343,7 @@ def _apply(
         def initialize(module: nn.Module) -> None:
             generator = generators.get(next(module.parameters()).device)
             gain = 1.0 if plan.lsuv else None
-            with _attention_scale_kept(module):
+            with unsharded_params(module), _attention_scale_kept(module):
                 plan.gain = init_layer_(module, plan.scheme, plan.activation, o.distribution, o.mode, gain, generator)
 
         return initialize
@@ -318,9 +352,14 @@ def _apply(
     if o.zero_init_residual:
         zeroed = zero_init_residual_(model, traces)
     steps = [LayerStep(p.name, initializer(p), rescale=p.lsuv or p.correct, target_std=p.target_std) for p in plans]
-    results = sequential_init_(
-        model, example_input, steps, after=after, tol=o.tol, max_iters=o.max_iters, batch_stats=True
-    )
+    if is_sharded(model):  # no write inside forward reaches the shards: the same init, layer by layer, outside it
+        results = sharded_sequential_init_(
+            model, example_input, steps, tol=o.tol, max_iters=o.max_iters, batch_stats=True
+        )
+    else:
+        results = sequential_init_(
+            model, example_input, steps, after=after, tol=o.tol, max_iters=o.max_iters, batch_stats=True
+        )
     for plan, step in zip(plans, steps):
         if plan.name not in results:  # did not run this time: initialized without data
             step.initialize(plan.module)

@@ -1,7 +1,8 @@
 """AutoInit: initialize the LightningModule to match its activations, and optionally insert norms, when fitting starts.
 
-Runs :func:`lightning_bn.wrapper.prepare` in ``setup`` (before optimizers exist and before DDP wraps the model) and
-logs the report on rank zero: printed, and as TensorBoard text ``lightning_bn/init_report`` when that logger is present.
+Runs :func:`lightning_bn.wrapper.prepare` in ``setup`` (before optimizers exist and before DDP wraps the model), or in
+``on_fit_start`` for a model whose layers ``configure_model`` builds, and logs the report on rank zero: printed, and as
+TensorBoard text ``lightning_bn/init_report`` when that logger is present.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_bn import writers
 from lightning_bn.options import PrepareOptions
-from lightning_bn.wrapper import Report, prepare
+from lightning_bn.wrapper import Report, has_layers, prepare
 
 #: TensorBoard text tag of the report.
 REPORT_TAG = "lightning_bn/init_report"
@@ -39,6 +41,26 @@ class AutoInit(Callback):
     from a generator seeded identically (``seed``, else rank zero's ``torch.initial_seed()``), so under DDP every rank
     starts from the same weights.
 
+    **Models built in** ``configure_model``: Lightning calls ``setup`` before ``configure_model``, so a LightningModule
+    that has no layer yet at ``setup`` and overrides ``configure_model`` is initialized in ``on_fit_start`` instead,
+    right after the model exists and the strategy has set it up (the optimizers then hold the same parameters, with no
+    state yet, and are written in place). When resuming (``trainer.fit(ckpt_path=...)``) the checkpoint's weights
+    stand: restored before ``on_fit_start``, the init is skipped; restored after it (strategies that restore after
+    setup, such as ``ModelParallelStrategy``), they overwrite the init. Norms cannot be inserted then (the optimizers
+    already exist): ``norm=...`` with such a model raises at ``setup``; build the model in ``__init__``, or call
+    ``lightning_bn.prepare(model, example, norm=..., seed=...)`` yourself inside ``configure_model``.
+
+    **Sharded models** (``ModelParallelStrategy``, FSDP2 ``fully_shard`` in ``configure_model``; parameters are
+    ``DTensor``): the init is the same, value for value, as the unsharded init of the same model with the same seed.
+    Each layer is drawn full-size (one layer at a time) and every rank keeps its own slice; the rescaling is measured
+    by forward passes outside the init (writes inside FSDP2's ``forward`` would not reach the shards), so it costs one
+    forward pass per rescaling step (:func:`lightning_bn.init.sharded_sequential_init_`). Every rank must see the same
+    example input (the forward passes are collectives). Parameters replicated across ranks end identical. A model
+    built (unsharded) in ``__init__`` and only sharded in ``configure_model`` is initialized in ``setup``, before
+    sharding. The alternative, also for ``norm=...``: call ``lightning_bn.prepare(model, example, seed=...)`` inside
+    ``configure_model`` before ``fully_shard``, with the same seed and example on every rank, and leave ``AutoInit``
+    out.
+
     Args:
         init: ``"auto"``, ``"lsuv"`` or a scheme (``"xavier"``, ``"kaiming"``, ``"lecun"``, ``"orthogonal"``,
             ``"numeric"``).
@@ -56,7 +78,8 @@ class AutoInit(Callback):
 
     Raises:
         MisconfigurationException: for a bad argument (at construction), or at fit start when there is no example
-            input or :func:`~lightning_bn.wrapper.prepare` rejects the model.
+            input or :func:`~lightning_bn.wrapper.prepare` rejects the model, or ``norm=...`` is asked of a model
+            built in ``configure_model``.
 
     Example::
 
@@ -89,6 +112,7 @@ class AutoInit(Callback):
         self.example_input = example_input
         self.report: Report | None = None
         self._prepared: weakref.ref | None = None
+        self._deferred: weakref.ref | None = None
 
     def __getattr__(self, name: str) -> Any:
         # `callback.init`, `callback.norm`, ...: the options, read through
@@ -99,8 +123,33 @@ class AutoInit(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
+        if stage != "fit":
+            return
+        if has_layers(pl_module) or not is_overridden("configure_model", pl_module):
             self._prepare(trainer, pl_module)
+            return
+        # the layers come from `configure_model`, which Lightning calls after `setup`: initialize at fit start
+        if self.options.norm is not None:
+            raise MisconfigurationException(
+                f"`AutoInit(norm={self.options.norm!r})` cannot insert norms into {type(pl_module).__name__}: its "
+                "layers are built in `configure_model`, which runs after `setup`, so the model exists only once the "
+                "optimizers are (about to be) created and sharded. Build the model in `__init__`, or call "
+                "`lightning_bn.prepare(self.<model>, example, norm=..., seed=...)` yourself inside `configure_model` "
+                "(before `fully_shard`, identically on every rank) and drop `AutoInit`, or use `AutoInit(norm=None)`"
+            )
+        self._deferred = weakref.ref(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        deferred = self._deferred() if self._deferred is not None else None
+        self._deferred = None
+        if deferred is not pl_module:
+            return
+        if trainer.ckpt_path is not None:  # restored already (or about to be): the checkpoint's weights stand
+            self._prepared = weakref.ref(pl_module)
+            rank_zero_info(f"AutoInit: resuming from {trainer.ckpt_path}; the checkpoint's weights are kept")
+            return
+        self._prepare(trainer, pl_module)
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         prepared = self._prepared() if self._prepared is not None else None

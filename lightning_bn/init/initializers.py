@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_bn.activations import Activation, get_activation
+from lightning_bn.init.sharded import local_tensor, unsharded_params
 from lightning_bn.layers import available_layers, get_layer_kind, layer_fans, scheme_std
 from lightning_bn.tracing import LAYER_TYPES, LayerTrace
 
@@ -91,7 +92,9 @@ def init_layer_(
     (√2 for ReLU as in ``torch.nn.init.calculate_gain``; ≈ 1.59 for tanh where PyTorch uses 5/3, and ≈ 1.0 for SELU
     where PyTorch uses 3/4: the numeric value is the one that keeps ``E[f(z)²]`` at the unit fixed point), else 1.
     Embeddings take ``fan_in = fan_out = 1`` (a lookup reads one row). RNN layers get the scheme on each gate's
-    input weights with the gain of their own ``nonlinearity``, orthogonal recurrent weights (gain 1).
+    input weights with the gain of their own ``nonlinearity``, orthogonal recurrent weights (gain 1). Sharded
+    (``DTensor``) parameters are drawn full-size and each rank keeps its slice (:mod:`lightning_bn.init.sharded`), so
+    they get the unsharded values; that gathers, so call it on every rank, outside ``forward``.
 
     Args:
         module: a registered layer (:mod:`lightning_bn.layers`: Linear, Conv, ConvTranspose, Embedding, RNN,
@@ -133,7 +136,7 @@ def init_layer_(
         activation = get_activation(getattr(module, "nonlinearity", None))
     if gain is None:
         gain = 1.0 if scheme == "lecun" or activation is None else activation.gain
-    with torch.no_grad():
+    with torch.no_grad(), unsharded_params(module):
         if kind.recurrent:
             _init_rnn_(module, scheme, gain, distribution, mode, generator)
         else:
@@ -190,5 +193,5 @@ def zero_init_residual_(model: nn.Module, traces: dict[str, LayerTrace]) -> list
         for name in zeroed:
             weight = getattr(modules[name], "weight", None)
             if isinstance(weight, Tensor):
-                weight.zero_()
+                local_tensor(weight).zero_()
     return [n for n in zeroed if isinstance(getattr(modules[n], "weight", None), Tensor)]

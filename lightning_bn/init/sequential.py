@@ -18,10 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_bn.init.initializers import init_layer_
+from lightning_bn.init.sharded import local_tensor, reshard, unsharded_params
 from lightning_bn.layers import get_layer_kind
 from lightning_bn.tracing import HookSet, as_call, model_state, run_forward, trace_model
 
-__all__ = ["LayerStep", "lsuv_", "rescale_to_unit_variance_", "sequential_init_"]
+__all__ = ["LayerStep", "lsuv_", "rescale_to_unit_variance_", "sequential_init_", "sharded_sequential_init_"]
 
 
 @dataclass
@@ -190,6 +191,98 @@ def sequential_init_(
     ):
         run_forward(model, args, kwargs)
     return runner.results()
+
+
+class _FirstOutputs(HookSet):
+    """Read-only forward hooks: the order in which the watched layers are first called, and their first outputs."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.modules = dict(modules)
+        self.order: list[str] = []
+        self.outputs: dict[str, Tensor] = {}
+
+    def _register(self) -> Iterator[Any]:
+        for name, module in self.modules.items():
+            yield module.register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if name in self.order:
+                return
+            self.order.append(name)
+            main = _main(output)
+            if main is not None:
+                self.outputs[name] = main.detach().float()
+
+        return hook
+
+
+def sharded_sequential_init_(
+    model: nn.Module,
+    example_input: Any,
+    steps: Sequence[LayerStep],
+    *,
+    tol: float = 0.1,
+    max_iters: int = 10,
+    batch_stats: bool = False,
+) -> dict[str, StepResult]:
+    """:func:`sequential_init_` for a model with sharded (``DTensor``, FSDP2) parameters: the same weights and results.
+
+    Under FSDP2 a write inside ``forward`` reaches an unsharded copy that is dropped at the next reshard, so nothing is
+    changed inside a hook here: one pass finds the order in which the layers are first called; then, in that order,
+    each layer is drawn full-size with only this rank's slice kept (:func:`~lightning_bn.init.sharded.unsharded_params`,
+    the same draws in the same order as the unsharded pass), and a layer to rescale is measured by a forward pass whose
+    hooks only read its output, then its shards are scaled in place; one last pass measures every layer. A layer's
+    output depends only on the layers called before it, so every measurement sees what the one-pass init would see.
+
+    Every forward pass and gather is a collective: every rank must call this with the same steps and example input.
+    Norms cannot be applied on the way (no ``after``): insert them before sharding. Costs one forward pass per
+    rescaling iteration, plus two.
+    """
+    modules = dict(model.named_modules())
+    watched = {s.name: modules[s.name] for s in steps}
+    args, kwargs = as_call(model, example_input)
+
+    def run(names: Sequence[str]) -> _FirstOutputs:
+        try:
+            with _FirstOutputs({n: watched[n] for n in names}) as seen, model_state(model, batch_stats=batch_stats):
+                run_forward(model, args, kwargs)
+        finally:
+            reshard(model)  # the root's parameters stay unsharded after forward: writes must reach the shards
+        return seen
+
+    reshard(model)
+    order = run(list(watched)).order
+    by_name = {s.name: s for s in steps}
+    variances: dict[str, float] = {}
+    for name in order:
+        step, module = by_name[name], watched[name]
+        if step.initialize is not None:
+            with unsharded_params(module):
+                step.initialize(module)
+        if not step.rescale and step.target_std is None:
+            continue
+        output = run([name]).outputs.get(name)
+        if output is None:
+            continue
+        target = 1.0 if step.target_std is None else step.target_std**2
+        weights = [local_tensor(s.tensor(module)) for s in get_layer_kind(module).weights(module)]
+        variance = output.var().item()
+        for _ in range(max_iters):
+            if not math.isfinite(variance) or variance <= 0 or abs(variance / target - 1.0) <= tol:
+                break
+            with torch.no_grad():
+                for weight in weights:
+                    weight.mul_((variance / target) ** -0.5)
+            variance = run([name]).outputs[name].var().item()
+        variances[name] = variance
+    final = run(order).outputs
+    if not final:
+        return {}
+    stds = torch.stack([final[n].std() for n in order if n in final]).cpu().tolist()
+    names = [n for n in order if n in final]
+    return {n: StepResult(std, variances.get(n, math.nan)) for n, std in zip(names, stds)}
 
 
 def rescale_to_unit_variance_(
