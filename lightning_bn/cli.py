@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--min-std-ratio", _positive, "vanishing below this output std relative to the first layer of the same type"),
         ("--max-std-ratio", _positive, "exploding above this output std relative to the first layer of the same type"),
         ("--max-update-ratio", _positive, "exploding above this ||update|| / ||weights|| of one optimizer step"),
-        ("--min-grad-ratio", _positive, "vanishing_gradient below this gradient norm relative to the largest layer's "
-         "at the same step (or exactly 0 with non-zero weights)"),
+        ("--min-grad-ratio", _positive, "vanishing_gradient below this relative gradient ||g||/||w|| relative to the "
+         "median layer's at the same step (or a gradient exactly 0 with non-zero weights)"),
         ("--min-update-ratio", _positive, "stalled below this update ratio ..."),
         ("--stalled-steps", _count, "... on this many consecutive logged steps"),
     ]  # fmt: skip

@@ -168,7 +168,7 @@ def test_json_is_strict_and_complete(logs, capsys):
         "min_std_ratio": 0.01,
         "max_std_ratio": 100.0,
         "max_update_ratio": 1.0,
-        "min_grad_ratio": 1e-3,
+        "min_grad_ratio": 1e-4,
         "min_update_ratio": 1e-5,
         "stalled_steps": 5,
     }

@@ -62,6 +62,7 @@ def test_healthy_run_is_not_stopped_and_stays_quiet(tmp_path):
 
 def test_saturated_sigmoid_stops_with_kind_aware_rule(tmp_path):
     """A 6-layer sigmoid net with N(0, 1) weights is stopped as saturated; with an absolute limit of 0.9 it is not."""
+
     def sigmoid_normal():
         torch.manual_seed(0)
         net = mlp(6, 128, nn.Sigmoid)

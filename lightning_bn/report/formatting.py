@@ -77,10 +77,10 @@ def _legend(t: Thresholds) -> str:
         f"rules: saturated ({saturation}), dead (dead fraction > {t.max_dead:g}), nonfinite (inf/NaN activation or "
         f"gradient), vanishing / exploding (std/first < {t.min_std_ratio:g} / > {t.max_std_ratio:g}; first = the "
         "first layer of the same type), exploding (update ratio > "
-        f"{t.max_update_ratio:g}), vanishing_gradient (gradient norm < {t.min_grad_ratio:g} x the largest layer's, "
-        f"or 0 with non-zero weights), stalled (update ratio < {t.min_update_ratio:g} for {t.stalled_steps} logged "
-        f"steps in a row); {_ZERO_INIT_NOTE}: weights (or a norm's output) exactly 0 at the first logged step, not "
-        f"flagged vanishing until std/first reaches {t.min_std_ratio:g}"
+        f"{t.max_update_ratio:g}), vanishing_gradient (||g||/||w|| < {t.min_grad_ratio:g} x the median "
+        f"layer's, or a gradient of 0 with non-zero weights), stalled (update ratio < {t.min_update_ratio:g} for "
+        f"{t.stalled_steps} logged steps in a row); {_ZERO_INIT_NOTE}: weights (or a norm's output) exactly 0 at the "
+        f"first logged step, not flagged vanishing until std/first reaches {t.min_std_ratio:g}"
     )
 
 

@@ -59,8 +59,10 @@ class Thresholds:
         max_std_ratio: ``exploding`` when that ratio exceeds this.
         max_update_ratio: also ``exploding`` when one optimizer step moves a layer's parameters by more than this
             times their norm (``update_ratio``; ~1e-3 is healthy, a zero-initialized layer reads exactly 1 once).
-        min_grad_ratio: ``vanishing_gradient`` when a layer's gradient norm (over its parameters) is below this times
-            the largest layer's at the same step, or exactly 0 while its weights are not.
+        min_grad_ratio: ``vanishing_gradient`` when a layer's relative gradient ``||g|| / ||w||`` (over its
+            parameters) is below this times the median layer's at the same step, or its gradient is exactly 0 while
+            its weights are not. Relative, because healthy layers of real models differ in gradient norm by 1e-4 to
+            1e-6 (ConvNeXt's LayerScale branches, Swin, BERT's attention) but in relative gradient by under 1e-2.
         min_update_ratio: ``stalled`` when ``update_ratio`` stays below this (~1e-3 is healthy) ...
         stalled_steps: ... on at least this many consecutive logged steps.
 
@@ -79,7 +81,7 @@ class Thresholds:
     min_std_ratio: float = 0.01
     max_std_ratio: float = 100.0
     max_update_ratio: float = 1.0
-    min_grad_ratio: float = 1e-3
+    min_grad_ratio: float = 1e-4
     min_update_ratio: float = 1e-5
     stalled_steps: int = 5
 
