@@ -114,3 +114,23 @@ def test_bad_arguments_name_the_value(kwargs, match):
 def test_warns_without_monitors(tmp_path):
     with pytest.warns(RuntimeWarning, match="found no ActivationMonitor or GradientMonitor"):
         _fit(tmp_path, _he_relu(), [HealthCheck(stop_on="all")], steps=2)
+
+
+@pytest.mark.parametrize("mode", ["nan", "healthy"])
+def test_ddp_ranks_stop_together(tmp_path, mode):
+    """Under DDP (2 processes) rank zero decides and broadcasts at the start of the step after a logging step, and both
+    ranks stop at the same step (NaN loss from step 2, logging every 2 steps: judged at step 3's start, so the fit ends
+    after step 3, one step later than on one process); a healthy run trains all 8 steps."""
+    import json
+
+    from tests.helpers import run_ddp_script
+
+    run_ddp_script("healthcheck_ddp.py", str(tmp_path), mode, timeout=180)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = {r["global_step"] for r in ranks}
+    assert len(steps) == 1  # the same step on both ranks
+    if mode == "nan":
+        assert steps == {4} and ranks[0]["stopped"][:2] == [2, "nonfinite"]
+        assert ranks[1]["stopped"][:3] == ranks[0]["stopped"][:3]  # rank one got rank zero's decision
+    else:
+        assert steps == {8} and ranks[0]["stopped"] is None

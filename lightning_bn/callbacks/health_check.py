@@ -36,7 +36,8 @@ class HealthCheck(Callback):
 
     The figures come from the monitors in the same Trainer (their host-side copy of what they logged; no extra device
     work). Put ``HealthCheck`` after them in ``callbacks``; placed before, it judges a logging step one step later.
-    Under DDP the decision is made on rank zero (where the monitors log) and broadcast on logging steps only.
+    Under DDP the decision is made on rank zero (where the monitors log) and broadcast at the start of the step after
+    each logging step only, so every rank stops at the same step (one step later than on one process).
 
     Example::
 
