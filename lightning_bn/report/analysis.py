@@ -39,6 +39,8 @@ _ACTIVATION_STATISTICS = frozenset(
 )
 _PARAMETER_STATISTICS = frozenset(["grad_norm", "weight_norm", "update_ratio"])
 _TOTAL_TAG = "grad_norm/total"
+#: a layer whose weight norm at its first logged step is below this times the median layer's started deliberately tiny
+_TINY_START = 1e-2
 
 
 def is_monitor_tag(tag: str) -> bool:
@@ -159,6 +161,13 @@ def analyze(
         for step, value in series.items():
             by_step.setdefault(step, []).append(value)
     median = {step: statistics.median(values) for step, values in by_step.items()}
+    # layers whose weights start tiny next to the others' (LayerScale gains, init 1e-6): after their first optimizer
+    # step ||dw|| / ||w|| reads ~1 whatever the learning rate, as for a zero init; that first step is not judged
+    tiny_start: dict[str, int] = {}
+    first_norms = {layer: min(series.items()) for layer, series in weight_norms.items() if series}
+    if first_norms:
+        typical = statistics.median(norm for _, norm in first_norms.values())
+        tiny_start = {layer: step for layer, (step, norm) in first_norms.items() if 0 < norm < _TINY_START * typical}
     # while a deliberately zero-initialized layer is still 0 (e.g. the last norm of each residual branch), nothing
     # upstream of it in its branch gets a gradient, by design: gradients are not judged up to the step it leaves 0
     # and the layers beside it in its block (the branch it closes) get small gradients until its output has grown:
@@ -187,6 +196,8 @@ def analyze(
             judged_ratio = {step: value for step, value in ratio.items() if awake and step >= awake[0]}
             left_zero = _left_zero(params.get(f"{layer}.weight", {}))  # the update from 0 reads 1: no judgement
             judged_update = {step: value for step, value in update.items() if left_zero is None or step > left_zero}
+        elif layer in tiny_start:  # a deliberately tiny init (LayerScale's 1e-6) moves by its own size at first
+            judged_update = {step: value for step, value in update.items() if step > tiny_start[layer]}
         entry = table.get(layer) if table is not None else None
         healthy = entry.get("healthy_saturation") if entry is not None else None
         healthy = float(healthy) if isinstance(healthy, (int, float)) and math.isfinite(healthy) else None
