@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
+from lightning_bn.sharding import has_dtensors, is_dtensor
 from lightning_bn.tracing import HookSet, model_state
 
 __all__ = ["default_forward", "recalibrate", "resolve_forward", "sharded_statistics"]
@@ -90,7 +91,7 @@ class _Accumulator:
 
     def hook(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
-        if _is_dtensor(x):  # a tensor-parallel activation: the whole of it (every rank of its mesh is in this forward)
+        if is_dtensor(x):  # a tensor-parallel activation: the whole of it (every rank of its mesh is in this forward)
             x = x.full_tensor()
         channels = x.shape[1] if x.ndim > 1 else x.shape[0]
         values = (x.transpose(0, 1) if x.ndim > 1 else x.unsqueeze(1)).reshape(channels, -1).double()
@@ -139,14 +140,6 @@ class _Buffers:
                 buffer.copy_(values)
 
 
-def _is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without torch.distributed
-        return False
-    return isinstance(t, DTensor)
-
-
 def _forward_runs_collectives(model: nn.Module) -> bool:
     """Whether every forward of ``model`` is itself a collective, so the ranks must run their batches in lockstep:
     SyncBatchNorm, FSDP2 (``fully_shard``: an all-gather per unit), FSDP1 (``FullyShardedDataParallel``), or other
@@ -163,7 +156,7 @@ def _forward_runs_collectives(model: nn.Module) -> bool:
         FSDPModule = FullyShardedDataParallel  # noqa: N806
     if any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules()):
         return True
-    return any(_is_dtensor(p) for p in model.parameters())
+    return has_dtensors(model)
 
 
 def sharded_statistics(model: nn.Module) -> list[str]:
@@ -178,7 +171,7 @@ def sharded_statistics(model: nn.Module) -> list[str]:
     return [
         _clean(n)
         for n, m in model.named_modules()
-        if isinstance(m, _BatchNorm) and any(_is_dtensor(b) for b in (m.running_mean, m.running_var))
+        if isinstance(m, _BatchNorm) and any(is_dtensor(b) for b in (m.running_mean, m.running_var))
     ]
 
 

@@ -11,11 +11,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_bn"
 SUBPACKAGES = {
     p.stem for p in PACKAGE.iterdir() if (p.suffix == ".py" or p.is_dir()) and not p.name.startswith(("_", "."))
 }
-BELOW_PEERS = {"activations", "fused", "layers", "stats", "tracing"}
+BELOW_PEERS = {"activations", "fused", "layers", "sharding", "stats", "tracing"}
 ALLOWED = {
     "activations": set(),
     "fused": set(),
     "layers": set(),
+    "sharding": set(),
     "stats": {"activations", "fused"},
     "tracing": {"activations", "layers"},
     "init": BELOW_PEERS,

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from lightning_bn.sharding import has_dtensors, is_dtensor
+
 __all__ = ["BatchNormWarning", "batch_norms", "clean_name", "full_parameters", "running_stat_norms"]
 
 # the attribute names FSDP1 (`FullyShardedDataParallel`) and activation checkpointing put between a module and its
@@ -59,14 +61,6 @@ def clean_name(name: str) -> str:
     return name.removesuffix("_fsdp_wrapped_module").rstrip(".")
 
 
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without torch.distributed
-        return None
-    return DTensor
-
-
 def _fsdp1_units(model: nn.Module) -> list[nn.Module]:
     """The outermost FSDP1 (``FullyShardedDataParallel``) modules in ``model``: their parameters are flattened and
     sharded, readable only inside their forward or ``summon_full_params``."""
@@ -91,10 +85,7 @@ def is_sharded(model: nn.Module) -> bool:
         >>> is_sharded(nn.Linear(2, 2))
         False
     """
-    dtensor = _dtensor_type()
-    if dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()):
-        return True
-    return bool(_fsdp1_units(model))
+    return has_dtensors(model) or bool(_fsdp1_units(model))
 
 
 def _whole(param: torch.Tensor) -> torch.Tensor:
@@ -129,20 +120,18 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
         ...     same is net
         True
     """
-    dtensor = _dtensor_type()
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     with contextlib.ExitStack() as stack:
         try:
-            if dtensor is not None:
-                full: dict[int, nn.Parameter] = {}
-                for module in model.modules():
-                    for name, param in list(module._parameters.items()):
-                        if not isinstance(param, dtensor):
-                            continue
-                        if id(param) not in full:
-                            full[id(param)] = nn.Parameter(_whole(param), requires_grad=param.requires_grad)
-                        swapped.append((module, name, param))
-                        module._parameters[name] = full[id(param)]
+            full: dict[int, nn.Parameter] = {}
+            for module in model.modules():
+                for name, param in list(module._parameters.items()):
+                    if not is_dtensor(param):
+                        continue
+                    if id(param) not in full:
+                        full[id(param)] = nn.Parameter(_whole(param), requires_grad=param.requires_grad)
+                    swapped.append((module, name, param))
+                    module._parameters[name] = full[id(param)]
             units = _fsdp1_units(model)
             if units:
                 from torch.distributed.fsdp import FullyShardedDataParallel

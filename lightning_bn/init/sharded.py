@@ -19,22 +19,15 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from lightning_bn.sharding import has_dtensors, is_dtensor
+from lightning_bn.sharding import local as local_tensor
+
 __all__ = ["is_sharded", "local_tensor", "planning_view", "reshard", "unsharded_params", "write_full_"]
-
-
-def _dtensor_type() -> type | None:
-    module = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists (and none is imported here)
-    return getattr(module, "DTensor", None)
-
-
-def _is_dtensor(tensor: object) -> bool:
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def is_sharded(model: nn.Module) -> bool:
     """True if any parameter of ``model`` is a ``DTensor`` (call :func:`reshard` first under FSDP2)."""
-    return any(_is_dtensor(p) for p in model.parameters())
+    return has_dtensors(model)
 
 
 def reshard(model: nn.Module) -> None:
@@ -52,11 +45,6 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def local_tensor(tensor: Tensor) -> Tensor:
-    """The tensor this rank holds: ``to_local()`` of a ``DTensor`` (a view: in-place writes reach the shard)."""
-    return tensor.to_local() if _is_dtensor(tensor) else tensor
-
-
 def _local_slice(full: Tensor, param: Tensor) -> Tensor:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -68,7 +56,7 @@ def _local_slice(full: Tensor, param: Tensor) -> Tensor:
 @torch.no_grad()
 def write_full_(param: Tensor, full: Tensor) -> None:
     """Copy the full-size ``full`` into ``param``: a ``DTensor`` takes only this rank's slice, without communication."""
-    if _is_dtensor(param):
+    if is_dtensor(param):
         param.to_local().copy_(_local_slice(full, param))
     else:
         param.copy_(full)
@@ -78,7 +66,7 @@ def _dtensor_params(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
     found = []
     for owner in module.modules():
         for name, param in owner._parameters.items():
-            if param is not None and _is_dtensor(param):
+            if param is not None and is_dtensor(param):
                 found.append((owner, name, param))
     return found
 

@@ -19,32 +19,25 @@ import torch
 from torch import Tensor
 
 from lightning_bn import stats
+from lightning_bn.sharding import is_dtensor
+from lightning_bn.sharding import local as _local
 
-__all__ = ["GradientProbe", "GradientResult", "is_sharded", "local"]
+__all__ = ["GradientProbe", "GradientResult", "local"]
 
 #: Parameters with fewer elements are copied whole for the update ratio.
 WHOLE = 4096
 
 
-def is_sharded(t: Tensor) -> bool:
-    """Whether ``t`` is a DTensor (a parameter or gradient of FSDP2 / tensor parallelism)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
 def local(t: Tensor) -> Tensor:
-    """This process's part of ``t``: the local shard of a DTensor, else ``t`` itself (detached)."""
-    return t.to_local().detach() if is_sharded(t) else t.detach()
+    """This process's part of ``t`` (the local shard of a DTensor), detached: what is measured and copied."""
+    return _local(t).detach()
 
 
 def _copies(t: Tensor, world: int) -> int:
     """How many processes hold each element of ``t``: ``world`` for a plain tensor, ``world / (product of the mesh
     sizes it is sharded over)`` for a DTensor (replicated mesh dimensions and processes outside its mesh hold
     copies)."""
-    if not is_sharded(t):
+    if not is_dtensor(t):
         return world
     from torch.distributed.tensor import Shard
 
@@ -110,7 +103,7 @@ class GradientProbe:
         self.update_ratio_budget = update_ratio_budget
         self.histogram_bins = histogram_bins
         #: some parameter is a DTensor: every process measures its shards and one all-reduce combines them
-        self.sharded = any(is_sharded(p) for p in self.names)
+        self.sharded = any(is_dtensor(p) for p in self.names)
         self._pending: dict[str, Any] | None = None
         self._snapshot: dict[Tensor, tuple[int, Tensor]] = {}
 
