@@ -21,19 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning_bn
-from lightning_bn.report import FLAGS, RunHealth, Thresholds, analyze
+from lightning_bn.report import FLAGS, RunHealth, Thresholds
+from lightning_bn.report.analysis import analyze_runs
 from lightning_bn.report.formatting import format_markdown, format_table
-from lightning_bn.report.reading import (
-    _EVENT_GLOB,
-    _event_files,
-    _layers,
-    _load,
-    _scalars,
-    damage,
-    find_runs,
-    read_layers,
-    read_scalars,
-)
+from lightning_bn.report.reading import _EVENT_GLOB, _event_files, damage, find_runs, read_layers, read_scalars
 
 __all__ = ["EXIT_FLAGGED", "EXIT_NO_LOGS", "EXIT_OK", "find_runs", "main", "read_layers", "read_scalars"]
 
@@ -122,22 +113,13 @@ def report(logdir: Path, output: str, fail_on: Sequence[str], thresholds: Thresh
     run_dirs = find_runs(logdir)
     if not run_dirs:
         return _no_logs(f"no TensorBoard event files ({_EVENT_GLOB}) under '{logdir}'")
-    runs: list[RunHealth] = []
-    skipped: list[str] = []
     damaged = [(path, why) for path in _event_files(logdir) for why in [damage(path)] if why is not None]
     for path, why in damaged:
         print(
             f"lightning-bn report: damaged event file '{path}': {why}; what precedes the damage is read",
             file=sys.stderr,
         )
-    for run_dir in run_dirs:
-        name = run_dir.relative_to(logdir).as_posix() if run_dir != logdir else "."
-        accumulator = _load(run_dir)
-        health = analyze(_scalars(accumulator), name, thresholds, _layers(accumulator))
-        if health.layers:
-            runs.append(health)
-        else:
-            skipped.append(name)
+    runs, skipped = analyze_runs(logdir, thresholds)
     if not runs:
         if damaged:
             return _no_logs(f"the event files under '{logdir}' are damaged ({', '.join(str(p) for p, _ in damaged)})")

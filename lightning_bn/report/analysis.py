@@ -22,7 +22,7 @@ from .layers import (
     _steps,
 )
 
-__all__ = ["analyze", "is_monitor_tag"]
+__all__ = ["analyze", "analyze_runs", "is_monitor_tag"]
 
 _ACTIVATION_STATISTICS = frozenset(
     [
@@ -123,7 +123,7 @@ def analyze(
         (0.95, 0.95, 'saturated since step 5')
     """
     if isinstance(scalars, (str, os.PathLike)):
-        return _analyze_logdir(Path(scalars), thresholds)
+        return analyze_runs(Path(scalars), thresholds)[0]
     activations: dict[str, dict[str, dict[int, float]]] = {}
     parameters: dict[str, dict[str, dict[str, dict[int, float]]]] = {}
     for tag, series in scalars.items():
@@ -249,22 +249,30 @@ def analyze(
     return RunHealth(name, sorted(steps), out, forward_order=table is not None)
 
 
-def _analyze_logdir(logdir: Path, thresholds: Thresholds) -> list[RunHealth]:
-    from .reading import find_runs, read_layers, read_scalars
+def analyze_runs(
+    logdir: Path,
+    thresholds: Thresholds = Thresholds(),  # noqa: B008  (frozen: immutable)
+) -> tuple[list[RunHealth], list[str]]:
+    """Every run below ``logdir`` (a directory of TensorBoard runs, or one event file), each read once and analyzed:
+    the runs with lightning-bn scalars, and the names of those without (``lightning-bn report`` prints both).
+
+    Raises:
+        FileNotFoundError: naming ``logdir`` when it does not exist.
+    """
+    from .reading import find_runs, read_run
 
     if not logdir.exists():
         raise FileNotFoundError(f"Expected a log directory or event file but {str(logdir)!r} does not exist")
-    runs = []
+    runs, skipped = [], []
     for run in find_runs(logdir):
-        health = analyze(
-            read_scalars(run),
-            run.relative_to(logdir).as_posix() if run != logdir else ".",
-            thresholds,
-            read_layers(run),
-        )
+        name = run.relative_to(logdir).as_posix() if run != logdir else "."
+        scalars, layers = read_run(run)
+        health = analyze(scalars, name, thresholds, layers)
         if health.layers:
             runs.append(health)
-    return runs
+        else:
+            skipped.append(name)
+    return runs, skipped
 
 
 def _per_step(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .analysis import is_monitor_tag
-from .reading import find_runs, read_layers, read_scalars
+from .reading import find_runs, read_run
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -251,13 +251,13 @@ def _load(source: str | Path | Mapping[str, Any], run: str | None) -> tuple[dict
         if name not in names:
             raise ValueError(f"No run {run!r} under {path}; available runs: {', '.join(ordered)}")
     run_dir = names[name]
-    scalars = read_scalars(run_dir)
+    scalars, layers = read_run(run_dir)
     if not scalars:
         raise ValueError(
             f"No lightning-bn scalars in {run_dir} (were ActivationMonitor / GradientMonitor among the callbacks?)"
             + (f"; other runs: {', '.join(n for n in ordered if n != name)}" if len(ordered) > 1 else "")
         )
-    return scalars, read_layers(run_dir), name if name != "." else path.name
+    return scalars, layers, name if name != "." else path.name
 
 
 def _series(scalars: Mapping[str, Any], statistic: str) -> dict[str, list[tuple[int, float]]]:

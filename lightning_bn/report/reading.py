@@ -9,7 +9,7 @@ from typing import Any
 from .analysis import is_monitor_tag
 from .layers import LAYERS_TAG
 
-__all__ = ["damage", "find_runs", "read_layers", "read_scalars"]
+__all__ = ["damage", "find_runs", "read_layers", "read_run", "read_scalars"]
 
 _EVENT_GLOB = "events.out.tfevents.*"
 #: what ``SummaryWriter.add_text`` appends to a text tag
@@ -73,6 +73,12 @@ def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     Tags keep the order of their first appearance, which the report takes as depth order without a layers table.
     """
     return _scalars(_load(run))
+
+
+def read_run(run: Path) -> tuple[dict[str, list[tuple[int, float]]], list[dict[str, Any]] | None]:
+    """:func:`read_scalars` and :func:`read_layers` of one run, from one read of its event files."""
+    accumulator = _load(run)
+    return _scalars(accumulator), _layers(accumulator)
 
 
 def read_layers(run: Path) -> list[dict[str, Any]] | None:
