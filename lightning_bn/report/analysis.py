@@ -287,16 +287,18 @@ def _per_step(
     return out
 
 
-def _grad_norm(params: list[Mapping[str, Mapping[int, float]]], step: int) -> float | None:
-    """The 2-norm over the layer's parameters (exact for the monitor's default 2-norms; inf/NaN propagate)."""
-    norms = [p["grad_norm"][step] for p in params if step in p.get("grad_norm", {})]
-    return math.sqrt(sum(n * n for n in norms)) if norms else None
+def _norm_of(statistic: str) -> Callable[[list[Mapping[str, Mapping[int, float]]], int], float | None]:
+    """The 2-norm over the layer's parameters of a per-parameter norm (``"grad_norm"``, ``"weight_norm"``; exact for
+    the monitor's default 2-norms; inf/NaN propagate)."""
+
+    def combine(params: list[Mapping[str, Mapping[int, float]]], step: int) -> float | None:
+        norms = [p[statistic][step] for p in params if step in p.get(statistic, {})]
+        return math.sqrt(sum(n * n for n in norms)) if norms else None
+
+    return combine
 
 
-def _weight_norm(params: list[Mapping[str, Mapping[int, float]]], step: int) -> float | None:
-    """The 2-norm over the layer's parameters' weights."""
-    norms = [p["weight_norm"][step] for p in params if step in p.get("weight_norm", {})]
-    return math.sqrt(sum(n * n for n in norms)) if norms else None
+_grad_norm, _weight_norm = _norm_of("grad_norm"), _norm_of("weight_norm")
 
 
 def _update_ratio(params: list[Mapping[str, Mapping[int, float]]], step: int) -> float | None:
