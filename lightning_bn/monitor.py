@@ -20,13 +20,11 @@ from lightning_bn import writers
 from lightning_bn.fused import BACKENDS
 from lightning_bn.probes import ActivationProbe, GradientProbe, ModuleFilter, validate_module_filter, watch_targets
 from lightning_bn.probes.activation import STATISTICS, layer_entry
+from lightning_bn.report.layers import LAYERS_TAG
 from lightning_bn.stats import DEFAULT_ZERO_TOL
 from lightning_bn.tracing import ModelMap, trace_model
 
 __all__ = ["Monitor"]
-
-#: TensorBoard text tag of the watched layers (the same as ActivationMonitor's), read by ``lightning-bn report``
-LAYERS_TAG = "lightning_bn/layers"
 
 
 class Monitor:

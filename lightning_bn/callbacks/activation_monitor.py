@@ -23,13 +23,12 @@ from lightning_bn.callbacks._periodic import PeriodicMonitor, check_positive_int
 from lightning_bn.fused import BACKENDS, COMPILE_SECONDS
 from lightning_bn.probes import ActivationProbe, ModuleFilter, validate_module_filter, watch_targets
 from lightning_bn.probes.activation import STATISTICS, layer_entry
+from lightning_bn.report.layers import LAYERS_TAG
 from lightning_bn.report.plot import saturation_heatmap
 from lightning_bn.stats import DEFAULT_ZERO_TOL
 from lightning_bn.tracing import HookSet, ModelMap, trace_model
 
 #: figure name (see :func:`lightning_bn.stats.figures`) -> logged statistic
-#: TensorBoard text tag of the watched layers in forward order (JSON list of :func:`layer_entry`), for the report.
-LAYERS_TAG = "lightning_bn/layers"
 _HISTORY_LIMIT = 1000
 
 

@@ -9,9 +9,8 @@ from typing import Any
 
 __all__ = ["LAYERS_TAG"]
 
-#: TensorBoard text tag of the watched layers, written by ActivationMonitor at step 0: a JSON list, in forward order,
-#: of ``{"name", "module_type", "activation", "hook"}`` (the same as
-#: ``lightning_bn.callbacks.activation_monitor.LAYERS_TAG``; this module imports nothing of the package).
+#: TensorBoard text tag of the watched layers, written at step 0: a JSON list, in forward order,
+#: of ``{"name", "module_type", "activation", "hook"}``; ``ActivationMonitor`` and ``Monitor`` write it under this tag.
 LAYERS_TAG = "lightning_bn/layers"
 #: how far from 1 the first logged update ratio of a weight may be for the weight to count as zero before that step
 #: (``‖Δw‖ / ‖w‖`` is exactly 1 when ``w`` was 0 before the step, whatever the optimizer)
