@@ -103,9 +103,8 @@ def log_scalars(loggers: Iterable[Any], metrics: Mapping[str, float], step: int)
 
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            fast_tensorboard_crc()
-            flush_layout([logger.experiment])
-            _write_summary(logger, metrics, step)
+            prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
+            write_scalars(logger.experiment, {f"{prefix}{key}": value for key, value in metrics.items()}, step)
         else:
             logger.log_metrics(dict(metrics), step=step)
 
@@ -119,14 +118,6 @@ def write_scalars(writer: Any, metrics: Mapping[str, float], step: int) -> None:
     flush_layout([writer])
     values = [Summary.Value(tag=key, simple_value=float(value)) for key, value in metrics.items()]
     writer._get_file_writer().add_summary(Summary(value=values), step)
-
-
-def _write_summary(logger: Any, metrics: Mapping[str, float], step: int) -> None:
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
-    values = [Summary.Value(tag=f"{prefix}{key}", simple_value=float(value)) for key, value in metrics.items()]
-    logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
 
 
 def log_histograms(writers: Sequence[Any], prefix: str, histograms: Sequence[Mapping[str, Any]], step: int) -> None:
