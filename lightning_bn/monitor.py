@@ -67,8 +67,6 @@ class Monitor:
         (0, True)
     """
 
-    HISTORY = 1000
-
     def __init__(
         self,
         model: nn.Module,
@@ -104,7 +102,7 @@ class Monitor:
         self._tensorboard = writer if _is_summary_writer(writer) else None
         self.modules, self.zero_tol, self.fused = modules, float(zero_tol), fused
         self.histogram_bins = histogram_bins if histograms and self._tensorboard is not None else 0
-        #: every figure logged: tag -> ``[(step, value)]``, the latest :attr:`HISTORY` logged steps
+        #: every figure logged: tag -> ``[(step, value)]``, the latest ``writers.HISTORY`` logged steps
         self.figures: dict[str, deque[tuple[int, float]]] = {}
         #: the trace of the model (once known)
         self.model_map: ModelMap | None = None
@@ -211,11 +209,7 @@ class Monitor:
         return metrics
 
     def _write(self, metrics: dict[str, float], histograms: list, step: int) -> None:
-        for tag, value in metrics.items():
-            series = self.figures.get(tag)
-            if series is None:
-                series = self.figures[tag] = deque(maxlen=self.HISTORY)
-            series.append((step, value))
+        writers.remember(self.figures, metrics, step)
         if not _is_rank_zero():
             return
         if metrics and self._sink is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,10 +25,33 @@ __all__ = [
     "log_scalars",
     "log_text",
     "metric_key",
+    "remember",
     "tensorboard_writers",
     "write_layout",
     "write_scalars",
 ]
+
+
+#: logged steps of each figure a monitor keeps on the host (for HealthCheck, the heatmap, ``Monitor.figures``)
+HISTORY = 1000
+
+
+def remember(history: dict[str, deque[tuple[int, float]]], metrics: Mapping[str, float], step: int) -> None:
+    """Append the figures just logged (host floats, already transferred) to ``history``: tag -> the latest
+    :data:`HISTORY` ``(step, value)`` pairs.
+
+    Example::
+
+        >>> history = {}
+        >>> remember(history, {"act_std/fc1": 0.5}, step=0)
+        >>> list(history["act_std/fc1"])
+        [(0, 0.5)]
+    """
+    for tag, value in metrics.items():
+        series = history.get(tag)
+        if series is None:
+            series = history[tag] = deque(maxlen=HISTORY)
+        series.append((step, float(value)))
 
 
 def metric_key(statistic: str, name: str) -> str:

@@ -12,6 +12,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_bn import writers
+
 
 def check_every_n_steps(every_n_steps: Any) -> int:
     """Raises ``MisconfigurationException`` naming the value unless it is a positive int."""
@@ -36,13 +38,10 @@ class PeriodicMonitor(Callback):
     removed on an exception and at teardown (:meth:`_release`).
     """
 
-    #: logged steps of each figure kept on the host for :class:`~lightning_bn.HealthCheck` (the latest ones)
-    HISTORY = 1000
-
     def __init__(self, every_n_steps: int) -> None:
         self.every_n_steps = check_every_n_steps(every_n_steps)
         self._last_logged_step = -1
-        #: every figure this fit logged (rank zero): tag -> ``[(step, value)]``, the latest :attr:`HISTORY` steps
+        #: every figure this fit logged (rank zero): tag -> ``[(step, value)]``, the latest ``writers.HISTORY`` steps
         self.figures: dict[str, deque[tuple[int, float]]] = {}
 
     def _reset(self) -> None:
@@ -52,12 +51,8 @@ class PeriodicMonitor(Callback):
         self.figures = {}
 
     def _remember(self, metrics: Mapping[str, float], step: int) -> None:
-        """Keep the figures just logged (host floats, already transferred) for HealthCheck."""
-        for tag, value in metrics.items():
-            series = self.figures.get(tag)
-            if series is None:
-                series = self.figures[tag] = deque(maxlen=self.HISTORY)
-            series.append((step, float(value)))
+        """Keep the figures just logged for HealthCheck."""
+        writers.remember(self.figures, metrics, step)
 
     def _release(self) -> None:
         """Remove every hook and drop every tensor this callback holds (subclasses implement it)."""

@@ -29,7 +29,6 @@ from lightning_bn.stats import DEFAULT_ZERO_TOL
 from lightning_bn.tracing import HookSet, ModelMap, trace_model
 
 #: figure name (see :func:`lightning_bn.stats.figures`) -> logged statistic
-_HISTORY_LIMIT = 1000
 
 
 def _is_compiled(module: object) -> bool:
@@ -270,7 +269,7 @@ class ActivationMonitor(PeriodicMonitor):
             writers.log_histograms(tb, "act_hist", result.histograms, step)
         saturation = {n: f["saturation"] for n, f in zip(result.names, result.figures) if "saturation" in f}
         if saturation:
-            self._history = [*self._history[-_HISTORY_LIMIT + 1 :], (step, saturation)]
+            self._history = [*self._history[-writers.HISTORY + 1 :], (step, saturation)]
 
     @rank_zero_only
     def _write_heatmap(self, trainer: pl.Trainer) -> None:
