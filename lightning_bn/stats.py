@@ -9,7 +9,7 @@ same figures as one pass over all the data. Nothing here calls ``.item()`` or mo
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ __all__ = [
     "empty_row",
     "figures",
     "histogram",
+    "histogram_record",
     "parameter_norms",
     "reduce_across_processes",
     "saturation",
@@ -216,6 +217,31 @@ def _bin_counts(x: Tensor, low: Tensor, high: Tensor, bins: int) -> Tensor:
         return torch.bincount(index, weights=valid, minlength=bins).double()
     # CUDA bincount reads the max index on the host; index_add_ stays on the device
     return torch.zeros(bins, dtype=x.dtype, device=x.device).index_add_(0, index, valid).double()
+
+
+def histogram_record(
+    name: str, low: float, high: float, counts: list[float], num: float, total: float, sum_squares: float, **extra: Any
+) -> dict[str, Any]:
+    """A histogram as the writers take it (TensorBoard's ``HistogramProto`` fields): ``len(counts)`` equal buckets
+    over ``[low, high]`` (counts from :func:`histogram`), with the figures of the whole tensor and any ``extra`` keys.
+
+    Example::
+
+        >>> histogram_record("fc1", 0.0, 1.0, [1.0, 3.0], num=4, total=2.5, sum_squares=2.0)["bucket_limits"]
+        [0.5, 1.0]
+    """
+    bins = len(counts)
+    return {
+        "name": name,
+        "min": low,
+        "max": high,
+        "num": num,
+        "sum": total,
+        "sum_squares": sum_squares,
+        "bucket_limits": [low + (high - low) * (k + 1) / bins for k in range(bins)],
+        "bucket_counts": counts,
+        **extra,
+    }
 
 
 def figures(row: list[float] | tuple[float, ...]) -> dict[str, float]:

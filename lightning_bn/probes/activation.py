@@ -272,19 +272,8 @@ class ActivationProbe(_HookSet):
                 if row[0] == 0 or target.hist is None:
                     continue
                 low, high = row[self._min], row[self._max]
-                limits = [low + (high - low) * (k + 1) / bins for k in range(bins)]
-                result.histograms.append(
-                    {
-                        "name": target.name,
-                        "min": low,
-                        "max": high,
-                        "num": sum(counts),
-                        "sum": row[1],
-                        "sum_squares": row[2],
-                        "bucket_limits": limits,
-                        "bucket_counts": counts,
-                    }
-                )
+                record = stats.histogram_record(target.name, low, high, counts, sum(counts), row[1], row[2])
+                result.histograms.append(record)
         for target in self._targets:
             target.row = target.alive = target.units = target.pending = target.hist = None
         return result

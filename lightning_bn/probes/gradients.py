@@ -237,17 +237,6 @@ class GradientProbe:
             offset += 4 + bins
             if not (math.isfinite(low) and math.isfinite(high)):
                 continue
-            histograms.append(
-                {
-                    "name": name,
-                    "min": low,
-                    "max": high,
-                    "num": numel,
-                    "sum": total_sum,
-                    "sum_squares": sum_sq,
-                    "bucket_counts": counts,
-                    "bucket_limits": [low + (high - low) * (k + 1) / bins for k in range(bins)],
-                    "covers": "all" if numel == total_numel else f"this process's shard ({numel} of {total_numel})",
-                }
-            )
+            covers = "all" if numel == total_numel else f"this process's shard ({numel} of {total_numel})"
+            histograms.append(stats.histogram_record(name, low, high, counts, numel, total_sum, sum_sq, covers=covers))
         return GradientResult(pending["step"], metrics, histograms, host[offset:])
