@@ -114,11 +114,6 @@ def _float(t: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _count(x: Tensor) -> Tensor:
-    """Sum of a 0/1 float tensor as float64, exact (float32 partial sums are exact below 2**24 elements)."""
-    return x.sum(dtype=torch.float64) if x.numel() >= 2**24 else x.sum().double()
-
-
 def value_stats(t: Tensor, zero_tol: float = DEFAULT_ZERO_TOL) -> Tensor:
     """The value fields (count .. nonfinite) of a row, as float64 on ``t``'s device (the eager fused pass)."""
     return fused_row(t, zero_tol)[0][: _INDEX["nonfinite"] + 1]
