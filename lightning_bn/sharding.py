@@ -7,11 +7,13 @@ importing it would cost every ``import lightning_bn``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 
 from torch import Tensor, nn
 
-__all__ = ["has_dtensors", "is_dtensor", "local"]
+__all__ = ["has_dtensors", "is_dtensor", "local", "swapped_dtensors"]
 
 
 def is_dtensor(t: object) -> bool:
@@ -36,3 +38,38 @@ def local(t: Tensor) -> Tensor:
     """This process's part of ``t``: ``to_local()`` of a DTensor (a view: in-place writes reach the shard), else
     ``t`` itself."""
     return t.to_local() if is_dtensor(t) else t
+
+
+@contextlib.contextmanager
+def swapped_dtensors(
+    model: nn.Module, replacement: Callable[[Tensor], nn.Parameter]
+) -> Iterator[list[tuple[Tensor, nn.Parameter]]]:
+    """Inside the block, every DTensor parameter of ``model`` is ``replacement(param)`` (made once per parameter, in
+    module order, so tied parameters stay tied and collectives inside ``replacement`` run in the same order on every
+    rank); the DTensors are put back afterwards, also on an error. Yields the ``(param, replacement)`` pairs.
+
+    Example::
+
+        >>> net = nn.Linear(2, 2)
+        >>> with swapped_dtensors(net, lambda p: p) as pairs:  # nothing sharded: nothing swapped
+        ...     pairs
+        []
+    """
+    found = [
+        (owner, name, param)
+        for owner in model.modules()
+        for name, param in owner._parameters.items()
+        if param is not None and is_dtensor(param)
+    ]
+    made: dict[int, nn.Parameter] = {}
+    pairs: list[tuple[Tensor, nn.Parameter]] = []
+    try:
+        for owner, name, param in found:
+            if id(param) not in made:
+                made[id(param)] = replacement(param)
+                pairs.append((param, made[id(param)]))
+            owner._parameters[name] = made[id(param)]
+        yield pairs
+    finally:
+        for owner, name, param in found:
+            owner._parameters[name] = param

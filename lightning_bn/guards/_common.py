@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from lightning_bn.sharding import has_dtensors, is_dtensor
+from lightning_bn.sharding import has_dtensors, swapped_dtensors
 
 __all__ = ["BatchNormWarning", "batch_norms", "clean_name", "full_parameters", "running_stat_norms"]
 
@@ -120,28 +120,19 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
         ...     same is net
         True
     """
-    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-    with contextlib.ExitStack() as stack:
-        try:
-            full: dict[int, nn.Parameter] = {}
-            for module in model.modules():
-                for name, param in list(module._parameters.items()):
-                    if not is_dtensor(param):
-                        continue
-                    if id(param) not in full:
-                        full[id(param)] = nn.Parameter(_whole(param), requires_grad=param.requires_grad)
-                    swapped.append((module, name, param))
-                    module._parameters[name] = full[id(param)]
-            units = _fsdp1_units(model)
-            if units:
-                from torch.distributed.fsdp import FullyShardedDataParallel
 
-                for unit in units:
-                    offload = getattr(getattr(unit, "compute_device", None), "type", "cpu") != "cpu"
-                    stack.enter_context(
-                        FullyShardedDataParallel.summon_full_params(unit, writeback=False, offload_to_cpu=offload)
-                    )
-            yield model
-        finally:
-            for module, name, param in reversed(swapped):
-                module._parameters[name] = param
+    def whole(param: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(_whole(param), requires_grad=param.requires_grad)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(swapped_dtensors(model, whole))
+        units = _fsdp1_units(model)
+        if units:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            for unit in units:
+                offload = getattr(getattr(unit, "compute_device", None), "type", "cpu") != "cpu"
+                stack.enter_context(
+                    FullyShardedDataParallel.summon_full_params(unit, writeback=False, offload_to_cpu=offload)
+                )
+        yield model

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from lightning_bn.sharding import has_dtensors, is_dtensor
+from lightning_bn.sharding import has_dtensors, is_dtensor, swapped_dtensors
 from lightning_bn.sharding import local as local_tensor
 
 __all__ = ["is_sharded", "local_tensor", "planning_view", "reshard", "unsharded_params", "write_full_"]
@@ -62,15 +62,6 @@ def write_full_(param: Tensor, full: Tensor) -> None:
         param.copy_(full)
 
 
-def _dtensor_params(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
-    found = []
-    for owner in module.modules():
-        for name, param in owner._parameters.items():
-            if param is not None and is_dtensor(param):
-                found.append((owner, name, param))
-    return found
-
-
 @contextlib.contextmanager
 def unsharded_params(module: nn.Module) -> Iterator[None]:
     """Inside the block, every ``DTensor`` parameter of ``module`` is a full-size plain parameter with the gathered
@@ -87,27 +78,15 @@ def unsharded_params(module: nn.Module) -> Iterator[None]:
         >>> layer.weight.abs().sum().item()
         0.0
     """
-    found = _dtensor_params(module)
-    if not found:
+
+    def gathered(param: Tensor) -> nn.Parameter:
+        with torch.no_grad():
+            return nn.Parameter(param.detach().full_tensor(), requires_grad=param.requires_grad)
+
+    with swapped_dtensors(module, gathered) as pairs:
         yield
-        return
-    full: dict[int, nn.Parameter] = {}
-    with torch.no_grad():
-        for _, _, param in found:
-            if id(param) not in full:  # tied parameters share one full tensor
-                full[id(param)] = nn.Parameter(param.detach().full_tensor(), requires_grad=param.requires_grad)
-    try:
-        for owner, name, param in found:
-            owner._parameters[name] = full[id(param)]
-        yield
-    finally:
-        for owner, name, param in found:
-            owner._parameters[name] = param
-    written: set[int] = set()
-    for _, _, param in found:
-        if id(param) not in written:
-            written.add(id(param))
-            write_full_(param, full[id(param)].detach())
+    for param, full in pairs:
+        write_full_(param, full.detach())
 
 
 def _stand_in(param: Tensor, low: float, high: float, nan: float) -> Tensor:
@@ -134,17 +113,11 @@ def planning_view(model: nn.Module) -> Iterator[None]:
     shards are uneven nor judged from one shard, so each rank's shard is reduced to its min and max and those are
     reduced over the mesh (a collective). Tied parameters share one stand-in; nothing is gathered.
     """
-    found = _dtensor_params(model)
-    if not found:
-        yield
-        return
-    import torch.distributed as dist
 
-    stand_ins: dict[int, nn.Parameter] = {}
-    with torch.no_grad():
-        for _, _, param in found:
-            if id(param) in stand_ins:
-                continue
+    def stand_in(param: Tensor) -> nn.Parameter:
+        import torch.distributed as dist
+
+        with torch.no_grad():
             local = param.to_local().detach().float().reshape(-1)
             nan = torch.isnan(local).any().float()
             low = local.min() if local.numel() else local.new_tensor(float("inf"))
@@ -153,11 +126,7 @@ def planning_view(model: nn.Module) -> Iterator[None]:
             for dim in range(param.device_mesh.ndim):  # every mesh dimension: replicated ones reduce to themselves
                 dist.all_reduce(bounds, dist.ReduceOp.MAX, group=param.device_mesh.get_group(dim))
             low, high, nan = -bounds[0].item(), bounds[1].item(), bounds[2].item()
-            stand_ins[id(param)] = nn.Parameter(_stand_in(param, low, high, nan), requires_grad=False)
-    try:
-        for owner, name, param in found:
-            owner._parameters[name] = stand_ins[id(param)]
+            return nn.Parameter(_stand_in(param, low, high, nan), requires_grad=False)
+
+    with swapped_dtensors(model, stand_in):
         yield
-    finally:
-        for owner, name, param in found:
-            owner._parameters[name] = param
