@@ -86,7 +86,6 @@ class GradientMonitor(PeriodicMonitor):
                 f"Expected `nonfinite_every_step` to be True or False but got {nonfinite_every_step!r}"
             )
         self.nonfinite_every_step = nonfinite_every_step
-        self._names: dict[Tensor, str] = {}
         self._module_rank: dict[str, int] = {}
         self._order: ForwardOrder | None = None
         self._probe: GradientProbe | None = None
@@ -113,7 +112,6 @@ class GradientMonitor(PeriodicMonitor):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._names = {p: n for n, p in pl_module.named_parameters()}
         bins = self.histogram_bins if self.histograms and writers.tensorboard_writers(trainer.loggers) else 0
         self._probe = GradientProbe(
             pl_module.named_parameters(),
@@ -173,7 +171,7 @@ class GradientMonitor(PeriodicMonitor):
         if not self._watched:
             rank = {name: i for i, name in enumerate(self._order.names if self._order is not None else [])}
             rank = rank or self._module_rank
-            named = sorted(self._names.items(), key=lambda item: rank.get(item[1].rpartition(".")[0], len(rank)))
+            named = sorted(self._probe.names.items(), key=lambda item: rank.get(item[1].rpartition(".")[0], len(rank)))
             self._watched = [p for p, _ in named]
         present = tuple(i for i, p in enumerate(self._watched) if p.grad is not None)
         if not present:
@@ -194,7 +192,7 @@ class GradientMonitor(PeriodicMonitor):
             return
         self._warned_nonfinite = True
         step, index, count = bad
-        name = self._names[self._watched[index]]
+        name = self._probe.names[self._watched[index]]
         rank_zero_warn(
             f"GradientMonitor: non-finite gradient at step {step}; the first layer in forward order with a non-finite "
             f"gradient is '{name.rpartition('.')[0] or name}' (parameter '{name}'); {count} of {len(self._watched)} "

@@ -108,9 +108,6 @@ class HealthCheck(Callback):
     def _layers(self) -> list[dict[str, Any]] | None:
         return next((m.layers for m in self._monitors if getattr(m, "layers", None) is not None), None)
 
-    def _latest_step(self) -> int:
-        return max((series[-1][0] for m in self._monitors for series in m.figures.values() if series), default=-1)
-
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         self._check(trainer, distributed=True)
@@ -126,8 +123,8 @@ class HealthCheck(Callback):
         if not self.stop_on or not self._monitors or self.stopped is not None:
             return
         found = None
-        latest = self._latest_step()
-        if latest > self._judged:  # new figures since the last judgement (rank zero: the others log nothing)
+        latest = max(m._last_logged_step for m in self._monitors)  # one comparison per step, no scan of the figures
+        if latest > self._judged and trainer.is_global_zero:  # new figures (rank zero: the others log nothing)
             self._judged = latest
             found = self._judge(latest)
         if distributed and trainer.world_size > 1:
