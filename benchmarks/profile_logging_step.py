@@ -27,9 +27,9 @@ from run import MODELS, Config, fit, ours  # the script's directory is on sys.pa
 
 import lightning_bn.callbacks.activation_monitor as activation_monitor
 import lightning_bn.callbacks.gradient_monitor as gradient_monitor
-import lightning_bn.probes.activation as probe
+import lightning_bn.monitoring.activation as probe
 from lightning_bn import writers
-from lightning_bn.fused import COMPILE_SECONDS
+from lightning_bn.monitoring.rows import COMPILE_SECONDS
 
 #: phase -> (module, attribute) of the function that does it
 PHASES: dict[str, tuple[Any, str]] = {

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from lightning_bn.activations import Activation, ActivationKind, get_activation, registered_kinds
+from lightning_bn.monitoring.rows import DEFAULT_ZERO_TOL
 from lightning_bn.report import Thresholds
-from lightning_bn.stats import DEFAULT_ZERO_TOL
 
 PAGE = Path(__file__).resolve().parent / "reading-the-charts.md"
 START, END = "<!-- kinds:start -->", "<!-- kinds:end -->"

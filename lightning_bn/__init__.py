@@ -1,7 +1,10 @@
 """lightning-bn: weight initialization and normalization, monitored and fixed, for PyTorch Lightning.
 
-The plain-PyTorch core (statistics, activations, tracing, init, norms, guards, recalibration) imports without
-Lightning; the Lightning callbacks are imported on first use (``lightning_bn.ActivationMonitor``).
+The top level holds what a user writes: the Lightning callbacks, :class:`Monitor` for plain loops and Fabric,
+:func:`prepare`, :func:`guard`, :func:`recalibrate`, :func:`convert_norms`, :func:`plot`, :func:`analyze` and the
+registries' ``register_*``. Everything else lives in its package (``lightning_bn.monitoring``, ``lightning_bn.init``,
+``lightning_bn.norms``, ``lightning_bn.tracing``, ``lightning_bn.activations``, ``lightning_bn.report``). The
+plain-PyTorch core imports without Lightning; the callbacks are imported on first use.
 """
 
 from __future__ import annotations
@@ -9,32 +12,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lightning_bn.activations import (
-    Activation,
-    ActivationKind,
-    available_activations,
-    get_activation,
-    register_activation,
-)
+from lightning_bn.activations import register_activation
 from lightning_bn.guards import BatchNormWarning, guard
-from lightning_bn.init import init_layer_, lsuv_, zero_init_residual_
+from lightning_bn.layers import register_layer
 from lightning_bn.monitor import Monitor
-from lightning_bn.norms import (
-    ChannelsFirst,
-    ChannelsLast,
-    convert_norms,
-    create_norm_layer,
-    get_norm_layer,
-    insert_norms,
-    register_norm,
-)
-from lightning_bn.options import PrepareOptions
-from lightning_bn.probes import ActivationProbe, select_modules, watch_targets
+from lightning_bn.norms import convert_norms, register_norm
+from lightning_bn.prepare import prepare
 from lightning_bn.recalibration import recalibrate
+from lightning_bn.report import analyze
 from lightning_bn.report.plot import plot
-from lightning_bn.stats import figures, summarize
-from lightning_bn.tracing import LayerTrace, ModelMap, recognize, trace_activations, trace_model
-from lightning_bn.wrapper import Report, prepare
 
 if TYPE_CHECKING:
     from lightning_bn.callbacks import (
@@ -65,43 +51,21 @@ def __getattr__(name: str) -> Any:
 __version__ = "0.1.0"
 
 __all__ = [
-    "Activation",
-    "ChannelsFirst",
-    "ChannelsLast",
-    "ActivationKind",
     "ActivationMonitor",
-    "ActivationProbe",
     "AutoInit",
     "BatchNormGuard",
     "BatchNormRecalibration",
     "BatchNormWarning",
     "GradientMonitor",
     "HealthCheck",
-    "LayerTrace",
-    "ModelMap",
     "Monitor",
-    "PrepareOptions",
-    "Report",
-    "available_activations",
-    "plot",
+    "analyze",
     "convert_norms",
-    "create_norm_layer",
-    "figures",
-    "get_activation",
-    "get_norm_layer",
     "guard",
-    "init_layer_",
-    "insert_norms",
-    "lsuv_",
+    "plot",
     "prepare",
     "recalibrate",
-    "recognize",
     "register_activation",
+    "register_layer",
     "register_norm",
-    "select_modules",
-    "summarize",
-    "trace_activations",
-    "trace_model",
-    "watch_targets",
-    "zero_init_residual_",
 ]

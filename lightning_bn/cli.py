@@ -17,14 +17,21 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, fields
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 from pathlib import Path
 from typing import Any
 
-import lightning_bn
+from lightning_bn import checks
 from lightning_bn.report import FLAGS, RunHealth, Thresholds
 from lightning_bn.report.analysis import analyze_runs
 from lightning_bn.report.formatting import format_markdown, format_table
 from lightning_bn.report.reading import _EVENT_GLOB, _event_files, damage, find_runs, read_layers, read_scalars
+
+try:  # the installed distribution's version (the package root is above this adapter)
+    __version__ = _version("lightning-bn")
+except PackageNotFoundError:  # pragma: no cover - run from a source tree
+    __version__ = "unknown"
 
 __all__ = ["EXIT_FLAGGED", "EXIT_NO_LOGS", "EXIT_OK", "find_runs", "main", "read_layers", "read_scalars"]
 
@@ -51,7 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "report":
         parser.print_help(sys.stderr)
         return EXIT_NO_LOGS
-    return report(args.logdir, args.format, args.fail_on, _thresholds(args), every_layer=args.all)
+    try:
+        thresholds = _thresholds(args)
+    except ValueError as err:  # the checks of Thresholds: the message a Python caller gets
+        parser.error(str(err))
+    return report(args.logdir, args.format, args.fail_on, thresholds, every_layer=args.all)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-bn", description="Weight initialization and normalization for PyTorch Lightning."
     )
-    parser.add_argument("--version", action="version", version=f"lightning-bn {lightning_bn.__version__}")
+    parser.add_argument("--version", action="version", version=f"lightning-bn {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     defaults = Thresholds()
     rep = commands.add_parser(
@@ -82,17 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--all", action="store_true", help="list every layer, not only the flagged ones")
     threshold_options = [
-        ("--saturation-margin", _fraction, "saturated above the activation kind's healthy saturation (at a N(0, 1) "
+        ("--saturation-margin", _number, "saturated above the activation kind's healthy saturation (at a N(0, 1) "
          "input: 0.5 for ReLU, ~0 for tanh/sigmoid) plus this"),
-        ("--max-saturation", _fraction, "an absolute saturation limit for every kind instead of the per-kind rule"),
-        ("--max-dead", _fraction, "dead above this fraction of units saturated on every sample"),
-        ("--min-std-ratio", _positive, "vanishing below this output std relative to the first layer of the same type"),
-        ("--max-std-ratio", _positive, "exploding above this output std relative to the first layer of the same type"),
-        ("--max-update-ratio", _positive, "exploding above this ||update|| / ||weights|| of one optimizer step"),
-        ("--min-grad-ratio", _positive, "vanishing_gradient below this relative gradient ||g||/||w|| relative to the "
+        ("--max-saturation", _number, "an absolute saturation limit for every kind instead of the per-kind rule"),
+        ("--max-dead", _number, "dead above this fraction of units saturated on every sample"),
+        ("--min-std-ratio", _number, "vanishing below this output std relative to the first layer of the same type"),
+        ("--max-std-ratio", _number, "exploding above this output std relative to the first layer of the same type"),
+        ("--max-update-ratio", _number, "exploding above this ||update|| / ||weights|| of one optimizer step"),
+        ("--min-grad-ratio", _number, "vanishing_gradient below this relative gradient ||g||/||w|| relative to the "
          "median layer's at the same step (or a gradient exactly 0 with non-zero weights)"),
-        ("--min-update-ratio", _positive, "stalled below this update ratio ..."),
-        ("--stalled-steps", _count, "... on this many consecutive logged steps"),
+        ("--min-update-ratio", _number, "stalled below this update ratio ..."),
+        ("--stalled-steps", _number, "... on this many consecutive logged steps"),
     ]  # fmt: skip
     for option, kind, text in threshold_options:
         default = getattr(defaults, option[2:].replace("-", "_"))
@@ -144,7 +155,7 @@ def format_json(runs: list[RunHealth], skipped: list[str], thresholds: Threshold
     ``"inf"``/``"-inf"``/``"nan"``, figures that were not logged as ``null``.
     """
     document = {
-        "version": lightning_bn.__version__,
+        "version": __version__,
         "thresholds": asdict(thresholds),
         "runs": {run.name: run.to_dict() for run in runs},
         "flags": [flag for flag in FLAGS if any(flag in run.raised for run in runs)],
@@ -189,38 +200,12 @@ def _flag_list(text: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _positive(text: str) -> float:
-    value = _float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number but got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
+def _number(text: str) -> int | float:
+    """A threshold typed on the command line; its range is checked by :class:`Thresholds` (one set of checks)."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number but got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 but got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] but got {text!r}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number but got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number but got {text!r}")
-    return value
+        return checks.parse_number(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 if __name__ == "__main__":

@@ -7,62 +7,29 @@ that overlays all layers in one chart per statistic, text, and images such as th
 
 from __future__ import annotations
 
+import json
 import os
 import weakref
-from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from lightning_bn.tags import LAYERS_TAG, LAYOUT_STATISTICS, tag
+
 __all__ = [
+    "Destination",
     "fast_tensorboard_crc",
-    "heatmap_image",
     "flush_layout",
     "forget_layout",
     "log_histograms",
     "log_image",
     "log_scalars",
     "log_text",
-    "metric_key",
-    "remember",
     "tensorboard_writers",
     "write_layout",
     "write_scalars",
 ]
-
-
-#: logged steps of each figure a monitor keeps on the host (for HealthCheck, the heatmap, ``Monitor.figures``)
-HISTORY = 1000
-
-
-def remember(history: dict[str, deque[tuple[int, float]]], metrics: Mapping[str, float], step: int) -> None:
-    """Append the figures just logged (host floats, already transferred) to ``history``: tag -> the latest
-    :data:`HISTORY` ``(step, value)`` pairs.
-
-    Example::
-
-        >>> history = {}
-        >>> remember(history, {"act_std/fc1": 0.5}, step=0)
-        >>> list(history["act_std/fc1"])
-        [(0, 0.5)]
-    """
-    for tag, value in metrics.items():
-        series = history.get(tag)
-        if series is None:
-            series = history[tag] = deque(maxlen=HISTORY)
-        series.append((step, float(value)))
-
-
-def metric_key(statistic: str, name: str) -> str:
-    """The logged key of one statistic of one layer: grouped by statistic so TensorBoard overlays layers.
-
-    Example::
-
-        >>> metric_key("act_std", "encoder.0")
-        'act_std/encoder.0'
-    """
-    return f"{statistic}/{name}"
 
 
 _FAST_CRC: bool | None = None  # None: not tried yet in this process
@@ -145,7 +112,7 @@ def write_scalars(writer: Any, metrics: Mapping[str, float], step: int) -> None:
 
 
 def log_histograms(writers: Sequence[Any], prefix: str, histograms: Sequence[Mapping[str, Any]], step: int) -> None:
-    """Write pre-binned histograms (from :class:`lightning_bn.probes.ProbeResult`) as ``<prefix>/<name>``, all of a
+    """Write pre-binned histograms (from :class:`lightning_bn.monitoring.ProbeResult`) as ``<prefix>/<name>``, all of a
     step's histograms in one event."""
     if not histograms:
         return
@@ -158,7 +125,7 @@ def log_histograms(writers: Sequence[Any], prefix: str, histograms: Sequence[Map
 
     values = [
         Summary.Value(
-            tag=metric_key(prefix, h["name"]),
+            tag=tag(prefix, h["name"]),
             metadata=metadata(h),
             histo=HistogramProto(
                 min=h["min"],
@@ -217,7 +184,7 @@ def forget_layout(writers: Sequence[Any]) -> None:
         _LAYOUTS.pop(writer, None)
 
 
-_SECTION_ORDER = {"lightning-bn: activations": 0, "lightning-bn: gradients": 1}
+_SECTION_ORDER = {title: i for i, title in enumerate(LAYOUT_STATISTICS)}
 
 
 def log_text(writers: Sequence[Any], tag: str, text: str, step: int = 0) -> None:
@@ -231,27 +198,72 @@ def log_image(writers: Sequence[Any], tag: str, image: np.ndarray, step: int) ->
         writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
 
-_COLORMAP = np.array(  # viridis at 0, .25, .5, .75, 1
-    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
-)
+def _is_summary_writer(writer: Any) -> bool:
+    return hasattr(writer, "_get_file_writer") and hasattr(writer, "add_scalar")
 
 
-def heatmap_image(values: np.ndarray, cell: int = 8) -> np.ndarray:
-    """Render a ``(layers, steps)`` array of fractions in [0, 1] as an RGB image (dark = 0, yellow = 1).
+class Destination:
+    r"""Where a monitor's figures go: scalars to ``scalars(metrics, step)`` (any logger), and the TensorBoard extras
+    (histograms, the Custom Scalars layout, the layers table, images) to the ``SummaryWriter``\ s in ``tensorboard``.
 
-    Non-finite entries are grey. Each value becomes a ``cell`` x ``cell`` square.
+    Build one with :meth:`of_loggers` (a Trainer's loggers) or :meth:`of_writer` (what ``Monitor(writer=...)`` takes).
 
     Example::
 
-        >>> heatmap_image(np.array([[0.0, 1.0]]), cell=2).shape
-        (2, 4, 3)
+        >>> seen = []
+        >>> destination = Destination.of_writer(lambda metrics, step: seen.append((step, metrics)))
+        >>> destination.publish({"act_std/fc": 0.5}, [], step=3)
+        >>> seen
+        [(3, {'act_std/fc': 0.5})]
     """
-    values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
-    v = np.clip(np.where(finite, values, 0.0), 0.0, 1.0) * (len(_COLORMAP) - 1)
-    low = np.floor(v).astype(int).clip(0, len(_COLORMAP) - 2)
-    frac = (v - low)[..., None]
-    rgb = _COLORMAP[low] * (1 - frac) + _COLORMAP[low + 1] * frac
-    rgb[~finite] = 128
-    rgb = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
-    return rgb.round().astype(np.uint8)
+
+    def __init__(self, scalars: Callable[[Mapping[str, float], int], None] | None, tensorboard: Sequence[Any] = ()):
+        self.scalars = scalars
+        self.tensorboard = list(tensorboard)
+
+    @classmethod
+    def of_loggers(cls, loggers: Sequence[Any]) -> Destination:
+        """Every Lightning logger; TensorBoard extras for the TensorBoard ones."""
+        loggers = list(loggers)
+        return cls((lambda metrics, step: log_scalars(loggers, metrics, step)) if loggers else None,
+                   tensorboard_writers(loggers))  # fmt: skip
+
+    @classmethod
+    def of_writer(cls, writer: Any) -> Destination:
+        """A ``SummaryWriter``, a Lightning ``Fabric`` (``log_dict``), a Lightning logger (``log_metrics``), a callable
+        ``(metrics, step)`` or ``None``; raises ``ValueError`` naming a writer of no known kind."""
+        if writer is None:
+            return cls(None)
+        if _is_summary_writer(writer):
+            fast_tensorboard_crc()
+            return cls(lambda metrics, step: write_scalars(writer, metrics, step), [writer])
+        if hasattr(writer, "log_dict"):  # Lightning Fabric: every logger it holds
+            return cls(lambda metrics, step: writer.log_dict(dict(metrics), step=step))
+        if hasattr(writer, "log_metrics"):  # a Lightning logger
+            return cls(lambda metrics, step: writer.log_metrics(dict(metrics), step=step))
+        if callable(writer):
+            return cls(lambda metrics, step: writer(dict(metrics), step))
+        raise ValueError(
+            "Expected `writer` to be a SummaryWriter, a Lightning Fabric, a Lightning logger, a callable "
+            f"(metrics, step) or None but got {type(writer).__name__}"
+        )
+
+    def register(self, sections: Mapping[str, Sequence[str]]) -> None:
+        """Register Custom Scalars sections (title -> statistics; see :func:`write_layout`)."""
+        for title, statistics in sections.items():
+            write_layout(self.tensorboard, title, statistics)
+
+    def write_layers(self, layers: Sequence[Mapping[str, Any]] | None) -> None:
+        """The layers table ``lightning-bn report`` reads (TensorBoard text at step 0)."""
+        if layers is not None:
+            log_text(self.tensorboard, LAYERS_TAG, json.dumps(list(layers)), step=0)
+
+    def publish(self, metrics: Mapping[str, float], histograms: Sequence[tuple[str, Sequence[Mapping]]], step: int):
+        """One logging step: the scalars to every logger, histograms (``(prefix, records)`` pairs) to TensorBoard."""
+        if metrics and self.scalars is not None:
+            self.scalars(metrics, step)
+        for prefix, records in histograms:
+            log_histograms(self.tensorboard, prefix, records, step)
+
+    def image(self, name: str, image: np.ndarray, step: int) -> None:
+        log_image(self.tensorboard, name, image, step)

@@ -216,3 +216,10 @@ def run_ddp_script(name: str, *args: str, timeout: int = 240) -> None:
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def state_of(checkpoint: dict, callback: str) -> dict:
+    """The state a checkpoint holds for the one callback of class ``callback`` (keyed by its ``state_key``)."""
+    found = [state for key, state in checkpoint["callbacks"].items() if key.split("{")[0] == callback]
+    assert len(found) == 1, list(checkpoint["callbacks"])
+    return found[0]

@@ -12,6 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_bn
 from lightning_bn import init as lbn_init
+from lightning_bn import monitoring as lbn_monitoring
+from lightning_bn import norms as lbn_norms
+from lightning_bn import tracing as lbn_tracing
 from lightning_bn.activations import ActivationKind
 from lightning_bn.callbacks import (
     ActivationMonitor,
@@ -21,6 +24,7 @@ from lightning_bn.callbacks import (
     GradientMonitor,
 )
 from lightning_bn.layers import LayerKind, register_layer
+from lightning_bn.prepare import PrepareOptions
 
 
 def net() -> nn.Sequential:
@@ -55,7 +59,7 @@ MODEL_CASES: list[tuple[str, Callable[[nn.Module], object], type[Exception], str
     ("no example input for a plain module", lambda m: lightning_bn.prepare(m), ValueError, "example_input"),
     ("unknown scheme for one layer", lambda m: lbn_init.init_layer_(m[0], "glorot"), ValueError, "'glorot'"),
     ("init of a non-layer", lambda m: lbn_init.init_layer_(m[2], "kaiming"), TypeError, "ReLU"),
-    ("LSUV on a layer that is not there", lambda m: lightning_bn.lsuv_(m, X, layers=["9"]), ValueError, "'9'"),
+    ("LSUV on a layer that is not there", lambda m: lightning_bn.init.lsuv_(m, X, layers=["9"]), ValueError, "'9'"),
     ("unknown norm", lambda m: lightning_bn.prepare(m, X, norm="batchy"), ValueError, "'batchy'"),
     ("unknown norm position", lambda m: lightning_bn.prepare(m, X, norm="layer", position="mid"), ValueError, "'mid'"),
     ("convert to an unknown norm", lambda m: lightning_bn.convert_norms(m, "nonsense"), ValueError, "'nonsense'"),
@@ -110,24 +114,24 @@ MODEL_CASES: list[tuple[str, Callable[[nn.Module], object], type[Exception], str
     ("prepare position None", lambda m: lightning_bn.prepare(m, X, norm="batch", position=None), ValueError,
      "`position`.*None"),
     # lsuv_ / init_layer_
-    ("LSUV input failing in forward", lambda m: lightning_bn.lsuv_(m, BAD_X), ValueError, "32x5"),
+    ("LSUV input failing in forward", lambda m: lightning_bn.init.lsuv_(m, BAD_X), ValueError, "32x5"),
     pytest.param(
         "LSUV tol negative",
-        lambda m: lightning_bn.lsuv_(m, X, tol=-1),
+        lambda m: lightning_bn.init.lsuv_(m, X, tol=-1),
         ValueError,
         "`tol`.*-1",
         id="LSUV tol negative",
     ),
     pytest.param(
         "LSUV max_iters zero",
-        lambda m: lightning_bn.lsuv_(m, X, max_iters=0),
+        lambda m: lightning_bn.init.lsuv_(m, X, max_iters=0),
         ValueError,
         "`max_iters`.*0",
         id="LSUV max_iters zero",
     ),
     pytest.param(
         "LSUV layers a string",
-        lambda m: lightning_bn.lsuv_(m, X, layers="0"),
+        lambda m: lightning_bn.init.lsuv_(m, X, layers="0"),
         TypeError,
         "`layers`.*'0'",
         id="LSUV layers a string",
@@ -174,19 +178,19 @@ MODEL_CASES: list[tuple[str, Callable[[nn.Module], object], type[Exception], str
         "32x5",
     ),
     # insert_norms
-    ("insert exclude a string", lambda m: lightning_bn.insert_norms(m, X, exclude="0"), TypeError, "`exclude`.*'0'"),
-    ("insert keep_bias a string", lambda m: lightning_bn.insert_norms(m, X, keep_bias="yes"), ValueError,
+    ("insert exclude a string", lambda m: lbn_norms.insert_norms(m, X, exclude="0"), TypeError, "`exclude`.*'0'"),
+    ("insert keep_bias a string", lambda m: lbn_norms.insert_norms(m, X, keep_bias="yes"), ValueError,
      "`keep_bias`.*'yes'"),
-    ("insert position unknown", lambda m: lightning_bn.insert_norms(m, X, position="mid"), ValueError,
+    ("insert position unknown", lambda m: lbn_norms.insert_norms(m, X, position="mid"), ValueError,
      "`position`.*'mid'"),
-    ("insert position a number", lambda m: lightning_bn.insert_norms(m, X, position=1), ValueError,
+    ("insert position a number", lambda m: lbn_norms.insert_norms(m, X, position=1), ValueError,
      "`position`.*1"),
-    ("insert unknown norm", lambda m: lightning_bn.insert_norms(m, X, norm="batchy"), ValueError, "'batchy'"),
-    ("insert norm None", lambda m: lightning_bn.insert_norms(m, X, norm=None), ValueError, "`norm`.*None"),
-    ("insert input failing in forward", lambda m: lightning_bn.insert_norms(m, BAD_X), ValueError, "32x5"),
+    ("insert unknown norm", lambda m: lbn_norms.insert_norms(m, X, norm="batchy"), ValueError, "'batchy'"),
+    ("insert norm None", lambda m: lbn_norms.insert_norms(m, X, norm=None), ValueError, "`norm`.*None"),
+    ("insert input failing in forward", lambda m: lbn_norms.insert_norms(m, BAD_X), ValueError, "32x5"),
     # tracing, selection, recalibration
-    ("trace an input failing in forward", lambda m: lightning_bn.trace_model(m, BAD_X), ValueError, "32x5"),
-    ("select a module entry of a wrong type", lambda m: lightning_bn.select_modules(m, [3.5]), ValueError, "3.5"),
+    ("trace an input failing in forward", lambda m: lbn_tracing.trace_model(m, BAD_X), ValueError, "32x5"),
+    ("select a module entry of a wrong type", lambda m: lbn_monitoring.select_modules(m, [3.5]), ValueError, "3.5"),
     (
         "recalibrate negative batches",
         lambda m: lightning_bn.recalibrate(m, DataLoader(TensorDataset(X), batch_size=8), num_batches=-1),
@@ -254,7 +258,7 @@ def test_model_without_layers_to_initialize_names_the_model(name):
 
 
 CONSTRUCTOR_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
-    ("unknown activation name", lambda: lightning_bn.get_activation("swishy"), ValueError, "'swishy'"),
+    ("unknown activation name", lambda: lightning_bn.activations.get_activation("swishy"), ValueError, "'swishy'"),
     (
         "activation registered twice",
         lambda: lightning_bn.register_activation(ActivationKind("relu", torch.relu)),
@@ -266,7 +270,7 @@ CONSTRUCTOR_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] 
     ("modules entry of a wrong type", lambda: ActivationMonitor(modules=[3.5]), MisconfigurationException, "3.5"),
     (
         "module pattern matching nothing",
-        lambda: lightning_bn.select_modules(net(), ["encoder.*"]),
+        lambda: lbn_monitoring.select_modules(net(), ["encoder.*"]),
         ValueError,
         r"'encoder\.\*'",
     ),
@@ -283,8 +287,8 @@ CONSTRUCTOR_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] 
     ),
     ("recalibration zero batches", lambda: BatchNormRecalibration(num_batches=0), MisconfigurationException, "0"),
     # registries
-    ("activation of a wrong type", lambda: lightning_bn.get_activation(3), ValueError, "got 3"),
-    ("unknown activation 'nope'", lambda: lightning_bn.get_activation("nope"), ValueError, "'nope'"),
+    ("activation of a wrong type", lambda: lightning_bn.activations.get_activation(3), ValueError, "got 3"),
+    ("unknown activation 'nope'", lambda: lightning_bn.activations.get_activation("nope"), ValueError, "'nope'"),
     (
         "layer kind registered twice",
         lambda: register_layer(LayerKind("linear", lambda m: [])),
@@ -298,21 +302,21 @@ CONSTRUCTOR_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] 
         ValueError,
         "'middle'",
     ),
-    ("norm of a wrong type", lambda: lightning_bn.get_norm_layer(3), TypeError, "got 3"),
-    ("create an unknown norm", lambda: lightning_bn.create_norm_layer("nope", 8), ValueError, "'nope'"),
-    ("create a norm of zero features", lambda: lightning_bn.create_norm_layer("batch", 0), ValueError,
+    ("norm of a wrong type", lambda: lbn_norms.get_norm_layer(3), TypeError, "got 3"),
+    ("create an unknown norm", lambda: lbn_norms.create_norm_layer("nope", 8), ValueError, "'nope'"),
+    ("create a norm of zero features", lambda: lbn_norms.create_norm_layer("batch", 0), ValueError,
      "`num_features`.* 0$"),
-    ("create a norm of float features", lambda: lightning_bn.create_norm_layer("batch", 8.0), ValueError,
+    ("create a norm of float features", lambda: lbn_norms.create_norm_layer("batch", 8.0), ValueError,
      r"`num_features`.*8\.0"),
-    ("create a norm for an unknown layout", lambda: lightning_bn.create_norm_layer("batch", 8, layout="nhwc"),
+    ("create a norm for an unknown layout", lambda: lbn_norms.create_norm_layer("batch", 8, layout="nhwc"),
      ValueError, "'nhwc'"),
-    ("create a norm for a rank of a wrong type", lambda: lightning_bn.create_norm_layer("batch", 8, rank="4"),
+    ("create a norm for a rank of a wrong type", lambda: lbn_norms.create_norm_layer("batch", 8, rank="4"),
      ValueError, "`rank`.*'4'"),
-    ("create instance norm for rank 2", lambda: lightning_bn.create_norm_layer("instance", 8, rank=2), ValueError,
+    ("create instance norm for rank 2", lambda: lbn_norms.create_norm_layer("instance", 8, rank=2), ValueError,
      "rank 2"),
-    ("create group norm with groups not dividing", lambda: lightning_bn.create_norm_layer("group", 8, num_groups=3),
+    ("create group norm with groups not dividing", lambda: lbn_norms.create_norm_layer("group", 8, num_groups=3),
      ValueError, "8 channels.*got 3"),
-    ("options tol zero", lambda: lightning_bn.PrepareOptions(tol=0), ValueError, "`tol`.* 0$"),
+    ("options tol zero", lambda: PrepareOptions(tol=0), ValueError, "`tol`.* 0$"),
     # callbacks
     ("monitor histogram bins zero", lambda: ActivationMonitor(histogram_bins=0), MisconfigurationException,
      "`histogram_bins`.* 0$"),

@@ -251,10 +251,17 @@ def test_unknown_fail_on_name_is_a_usage_error(capsys):
 
 @pytest.mark.parametrize("option", ["--max-dead=1.5", "--min-std-ratio=0", "--max-update-ratio=x"])
 def test_bad_threshold_is_a_usage_error(capsys, option):
-    """Thresholds out of range exit 2 naming the value."""
+    """Thresholds out of range exit 2 naming the option and the value, with the message Thresholds gives in Python."""
+    flag, _, text = option.partition("=")
     with pytest.raises(SystemExit) as exc:
         main(["report", ".", option])
-    assert exc.value.code == 2 and repr(option.split("=")[1]) in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and text in err
+    if text != "x":
+        name = flag[2:].replace("-", "_")
+        with pytest.raises(ValueError) as python:
+            Thresholds(**{name: float(text) if "." in text else int(text)})
+        assert str(python.value) in err and f"`{name}`" in err
 
 
 def test_missing_directory_or_no_monitor_logs_exit_2(tmp_path, capsys):

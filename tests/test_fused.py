@@ -1,4 +1,5 @@
-"""The fused pass (lightning_bn.fused): compiled and eager paths give the same rows; auto falls back to eager."""
+"""The fused pass (lightning_bn.monitoring.rows): compiled and eager paths give the same rows; auto falls back to
+eager."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import math
 import pytest
 import torch
 
-import lightning_bn.fused as fused
-from lightning_bn import stats
+import lightning_bn.monitoring.rows as fused
 from lightning_bn.activations import get_activation
-from lightning_bn.fused import backend, fused_row
+from lightning_bn.monitoring import rows as stats
+from lightning_bn.monitoring.rows import backend, fused_row
 
 COUNTS = [stats.FIELDS.index(f) for f in ("count", "near_zero", "nonfinite", "saturated", "units")]
 

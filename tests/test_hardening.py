@@ -13,16 +13,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_bn import (
-    ActivationMonitor,
-    ActivationProbe,
-    AutoInit,
-    BatchNormGuard,
-    BatchNormRecalibration,
-    GradientMonitor,
-    select_modules,
-)
-from tests.helpers import BoringClassifier, bn_mlp, mlp, random_data, read_scalars, trainer
+from lightning_bn import ActivationMonitor, AutoInit, BatchNormGuard, BatchNormRecalibration, GradientMonitor
+from lightning_bn.monitoring import ActivationProbe, select_modules
+from tests.helpers import BoringClassifier, bn_mlp, mlp, random_data, read_scalars, state_of, trainer
 
 
 def all_callbacks() -> list[Callback]:
@@ -44,8 +37,8 @@ def test_checkpoint_resume_with_every_callback(tmp_path):
     )
     first.fit(BoringClassifier(bn_mlp()))
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
-    assert saved["callbacks"]["ActivationMonitor"]["last_logged_step"] == 2
-    assert saved["callbacks"]["GradientMonitor"]["last_logged_step"] == 2
+    assert state_of(saved, "ActivationMonitor")["last_logged_step"] == 2
+    assert state_of(saved, "GradientMonitor")["last_logged_step"] == 2
 
     seen = {}
 

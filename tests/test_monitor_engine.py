@@ -134,7 +134,7 @@ def test_model_without_example_and_copies_of_the_step(tmp_path):
         opt.step()
         monitor.step()
     monitor.close()
-    assert attached == [False, False, False, True]  # step 0's hooks came with the first call's trace
+    assert attached == [True, False, False, True]  # logging steps only (step 0: the modules, and the live trace)
     assert [s for s, _ in monitor.figures["act_std/fc1.gelu"]] == [0, 3]
 
 

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_bn import ActivationMonitor, GradientMonitor
-from tests.helpers import BoringClassifier, event_tags, mlp, read_scalars, trainer
+from tests.helpers import BoringClassifier, event_tags, mlp, read_scalars, state_of, trainer
 
 ACT_STATS = ["act_mean", "act_std", "act_min", "act_max", "act_nonfinite", "act_zero"]
 
@@ -272,12 +272,12 @@ def test_state_dict_resumes_the_cadence(tmp_path):
     assert first_steps.steps == [0, 1, 2, 3]
     saved = torch.load(ckpt, weights_only=False)
     assert saved["global_step"] == 4
-    state = saved["callbacks"]["ActivationMonitor"]
+    state = state_of(saved, "ActivationMonitor")
     assert state["last_logged_step"] == 3 and [step for step, _ in state["history"]] == [0, 3]
 
     torch.manual_seed(1)
     resumed, second_steps = ActivationMonitor(every_n_steps=3), StepsSeen()
-    assert resumed.state_dict() == {"last_logged_step": -1, "history": []}
+    assert resumed.state_dict() == {"last_logged_step": -1, "history": [], "warned_nonfinite": False}
     second = trainer(
         tmp_path,
         logger=TensorBoardLogger(tmp_path, name="run", version=0),

@@ -22,8 +22,8 @@ from lightning_bn.norms import (
     plan_insertions,
     register_norm,
 )
+from lightning_bn.prepare import prepare
 from lightning_bn.tracing import output_stds, trace_activations
-from lightning_bn.wrapper import prepare
 from tests.helpers import BoringClassifier, digits_data, mlp, trainer
 
 

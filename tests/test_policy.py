@@ -103,7 +103,7 @@ def test_gpt2_conv1d_layers_are_initialized_and_listed():
     assert rows["transformer.h.0.mlp.c_proj"].scheme == "xavier"
     layer = Conv1D(256, 64)
     assert layer_fans(layer) == (64.0, 256.0)
-    init_layer_(layer, "kaiming", lightning_bn.get_activation("relu"))
+    init_layer_(layer, "kaiming", lightning_bn.activations.get_activation("relu"))
     assert layer.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.05)
     mlp = nn.Sequential(Conv1D(32, 16), nn.ReLU(), Conv1D(4, 32))
     assert [r.layer for r in lightning_bn.prepare(mlp, torch.randn(64, 16)).layers] == ["0", "2"]
@@ -179,6 +179,6 @@ def test_users_can_register_a_layer_kind():
     assert get_layer_kind(net[0]).name == "bilinearish_test"
     report = lightning_bn.prepare(net, torch.randn(128, 16), overrides={"0": "xavier"})
     row = next(r for r in report.layers if r.layer == "0")
-    xavier_tanh = math.sqrt(2 / (16 + 64)) * lightning_bn.get_activation("tanh").gain
+    xavier_tanh = math.sqrt(2 / (16 + 64)) * lightning_bn.activations.get_activation("tanh").gain
     assert row.activation == "tanh" and net[0].kernel.std().item() == pytest.approx(xavier_tanh, rel=0.1)
     assert torch.isfinite(run_model(net, torch.randn(4, 16))).all()

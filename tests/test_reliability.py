@@ -12,9 +12,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bn import ActivationMonitor, AutoInit, BatchNormGuard, GradientMonitor, get_activation, guard
+from lightning_bn import ActivationMonitor, AutoInit, BatchNormGuard, GradientMonitor, guard
+from lightning_bn.activations import get_activation
 from lightning_bn.guards import BatchNormWarning, init_mismatches
 from lightning_bn.init import init_layer_
+from lightning_bn.monitoring import GradientProbe
 from tests.helpers import BoringClassifier, mlp, read_scalars, trainer
 
 
@@ -239,7 +241,7 @@ def test_report_says_an_event_file_is_damaged(tmp_path, capsys):
     assert code == 2 and "none holds lightning-bn scalars" not in err
 
 
-def test_update_ratio_sample_is_close_to_exact_and_copies_a_quarter(tmp_path):
+def test_update_ratio_sample_is_close_to_exact_and_copies_a_quarter(tmp_path, monkeypatch):
     """The default update ratio copies <= ~25% of the parameter bytes and lands within 5% of the exact one."""
 
     torch.manual_seed(0)
@@ -251,15 +253,14 @@ def test_update_ratio_sample_is_close_to_exact_and_copies_a_quarter(tmp_path):
         model = BoringClassifier(mlp(2, 256, nn.ReLU), optimizer="adam", lr=1e-3)
         monitor = GradientMonitor(every_n_steps=1, update_ratio=mode)
         copied = []
-        original = monitor._measure_gradients
+        original = GradientProbe.gather
 
-        def spy(trainer_, optimizer, monitor=monitor, copied=copied, original=original):
-            original(trainer_, optimizer)
-            pending = monitor._probe._pending
-            if pending is not None:
-                copied.append(sum(t.numel() for t in pending["before"]))
+        def spy(probe, *args, copied=copied, original=original, **kwargs):
+            if probe._pending is not None:
+                copied.append(sum(t.numel() for t in probe._pending["before"]))
+            return original(probe, *args, **kwargs)
 
-        monitor._measure_gradients = spy
+        monkeypatch.setattr(GradientProbe, "gather", spy)
         logdir = tmp_path / str(mode)
         trainer(logdir, logger=TensorBoardLogger(logdir), max_steps=2, callbacks=[monitor]).fit(model)
         runs[mode] = (read_scalars(logdir), max(copied))

@@ -12,9 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bn import ActivationMonitor, GradientMonitor
-from lightning_bn.callbacks.activation_monitor import LAYERS_TAG as WRITTEN_TAG
 from lightning_bn.cli import EXIT_FLAGGED, EXIT_OK, main, read_layers, read_scalars
-from lightning_bn.report import LAYERS_TAG, analyze
+from lightning_bn.report import analyze
 from tests.helpers import BoringClassifier, trainer
 
 STEPS = 3
@@ -153,10 +152,6 @@ def _json(logs: Path, name: str, capsys) -> dict:
     return json.loads(capsys.readouterr().out)["runs"]["."]
 
 
-def test_the_report_reads_the_tag_the_monitor_writes():
-    assert LAYERS_TAG == WRITTEN_TAG
-
-
 @pytest.mark.parametrize("run", ["zero_init", "zero_init_activations_only"])
 def test_zero_init_residual_is_deliberate_not_vanishing(logs, capsys, run):
     """A ResNet whose residual branches end in a zero-weight BatchNorm passes --fail-on all; the report marks those
@@ -225,11 +220,15 @@ def test_gpt2_compares_each_layer_with_the_first_of_its_type(logs, capsys):
 
 
 def test_rows_follow_forward_order_not_registration_order(logs, capsys):
-    """The monitor logged this model in registration order first (head before fc1); the layers table, written
-    last, puts the rows in forward order in every format."""
+    """Registered head before fc1 and traced on its first call (as it runs): logged in forward order; tags in
+    any other order are put back in forward order by the layers table, in every format."""
     run = _run(logs, "out_of_order")
     forward = ["net.fc1", "net.relu", "net.fc2", "net.tanh", "net.head"]
-    assert [layer.name for layer in analyze(read_scalars(run)).layers] == forward[::-1]  # tag order
+    scalars = read_scalars(run)
+    assert [layer.name for layer in analyze(scalars).layers] == forward  # logged in forward order from step 0
+    shuffled = dict(reversed(list(scalars.items())))
+    assert [layer.name for layer in analyze(shuffled).layers] == forward[::-1]  # without a table: tag order
+    assert [layer.name for layer in analyze(shuffled, layers=read_layers(run)).layers] == forward
     assert [entry["name"] for entry in read_layers(run)] == forward  # the last of the tables written
     assert list(_json(logs, "out_of_order", capsys)["layers"]) == forward
     main(["report", str(run), "--all"])

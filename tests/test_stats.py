@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_bn import stats
 from lightning_bn.activations import get_activation
-from lightning_bn.probes import ActivationProbe, select_modules
+from lightning_bn.monitoring import ActivationProbe, select_modules
+from lightning_bn.monitoring import rows as stats
 from tests.helpers import mlp
 
 

@@ -117,8 +117,8 @@ def test_first_batch_is_traced_when_there_is_no_example_input(tmp_path):
 
 
 def test_submodule_called_directly_is_traced_at_its_first_call(tmp_path):
-    """training_step calling self.net(x) without forward: the net is traced at its first call, and its functional
-    sites are logged from the next logging step on (step 0 has the modules)."""
+    """training_step calling self.net(x) without forward: the net is traced at its first call as it runs, and its
+    functional sites are logged from that very step on."""
 
     class Direct(BoringClassifier):
         def training_step(self, batch, batch_idx):
@@ -132,7 +132,7 @@ def test_submodule_called_directly_is_traced_at_its_first_call(tmp_path):
     trainer(tmp_path, logger=TensorBoardLogger(tmp_path), max_steps=3, callbacks=[monitor]).fit(model)
     scalars = read_scalars(tmp_path)
     assert [step for step, _ in scalars["act_saturation/net.1"]] == [0, 1, 2]
-    assert [step for step, _ in scalars["act_saturation/net.0.fc2.tanh"]] == [1, 2]
+    assert [step for step, _ in scalars["act_saturation/net.0.fc2.tanh"]] == [0, 1, 2]
     assert "net.0.fc1.relu" in monitor.model_map.site_names
 
 
@@ -253,7 +253,7 @@ def test_lsuv_runs_the_model_twice():
     torch.manual_seed(0)
     net = GeluCNN()
     counter = _CountCalls(net)
-    variances = lightning_bn.lsuv_(net, torch.randn(64, 3, 8, 8))
+    variances = lightning_bn.init.lsuv_(net, torch.randn(64, 3, 8, 8))
     assert counter.calls == 2 and all(abs(v - 1) <= 0.1 for v in variances.values())
 
 
@@ -322,8 +322,8 @@ def test_core_imports_without_lightning(tmp_path):
         import sys
         for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "torchmetrics"):
             sys.modules[name] = None  # importing it raises ImportError
-        import lightning_bn.stats, lightning_bn.activations, lightning_bn.tracing, lightning_bn.init
-        import lightning_bn.norms, lightning_bn.guards, lightning_bn.recalibration, lightning_bn.probes
+        import lightning_bn.monitoring.rows, lightning_bn.activations, lightning_bn.tracing, lightning_bn.init
+        import lightning_bn.norms, lightning_bn.guards, lightning_bn.recalibration, lightning_bn.monitoring
         import lightning_bn
         import torch
         net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -341,22 +341,3 @@ def test_core_imports_without_lightning(tmp_path):
     assert proc.stdout.split() == ["callbacks", "need", "lightning", "ok"]
 
 
-@pytest.mark.parametrize(
-    ("module", "name", "new"),
-    [
-        ("lightning_bn.init", "trace_activations", "lightning_bn.tracing"),
-        ("lightning_bn.init", "LayerTrace", "lightning_bn.tracing"),
-        ("lightning_bn.init", "as_call", "lightning_bn.tracing"),
-        ("lightning_bn.init", "output_stds", "lightning_bn.tracing"),
-        ("lightning_bn.probes", "HookSet", "lightning_bn.tracing"),
-        ("lightning_bn.guards", "calibrating", "lightning_bn.tracing"),
-    ],
-)
-def test_moved_names_still_import_with_a_deprecation_warning(module, name, new):
-    """Every public name that moved resolves from its old path for this release, with a DeprecationWarning."""
-    import importlib
-
-    old = importlib.import_module(module)
-    with pytest.warns(DeprecationWarning, match=new):
-        found = getattr(old, name)
-    assert found is getattr(importlib.import_module(new), name)

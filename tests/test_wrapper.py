@@ -1,4 +1,4 @@
-"""`prepare()` and its Report (lightning_bn.wrapper), and the AutoInit callback (lightning_bn.callbacks.auto_init)."""
+"""`prepare()` and its Report (lightning_bn.prepare), and the AutoInit callback (lightning_bn.callbacks.auto_init)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from torch import nn
 from lightning_bn.activations import get_activation
 from lightning_bn.callbacks.auto_init import REPORT_TAG, AutoInit
 from lightning_bn.norms import NormInsertion
+from lightning_bn.prepare import Kept, LayerReport, Report, Skipped, prepare
 from lightning_bn.tracing import output_stds
-from lightning_bn.wrapper import Kept, LayerReport, Report, Skipped, prepare
 from tests.helpers import BoringClassifier, digits_data, event_tags, mlp, resnet18, trainer
 
 

@@ -1,6 +1,6 @@
 """AutoInit: initialize the LightningModule to match its activations, and optionally insert norms, when fitting starts.
 
-Runs :func:`lightning_bn.wrapper.prepare` in ``setup`` (before optimizers exist and before DDP wraps the model), or in
+Runs :func:`lightning_bn.prepare.prepare` in ``setup`` (before optimizers exist and before DDP wraps the model), or in
 ``on_fit_start`` for a model whose layers ``configure_model`` builds, and logs the report on rank zero: printed, and as
 TensorBoard text ``lightning_bn/init_report`` when that logger is present.
 """
@@ -20,8 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_bn import writers
-from lightning_bn.options import PrepareOptions
-from lightning_bn.wrapper import Report, has_layers, prepare
+from lightning_bn.prepare import PrepareOptions, Report, has_layers, prepare
 
 #: TensorBoard text tag of the report.
 REPORT_TAG = "lightning_bn/init_report"
@@ -36,7 +35,7 @@ class AutoInit(Callback):
     the norms) is loaded, so its keys match.
 
     The activations are found by one traced forward pass on an example input (``example_input`` or the module's
-    ``example_input_array``); see :func:`lightning_bn.wrapper.prepare` for the schemes. Because ``setup`` runs before
+    ``example_input_array``); see :func:`lightning_bn.prepare.prepare` for the schemes. Because ``setup`` runs before
     a checkpoint is restored, ``trainer.fit(ckpt_path=...)`` ends with the checkpoint's weights. All processes draw
     from a generator seeded identically (``seed``, else rank zero's ``torch.initial_seed()``), so under DDP every rank
     starts from the same weights.
@@ -78,7 +77,7 @@ class AutoInit(Callback):
 
     Raises:
         MisconfigurationException: for a bad argument (at construction), or at fit start when there is no example
-            input or :func:`~lightning_bn.wrapper.prepare` rejects the model, or ``norm=...`` is asked of a model
+            input or :func:`~lightning_bn.prepare.prepare` rejects the model, or ``norm=...`` is asked of a model
             built in ``configure_model``.
 
     Example::

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_bn.callbacks._periodic import PeriodicMonitor
+from lightning_bn.callbacks._periodic import MonitorCallback
 from lightning_bn.report import FLAGS, RunHealth, Thresholds, analyze
 from lightning_bn.report.formatting import format_table
 from lightning_bn.report.health import ADVICE
@@ -75,7 +75,7 @@ class HealthCheck(Callback):
         self.stopped: tuple[int, str, str, str] | None = None
         #: the last analysis (fit end, or the logging step that stopped training)
         self.health: RunHealth | None = None
-        self._monitors: list[PeriodicMonitor] = []
+        self._monitors: list[MonitorCallback] = []
         self._judged = -1
 
     @property
@@ -86,7 +86,7 @@ class HealthCheck(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._monitors = [cb for cb in trainer.callbacks if isinstance(cb, PeriodicMonitor) and hasattr(cb, "figures")]
+        self._monitors = [cb for cb in trainer.callbacks if isinstance(cb, MonitorCallback)]
         self.stopped, self.health, self._judged = None, None, -1
         if not self._monitors:
             rank_zero_warn(
@@ -106,7 +106,7 @@ class HealthCheck(Callback):
         return out
 
     def _layers(self) -> list[dict[str, Any]] | None:
-        return next((m.layers for m in self._monitors if getattr(m, "layers", None) is not None), None)
+        return next((m.layers for m in self._monitors if m.layers is not None), None)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
@@ -123,7 +123,7 @@ class HealthCheck(Callback):
         if not self.stop_on or not self._monitors or self.stopped is not None:
             return
         found = None
-        latest = max(m._last_logged_step for m in self._monitors)  # one comparison per step, no scan of the figures
+        latest = max(m.last_logged_step for m in self._monitors)  # one comparison per step, no scan of the figures
         if latest > self._judged and trainer.is_global_zero:  # new figures (rank zero: the others log nothing)
             self._judged = latest
             found = self._judge(latest)

@@ -12,19 +12,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import move_data_to_device
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn import SyncBatchNorm
 from typing_extensions import override
 
-from lightning_bn import guards
-from lightning_bn.callbacks._periodic import check_positive_int
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise MisconfigurationException(f"Expected `{name}` to be True or False but got {value!r}")
-    return value
+from lightning_bn import checks, guards
+from lightning_bn.callbacks._periodic import checked
 
 
 def _strategy_is(trainer: pl.Trainer, name: str) -> bool:
@@ -59,12 +52,6 @@ def _fsdp1_wrapper(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return wrapper if isinstance(wrapper, FullyShardedDataParallel) else None
-
-
-def _check_above_one(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1:
-        raise MisconfigurationException(f"Expected `{name}` to be a number > 1 but got {value!r}")
-    return float(value)
 
 
 class BatchNormGuard(Callback):
@@ -125,15 +112,15 @@ class BatchNormGuard(Callback):
         init_factor: float = guards.DEFAULT_INIT_FACTOR,
         depth_ratio: float = guards.DEFAULT_DEPTH_RATIO,
     ) -> None:
-        self.check_eval_mode = _check_bool("check_eval_mode", check_eval_mode)
-        self.check_batch_size = _check_bool("check_batch_size", check_batch_size)
-        self.check_calibration = _check_bool("check_calibration", check_calibration)
-        self.check_init = _check_bool("check_init", check_init)
-        self.strict = _check_bool("strict", strict)
-        self.min_values_per_channel = check_positive_int("min_values_per_channel", min_values_per_channel)
-        self.check_steps = check_positive_int("check_steps", check_steps)
-        self.init_factor = _check_above_one("init_factor", init_factor)
-        self.depth_ratio = _check_above_one("depth_ratio", depth_ratio)
+        self.check_eval_mode = checked(checks.boolean, "check_eval_mode", check_eval_mode)
+        self.check_batch_size = checked(checks.boolean, "check_batch_size", check_batch_size)
+        self.check_calibration = checked(checks.boolean, "check_calibration", check_calibration)
+        self.check_init = checked(checks.boolean, "check_init", check_init)
+        self.strict = checked(checks.boolean, "strict", strict)
+        self.min_values_per_channel = checked(checks.integer, "min_values_per_channel", min_values_per_channel)
+        self.check_steps = checked(checks.integer, "check_steps", check_steps)
+        self.init_factor = checked(checks.number, "init_factor", init_factor, 1.0)
+        self.depth_ratio = checked(checks.number, "depth_ratio", depth_ratio, 1.0)
         self._warned: set[str] = set()
         self._recorder: guards.BatchSizeRecorder | None = None
         self._steps_seen = 0
@@ -324,6 +311,14 @@ class BatchNormGuard(Callback):
         names = guards.changed_running_stats(pl_module, snapshot)
         if names:
             self._warn("leak", names, guards.leak_message(names, f"during {stage}"), self.strict)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            check_eval_mode=self.check_eval_mode, check_batch_size=self.check_batch_size,
+            check_calibration=self.check_calibration, check_init=self.check_init, strict=self.strict,
+        )  # fmt: skip
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -16,9 +16,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_bn import writers
-from lightning_bn.callbacks._periodic import check_positive_int
+from lightning_bn import checks, writers
+from lightning_bn.callbacks._periodic import checked
 from lightning_bn.recalibration import recalibrate, resolve_forward, sharded_statistics
+from lightning_bn.tags import tag
 
 _WHEN = ("fit_end", "epoch_end")
 
@@ -85,7 +86,7 @@ def shift_metrics(shifts: dict[str, dict[str, float]]) -> dict[str, float]:
         {'bn_mean_shift/net.1': 0.5, 'bn_var_shift/net.1': 0.25}
     """
     return {
-        writers.metric_key(f"bn_{figure}", name): value
+        tag(f"bn_{figure}", name): value
         for name, figures in shifts.items()
         for figure, value in figures.items()
         if figure in ("mean_shift", "var_shift")
@@ -140,10 +141,8 @@ class BatchNormRecalibration(Callback):
         when: Literal["fit_end", "epoch_end"] = "fit_end",
         forward: Callable[[nn.Module, Any], Any] | None = None,
     ) -> None:
-        self.num_batches = check_positive_int("num_batches", num_batches)
-        if not isinstance(when, str) or when not in _WHEN:
-            raise MisconfigurationException(f"Expected `when` to be one of {_WHEN} but got {when!r}")
-        self.when = when
+        self.num_batches = checked(checks.integer, "num_batches", num_batches)
+        self.when = checked(checks.choice, "when", when, _WHEN)
         try:
             self.forward = resolve_forward(forward)
         except TypeError as err:
@@ -221,6 +220,11 @@ class BatchNormRecalibration(Callback):
             batches.close()  # ends the loader's iterator (and its workers) now, also after an error
         if trainer.is_global_zero:
             writers.log_scalars(trainer.loggers, shift_metrics(self.shifts), trainer.global_step)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(num_batches=self.num_batches, when=self.when)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -18,9 +18,6 @@ The guards build on :mod:`lightning_bn.tracing` (hooks, the calibration flag, th
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
 from lightning_bn.guards._common import (
     BatchNormWarning,
     batch_norms,
@@ -83,28 +80,3 @@ __all__ = [
     "uncalibrated_norms",
     "values_per_channel",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """``lightning_bn.guards.calibrating`` still works for this release, with a ``DeprecationWarning``.
-
-    Example::
-
-        >>> import warnings
-        >>> import lightning_bn.guards
-        >>> from lightning_bn.tracing import calibrating
-        >>> with warnings.catch_warnings(record=True) as caught:
-        ...     warnings.simplefilter("always")
-        ...     lightning_bn.guards.calibrating is calibrating, caught[0].category.__name__
-        (True, 'DeprecationWarning')
-    """
-    if name == "calibrating":
-        from lightning_bn.tracing import calibrating
-
-        warnings.warn(
-            "lightning_bn.guards.calibrating moved to lightning_bn.tracing.calibrating",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return calibrating
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

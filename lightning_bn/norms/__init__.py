@@ -14,7 +14,7 @@ Conv) is wrapped in :class:`ChannelsLast` / :class:`ChannelsFirst`, which move t
 
 Modules: ``modules`` (the wrappers and rank-agnostic norms), ``registry`` (the kinds), ``report`` (what changed),
 ``insert`` (insertion), ``convert`` (conversion). The package builds on :mod:`lightning_bn.tracing`,
-:mod:`lightning_bn.activations` and :mod:`lightning_bn.stats` only.
+:mod:`lightning_bn.activations` and :mod:`lightning_bn.monitoring.rows` only.
 """
 
 from lightning_bn.norms.convert import convert_norms

@@ -6,8 +6,9 @@ A pure function over ``{tag: [(step, value)]}`` (what :class:`~lightning_bn.Acti
 activation); testable without event files. ``lightning-bn report`` (:mod:`lightning_bn.cli`) reads the files.
 """
 
-from .analysis import analyze, is_monitor_tag
+from lightning_bn.tags import LAYERS_TAG, is_monitor_tag
+
+from .analysis import analyze
 from .health import FLAGS, Flag, LayerHealth, RunHealth, Thresholds
-from .layers import LAYERS_TAG
 
 __all__ = ["FLAGS", "LAYERS_TAG", "Flag", "LayerHealth", "RunHealth", "Thresholds", "analyze", "is_monitor_tag"]

@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
 
+from lightning_bn.tags import ACTIVATION_STATISTICS, TOTAL_GRADIENT_TAG, is_monitor_tag, layer_order
+
 from .health import FLAGS, Flag, LayerHealth, RunHealth, Thresholds
 from .layers import (
     _activation,
@@ -16,43 +18,17 @@ from .layers import (
     _kind,
     _layer_table,
     _left_zero,
-    _merge_orders,
     _module_type,
     _std_ratios,
     _steps,
 )
+from .reading import find_runs, read_run
 
-__all__ = ["analyze", "analyze_runs", "is_monitor_tag"]
+__all__ = ["analyze", "analyze_runs"]
 
-_ACTIVATION_STATISTICS = frozenset(
-    [
-        "act_mean",
-        "act_std",
-        "act_kurtosis",
-        "act_min",
-        "act_max",
-        "act_zero",
-        "act_saturation",
-        "act_dead",
-        "act_nonfinite",
-    ]
-)
-_PARAMETER_STATISTICS = frozenset(["grad_norm", "weight_norm", "update_ratio"])
-_TOTAL_TAG = "grad_norm/total"
+_ACTIVATION_STATISTICS = frozenset(ACTIVATION_STATISTICS.values())
 #: a layer whose weight norm at its first logged step is below this times the median layer's started deliberately tiny
 _TINY_START = 1e-2
-
-
-def is_monitor_tag(tag: str) -> bool:
-    """Whether a scalar tag was written by a lightning-bn monitor.
-
-    Example::
-
-        >>> is_monitor_tag("act_std/net.0"), is_monitor_tag("grad_norm/total"), is_monitor_tag("train_loss")
-        (True, True, False)
-    """
-    statistic, _, name = tag.partition("/")
-    return bool(name) and statistic in _ACTIVATION_STATISTICS | _PARAMETER_STATISTICS
 
 
 @overload
@@ -127,7 +103,7 @@ def analyze(
     activations: dict[str, dict[str, dict[int, float]]] = {}
     parameters: dict[str, dict[str, dict[str, dict[int, float]]]] = {}
     for tag, series in scalars.items():
-        if tag == _TOTAL_TAG or not is_monitor_tag(tag):
+        if tag == TOTAL_GRADIENT_TAG or not is_monitor_tag(tag):
             continue
         statistic, _, target = tag.partition("/")
         values = {int(step): float(value) for step, value in series}
@@ -137,10 +113,7 @@ def analyze(
             module = target.rpartition(".")[0] or target
             parameters.setdefault(module, {}).setdefault(target, {})[statistic] = values
     table = _layer_table(layers)
-    logged = list(activations)
-    if table is not None:
-        logged = _merge_orders([layer for layer in table if layer in activations], logged, siblings=False)
-    order = _merge_orders(logged, list(parameters))
+    order = layer_order(activations, layers if table is not None else None, parameters)
     zero_init = {layer for layer in order if _is_zero_init(layer, activations.get(layer, {}), parameters, table)}
     std_ratios = _std_ratios(order, activations, table, zero_init)
     grads = {layer: _per_step(parameters.get(layer, {}), _grad_norm) for layer in order}
@@ -259,7 +232,6 @@ def analyze_runs(
     Raises:
         FileNotFoundError: naming ``logdir`` when it does not exist.
     """
-    from .reading import find_runs, read_run
 
     if not logdir.exists():
         raise FileNotFoundError(f"Expected a log directory or event file but {str(logdir)!r} does not exist")

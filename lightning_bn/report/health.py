@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_bn import checks
+
 __all__ = ["ADVICE", "FLAGS", "UNKNOWN_BASELINE", "Flag", "LayerHealth", "RunHealth", "Thresholds"]
 
 #: Every problem the report can flag, in the order it lists them.
@@ -84,6 +86,15 @@ class Thresholds:
     min_grad_ratio: float = 1e-4
     min_update_ratio: float = 1e-5
     stalled_steps: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("saturation_margin", "max_dead"):
+            object.__setattr__(self, name, checks.fraction(name, getattr(self, name)))
+        if self.max_saturation is not None:
+            object.__setattr__(self, "max_saturation", checks.fraction("max_saturation", self.max_saturation))
+        for name in ("min_std_ratio", "max_std_ratio", "max_update_ratio", "min_grad_ratio", "min_update_ratio"):
+            object.__setattr__(self, name, checks.number(name, getattr(self, name)))
+        checks.integer("stalled_steps", self.stalled_steps)
 
     def saturation_limit(self, healthy: float | None) -> float:
         """The saturation above which a layer whose kind saturates ``healthy`` at a N(0, 1) input is flagged."""

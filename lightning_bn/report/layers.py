@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-__all__ = ["LAYERS_TAG"]
+__all__: list[str] = []
 
-#: TensorBoard text tag of the watched layers, written at step 0: a JSON list, in forward order,
-#: of ``{"name", "module_type", "activation", "hook"}``; ``ActivationMonitor`` and ``Monitor`` write it under this tag.
-LAYERS_TAG = "lightning_bn/layers"
 #: how far from 1 the first logged update ratio of a weight may be for the weight to count as zero before that step
 #: (``‖Δw‖ / ‖w‖`` is exactly 1 when ``w`` was 0 before the step, whatever the optimizer)
 _ZERO_INIT_TOLERANCE = 1e-6
@@ -66,31 +62,6 @@ def _is_zero_init(
 def _left_zero(weight: Mapping[str, Mapping[int, float]]) -> int | None:
     """The first logged step after which a zero-initialized weight is no longer 0 (its update ratio there is 1)."""
     return min((step for step, norm in weight.get("weight_norm", {}).items() if norm != 0), default=None)
-
-
-def _merge_orders(primary: list[str], secondary: list[str], siblings: bool = True) -> list[str]:
-    """``primary``, with each name found only in ``secondary`` placed among its siblings (same parent module) by
-    natural order (with ``siblings``), or else right after the name preceding it in ``secondary``."""
-    merged = list(primary)
-    cursor = -1
-    for name in secondary:
-        if name in merged:
-            cursor = merged.index(name)
-            continue
-        parent = name.rpartition(".")[0]
-        found = [i for i, other in enumerate(merged) if other.rpartition(".")[0] == parent] if siblings else []
-        if found:
-            later = [i for i in found if _natural_key(merged[i]) > _natural_key(name)]
-            cursor = later[0] if later else found[-1] + 1
-        else:
-            cursor += 1
-        merged.insert(cursor, name)
-    return merged
-
-
-def _natural_key(name: str) -> list[tuple[int, int | str]]:
-    """Sort key that puts ``net.2`` before ``net.10``."""
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|\D+", name)]
 
 
 def _kind(act: Mapping[str, Any]) -> str:

@@ -12,14 +12,14 @@ is left open, and they may run in any thread. matplotlib is imported when they a
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .analysis import is_monitor_tag
+from lightning_bn.tags import TOTAL_GRADIENT_TAG, is_monitor_tag, layer_order, natural_key
+
 from .reading import find_runs, read_run
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ _MAX_LABEL = 48
 _MAX_LEGEND = 12
 _DEPTH_CMAP = "plasma"
 _HEAT_CMAP = "viridis"
-_TOTAL_TAG = "grad_norm/total"
 
 
 def _matplotlib() -> Any:
@@ -221,10 +220,6 @@ def _colormap(name: str) -> Any:
     return matplotlib.colormaps[name]
 
 
-def _natural_key(name: str) -> list[tuple[int, int | str]]:
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|\D+", name)]
-
-
 def _load(source: str | Path | Mapping[str, Any], run: str | None) -> tuple[dict, list | None, str]:
     """The monitor scalars, the layers table (or ``None``) and a name for the title of ``source``."""
     if isinstance(source, Mapping):
@@ -243,7 +238,7 @@ def _load(source: str | Path | Mapping[str, Any], run: str | None) -> tuple[dict
     if not runs:
         raise FileNotFoundError(f"No TensorBoard event files under {path}: was it written by a TensorBoardLogger?")
     names = {(str(r.relative_to(path).as_posix()) if r != path else "."): r for r in runs}
-    ordered = sorted(names, key=_natural_key)  # version_10 after version_9
+    ordered = sorted(names, key=natural_key)  # version_10 after version_9
     if run is None:
         name = ordered[-1]
     else:
@@ -263,35 +258,6 @@ def _load(source: str | Path | Mapping[str, Any], run: str | None) -> tuple[dict
 def _series(scalars: Mapping[str, Any], statistic: str) -> dict[str, list[tuple[int, float]]]:
     prefix = statistic + "/"
     return {tag[len(prefix) :]: list(series) for tag, series in scalars.items() if tag.startswith(prefix)}
-
-
-def _forward_order(names: Sequence[str], table: list | None) -> list[str]:
-    """``names`` in the layers table's order (all of them in their own order without a table); a name the table
-    lacks goes right after the name before it in ``names``.
-
-    Example::
-
-        >>> _forward_order(["b", "x", "a"], [{"name": "a"}, {"name": "b"}])
-        ['a', 'b', 'x']
-    """
-    if not table:
-        return list(dict.fromkeys(names))
-    position = {entry["name"]: i for i, entry in enumerate(table)}
-    return _merge([name for name in sorted(position, key=position.__getitem__) if name in names], names)
-
-
-def _merge(primary: Sequence[str], secondary: Sequence[str]) -> list[str]:
-    """``primary``, with each name of ``secondary`` it lacks inserted right after the name before it in ``secondary``
-    (at the front when there is none)."""
-    out = list(dict.fromkeys(primary))
-    cursor = -1
-    for name in dict.fromkeys(secondary):
-        if name in out:
-            cursor = out.index(name)
-        else:
-            cursor += 1
-            out.insert(cursor, name)
-    return out
 
 
 def _grad_groups(grad: Mapping[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
@@ -395,12 +361,11 @@ def plot(
     scalars, table, name = _load(source, run)
     std = _series(scalars, "act_std")
     saturation = _series(scalars, "act_saturation")
-    grad = {
-        param: series for param, series in _series(scalars, "grad_norm").items() if f"grad_norm/{param}" != _TOTAL_TAG
-    }
+    grad = {param: series for param, series in _series(scalars, "grad_norm").items()
+            if f"grad_norm/{param}" != TOTAL_GRADIENT_TAG}  # fmt: skip
     groups = _grad_groups(grad)
     activations = list(dict.fromkeys(tag.partition("/")[2] for tag in scalars if tag.startswith("act_")))
-    order = _merge(_forward_order(activations, table), _forward_order(list(groups), table))
+    order = layer_order(activations, table, groups)
     depth = {name: i for i, name in enumerate(order)}
     std_order = [n for n in order if n in std]
     sat_order = [n for n in order if n in saturation]

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .analysis import is_monitor_tag
-from .layers import LAYERS_TAG
+from lightning_bn.tags import LAYERS_TAG, is_monitor_tag
 
 __all__ = ["damage", "find_runs", "read_layers", "read_run", "read_scalars"]
 

@@ -1,6 +1,6 @@
 """The layer below everything that inspects a model: hook lifecycle, model state, the one data-flow trace.
 
-``init``, ``norms``, ``guards``, ``probes`` and ``recalibration`` build on this package and import nothing from each
+``init``, ``norms``, ``guards``, ``monitoring`` and ``recalibration`` build on this package and import nothing from each
 other; see ``docs/architecture.md``.
 """
 
@@ -16,7 +16,7 @@ from lightning_bn.tracing.hooks import (
 from lightning_bn.tracing.measure import module_order_activations, output_stds
 from lightning_bn.tracing.model_map import ActivationSite, LayerTrace, Layout, ModelMap
 from lightning_bn.tracing.recognize import Recognition, recognize
-from lightning_bn.tracing.trace import LAYER_TYPES, NORM_TYPES, PASS_TYPES, trace_activations, trace_model
+from lightning_bn.tracing.trace import LAYER_TYPES, NORM_TYPES, PASS_TYPES, trace_activations, trace_call, trace_model
 
 __all__ = [
     "LAYER_TYPES",
@@ -38,5 +38,6 @@ __all__ = [
     "recognize",
     "run_forward",
     "trace_activations",
+    "trace_call",
     "trace_model",
 ]

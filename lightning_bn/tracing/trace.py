@@ -11,7 +11,7 @@ units, and which layers lie upstream of it. Activations are found as registered 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,7 @@ from lightning_bn.tracing.types import (
     _tensors,
 )
 
-__all__ = ["LAYER_TYPES", "NORM_TYPES", "PASS_TYPES", "trace_activations", "trace_model"]
+__all__ = ["LAYER_TYPES", "NORM_TYPES", "PASS_TYPES", "trace_activations", "trace_call", "trace_model"]
 
 
 _INPUT = "<input>"
@@ -119,6 +119,11 @@ class _Tracer:
         self.called: dict[nn.Module, None] = {}  # modules in the order of their first call
         self.site_measures: dict[str, Tensor] = {}  # site name -> (input std, saturated fraction), on the device
         self.opaque = 0
+        #: a live trace (:func:`trace_call`): called with each new site and the tensor its hook would see
+        self.observe: Callable[[ActivationSite, Tensor], None] | None = None
+        #: a live trace that failed: why (it records nothing more; the user's forward goes on)
+        self.failed: str | None = None
+        self.live = False
 
     def _role(self, module: nn.Module) -> str:
         registered = activation_of_module(module)
@@ -136,6 +141,16 @@ class _Tracer:
         if next(module.children(), None) is None and next(module.parameters(), None) is None:
             return "candidate"  # decided on its first call, by what it computes
         return "container"
+
+    def guarded(self, fn: Callable, *args: Any) -> None:
+        """Run one step of the bookkeeping; in a live trace, a failure stops the trace, never the user's forward."""
+        if not self.live:
+            fn(*args)
+            return
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001 - reported by trace_call, the training step goes on
+            self.failed = f"{type(err).__name__}: {err}"
 
     # ---- tensor metadata ----
     def get(self, t: Tensor) -> _Meta:
@@ -174,7 +189,7 @@ class _Tracer:
         finally:
             self.opaque -= 1
 
-    def add_site(self, site: ActivationSite, measured: Tensor | None = None) -> None:
+    def add_site(self, site: ActivationSite, measured: Tensor | None = None, seen: Tensor | None = None) -> None:
         key = (id(site.module), site.hook, site.activation.describe())
         if key in self.site_keys:
             return  # the same hook already sees this activation at every call
@@ -187,6 +202,12 @@ class _Tracer:
         self.sites.append(site)
         if measured is not None:
             self.site_measures[name] = measured
+        if self.observe is not None and seen is not None:
+            self.opaque += 1
+            try:
+                self.observe(site, seen)
+            finally:
+                self.opaque -= 1
 
     # ---- module hooks ----
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -215,7 +236,8 @@ class _Tracer:
         like = next((a for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
         self.opaque += 1  # the grid evaluation is no step of the model
         try:
-            found = recognize(module, like) if like is not None else None
+            with torch.no_grad():
+                found = recognize(module, like) if like is not None else None
         finally:
             self.opaque -= 1
         if found is None:
@@ -255,7 +277,7 @@ class _Tracer:
         elif isinstance(main, Tensor):  # a container or norm-act module: what ran inside already tagged the output
             meta = self.get(main)
             if meta.site is not None:
-                self._watch_call_output(meta.site, module, name)
+                self._watch_call_output(meta.site, module, name, main)
             if meta.source is None or meta.site is not None:
                 self.put(main, _Meta(meta.tags, meta.depth, meta.reach, name, meta.layout))
 
@@ -273,13 +295,13 @@ class _Tracer:
             layout = self.layers[name].layout if name in self.layers else _layer_layout(module, main)
             self.put(main, _Meta({name: _Path()}, merged.depth + 1, reach, name, layout))
 
-    def _watch_call_output(self, index: int, module: nn.Module, name: str) -> None:
+    def _watch_call_output(self, index: int, module: nn.Module, name: str, output: Tensor) -> None:
         call = self.pending[index]
         if call.activation.kind.output_derivative is None:
             return  # saturation cannot be read off the output of this kind: stays unwatchable
         site_name = f"{call.producer or name}.{call.activation.name}"
         self.add_site(ActivationSite(site_name, call.activation, call.how, module, name, "output", call.layout,
-                                     call.producer), call.measured)  # fmt: skip
+                                     call.producer), call.measured, output)  # fmt: skip
         self.pending[index] = _PendingCall(call.activation, "watched", call.producer, call.layout)
 
     # ---- every torch function call outside the opaque modules ----
@@ -360,7 +382,7 @@ class _Tracer:
         if meta.source is not None:
             module = self._module(meta.source)
             self.add_site(ActivationSite(f"{producer or meta.source}.{act.name}", act, how, module, meta.source,
-                                         "input", layout, producer), measured)  # fmt: skip
+                                         "input", layout, producer), measured, first)  # fmt: skip
         else:
             site_index = len(self.pending)
             self.pending.append(_PendingCall(act, how, producer, layout, measured))
@@ -421,15 +443,23 @@ class _TraceMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         output = func(*args, **kwargs)
-        if not self.tracer.opaque:
-            self.tracer.call(func, args, kwargs, output)
+        if not self.tracer.opaque and self.tracer.failed is None:
+            self.tracer.guarded(self.tracer.call, func, args, kwargs, output)
         return output
 
 
 def _hooks(model: nn.Module, tracer: _Tracer) -> Iterator[Any]:
+    def enter(*args: Any) -> None:
+        if tracer.failed is None:
+            tracer.guarded(tracer.enter, *args)
+
+    def leave(*args: Any) -> None:
+        if tracer.failed is None:
+            tracer.guarded(tracer.leave, *args)
+
     for module in model.modules():
-        yield module.register_forward_pre_hook(tracer.enter, with_kwargs=True)
-        yield module.register_forward_hook(tracer.leave, with_kwargs=True)
+        yield module.register_forward_pre_hook(enter, with_kwargs=True)
+        yield module.register_forward_hook(leave, with_kwargs=True)
 
 
 def trace_model(model: nn.Module, example_input: Any, *, train: bool = False, batch_stats: bool = False) -> ModelMap:
@@ -483,6 +513,50 @@ def trace_model(model: nn.Module, example_input: Any, *, train: bool = False, ba
             with _TraceMode(tracer):
                 output = run_forward(model, args, kwargs)
             return tracer.finish(output)
+    finally:
+        for handle in handles:
+            handle.remove()
+        tracer.info.clear()
+
+
+def trace_call(
+    model: nn.Module,
+    forward: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    observe: Callable[[ActivationSite, Tensor], None] | None = None,
+) -> tuple[Any, ModelMap | None, str | None]:
+    """Trace a call of ``model`` while it runs for real: ``forward(*args, **kwargs)`` is ``model``'s own forward (the
+    call in progress, its hooks already run), executed once, in whatever mode and grad state the caller is in.
+
+    What :func:`trace_model` finds, without a second forward pass (a stateful module advances once). The bookkeeping
+    never raises into the user's forward: a failure stops the trace and is returned instead of a map. ``observe`` is
+    called with each new activation site and the tensor its watching hook would see (so a monitor can measure this
+    very call). Returns ``(output, map or None, why the trace failed or None)``.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        >>> out, found, failed = trace_call(net, net.forward, (torch.randn(2, 4),), {})
+        >>> out.shape, [s.name for s in found.sites], failed
+        (torch.Size([2, 8]), ['1'], None)
+    """
+    tracer = _Tracer(model)
+    tracer.live, tracer.observe = True, observe
+    tracer.put((args, kwargs), _Meta(reach=frozenset({_INPUT})))
+    handles = list(_hooks(model, tracer))
+    try:
+        tracer.guarded(tracer.enter, model, args, kwargs)  # the call in progress: its pre-hooks have run
+        with _TraceMode(tracer):
+            output = forward(*args, **kwargs)
+        tracer.guarded(tracer.leave, model, args, kwargs, output)
+        found = None
+        if tracer.failed is None:
+            try:
+                found = tracer.finish(output)
+            except Exception as err:  # noqa: BLE001 - reported to the caller
+                tracer.failed = f"{type(err).__name__}: {err}"
+        return output, found, tracer.failed
     finally:
         for handle in handles:
             handle.remove()

@@ -1,19 +1,21 @@
-"""Choosing what a probe watches: module filters, and the targets of a model map."""
+"""Choosing what a probe watches: module filters, the targets of a model map, the names a figure is logged under
+(wrapper prefixes stripped) and the forward order of modules."""
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Union
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_bn.activations import Activation, activation_of_module
-from lightning_bn.tracing import ModelMap
+from lightning_bn.tracing import HookSet, ModelMap
 
-__all__ = ["ModuleFilter", "WatchTarget", "default_module_filter", "select_modules", "validate_module_filter",
-           "watch_targets"]  # fmt: skip
+__all__ = ["ForwardOrder", "ModuleFilter", "WatchTarget", "default_module_filter", "plain_names", "select_modules",
+           "unwrap", "validate_module_filter", "watch_targets"]  # fmt: skip
 
 #: What a user may pass to choose modules: types, glob patterns on qualified names, or a ``(name, module)`` predicate.
 ModuleFilter = Union[Sequence[str | type], Callable[[str, nn.Module], bool], None]
@@ -170,3 +172,100 @@ def watch_targets(model: nn.Module, model_map: ModelMap | None, modules: ModuleF
     rank = {name: i for i, name in enumerate(model_map.order)}
     names = {id(m): n for n, m in model.named_modules()}
     return sorted(unique, key=lambda t: rank.get(names.get(id(t.module), ""), len(rank)))  # forward order
+
+
+class ForwardOrder(HookSet):
+    """Record the order in which modules first run during a forward pass (to name the *first* bad layer).
+
+    Example::
+
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> with ForwardOrder(net) as order:
+        ...     _ = net(torch.randn(1, 2))
+        >>> order.names
+        ['0', '1']
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.names: list[str] = []
+        self._seen: set[str] = set()
+
+    def _register(self) -> Iterator[RemovableHandle]:
+        self.names = []
+        self._seen = set()
+        for name, module in self.model.named_modules():
+            if name and next(module.children(), None) is None:
+                yield module.register_forward_pre_hook(self._record(name))
+
+    def _record(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if name not in self._seen:
+                self._seen.add(name)
+                self.names.append(name)
+
+        return hook
+
+
+#: class name of a wrapper module -> the attribute holding the model it wraps (torch.compile, Fabric, DDP, DP, FSDP1)
+_WRAPPERS = {
+    "OptimizedModule": "_orig_mod",
+    "_FabricModule": "_forward_module",
+    "DistributedDataParallel": "module",
+    "DataParallel": "module",
+    "FullyShardedDataParallel": "_fsdp_wrapped_module",
+}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile / Fabric / DDP wrappers (the module whose names a user knows).
+
+    Example::
+
+        >>> net = nn.Linear(2, 2)
+        >>> unwrap(nn.DataParallel(net)) is net
+        True
+    """
+    while isinstance(getattr(model, _WRAPPERS.get(type(model).__name__, ""), None), nn.Module):
+        model = getattr(model, _WRAPPERS[type(model).__name__])
+    return model
+
+
+def plain_names(model: nn.Module) -> Callable[[str], str]:
+    """A function from a qualified name inside ``model`` (a module, a parameter, an activation site
+    ``<layer>.<kind>``) to the same name without wrapper segments (``_orig_mod.`` of torch.compile,
+    ``_forward_module.`` of Fabric, ``module.`` of DDP), so figures of a wrapped model carry the plain model's tags.
+
+    Example::
+
+        >>> class Task(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.DataParallel(nn.Sequential(nn.Linear(2, 2)))
+        >>> plain = plain_names(Task())
+        >>> plain("net.module.0"), plain("net.module.0.weight"), plain("net.module.0.relu#2")
+        ('net.0', 'net.0.weight', 'net.0.relu#2')
+    """
+    modules = dict(model.named_modules())
+    clean: dict[str, str] = {"": ""}
+    for name in modules:
+        if not name:
+            continue
+        parent, _, attr = name.rpartition(".")
+        outer = modules.get(parent)
+        head = clean.get(parent, parent)
+        wrapped = outer is not None and _WRAPPERS.get(type(outer).__name__) == attr
+        clean[name] = head if wrapped else (f"{head}.{attr}" if head else attr)
+
+    def plain(name: str) -> str:
+        if name in clean:
+            return clean[name]
+        head, _, tail = name.rpartition(".")
+        if not head:
+            return name
+        base = plain(head)
+        return f"{base}.{tail}" if base else tail
+
+    return plain

@@ -1,8 +1,8 @@
 """The activation probe: attach to chosen modules for one step, collect rows on the device, detach.
 
 A probe is attached only on steps that log; while attached, each hook reduces what it sees to a small row with
-:mod:`lightning_bn.stats` and keeps no reference to the tensor. :meth:`ActivationProbe.collect` stacks the rows,
-all-reduces them across processes (two collectives) and moves everything to the host in one transfer.
+:mod:`lightning_bn.monitoring.rows` and keeps no reference to the tensor. :meth:`ActivationProbe.gather` stacks the
+rows and all-reduces them across processes (two collectives); the engine moves everything to the host in one transfer.
 """
 
 from __future__ import annotations
@@ -16,27 +16,27 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_bn import stats
 from lightning_bn.activations import Activation
-from lightning_bn.fused import Backend, backend, fused_row
-from lightning_bn.probes.select import WatchTarget, _as_target, select_modules  # noqa: F401  (doctest)
-from lightning_bn.tracing import HookSet as _HookSet
+from lightning_bn.monitoring.rows import (
+    DEFAULT_ZERO_TOL,
+    FIELDS,
+    Backend,
+    backend,
+    combine,
+    empty_row,
+    figures,
+    fused_row,
+    histogram,
+    histogram_record,
+    reduce_across_processes,
+    saturation,
+    unit_dim_of,
+)
+from lightning_bn.monitoring.select import WatchTarget, _as_target, select_modules  # noqa: F401  (doctest)
+from lightning_bn.tags import ACTIVATION_STATISTICS
+from lightning_bn.tracing import HookSet
 
-__all__ = ["STATISTICS", "ActivationProbe", "ProbeResult", "layer_entry"]
-
-#: figure of a row (:func:`lightning_bn.stats.figures`) -> the statistic its logged tag starts with
-STATISTICS = {
-    "mean": "act_mean",
-    "std": "act_std",
-    "kurtosis": "act_kurtosis",
-    "min": "act_min",
-    "max": "act_max",
-    "zero": "act_zero",
-    "saturation": "act_saturation",
-    "dead": "act_dead",
-    "nonfinite": "act_nonfinite",
-}
-
+__all__ = ["ActivationProbe", "ProbeResult", "layer_entry"]
 
 def layer_entry(target: WatchTarget) -> dict[str, Any]:
     """What the report needs to know of a watched layer: name, module type, activation, how it is watched and, for
@@ -71,7 +71,7 @@ class ProbeResult:
     def metrics(self) -> dict[str, float]:
         """The figures as logged: ``{"act_std/<layer>": value, ...}``."""
         return {
-            f"{STATISTICS[key]}/{name}": value
+            f"{ACTIVATION_STATISTICS[key]}/{name}": value
             for name, figs in zip(self.names, self.figures)
             for key, value in figs.items()
         }
@@ -96,8 +96,19 @@ class _Target:
         return self.spec.activation
 
 
-class ActivationProbe(_HookSet):
-    """Summarize the outputs (and, for activations, the saturation) of chosen modules during one forward pass.
+def _measuring() -> bool:
+    """Whether the forward pass running now is one a monitor measures: a training forward (gradients on), not the
+    recomputation of a checkpointed segment during backward, not an evaluation or a trace under ``no_grad``."""
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
+
+
+class ActivationProbe(HookSet):
+    """Summarize the outputs (and, for activations, the saturation) of chosen modules during training forward passes.
+
+    While attached, each hook reduces what it sees to one row on the device and keeps no reference to the tensor;
+    with ``training_only``, forward passes that are no training step (``no_grad`` evaluation, a trace, the
+    recomputation of a checkpointed segment in backward) are not counted. Several calls (micro-batches) combine
+    exactly.
 
     Args:
         targets: :class:`WatchTarget` objects (e.g. from :func:`watch_targets`), or ``(name, module)`` pairs (e.g.
@@ -105,7 +116,9 @@ class ActivationProbe(_HookSet):
         histogram_bins: bins per module histogram; 0 for none. Histograms are rank-local under DDP.
         zero_tol: ``|x|`` at or below this counts as near zero.
         fused: ``"auto"``, ``"compiled"`` or ``"eager"``: how the one fused pass per tensor runs
-            (:mod:`lightning_bn.fused`).
+            (:mod:`lightning_bn.monitoring.rows`).
+        training_only: count only training forward passes (gradients on; not the recomputation of a checkpointed
+            segment during backward), as the monitors do; ``False``: every pass while attached.
 
     Example::
 
@@ -122,16 +135,20 @@ class ActivationProbe(_HookSet):
         self,
         targets: Sequence[WatchTarget | tuple[str, nn.Module]],
         histogram_bins: int = 0,
-        zero_tol: float = stats.DEFAULT_ZERO_TOL,
+        zero_tol: float = DEFAULT_ZERO_TOL,
         fused: Backend = "auto",
+        training_only: bool = False,
     ) -> None:
         super().__init__()
+        self.training_only = training_only
         self._path = backend(fused)
-        self._min, self._max = stats.FIELDS.index("min"), stats.FIELDS.index("max")
+        self._min, self._max = FIELDS.index("min"), FIELDS.index("max")
         self._targets = [_Target(_as_target(t)) for t in targets]
+        self._extra: dict[str, _Target] = {}  # measured by :meth:`record` (a live trace), not hooked
         self.histogram_bins = histogram_bins
         self.zero_tol = zero_tol
-        self._paused = False
+        #: a context entered around each hook's work (a live trace keeps the probe's own operations out of it)
+        self.quiet: Callable[[], contextlib.AbstractContextManager] | None = None
         # built once, so every attach registers the same callables; run eagerly inside torch.compile'd models
         self._hooks = [
             (
@@ -152,15 +169,6 @@ class ActivationProbe(_HookSet):
         """The watched targets, in order."""
         return [t.spec for t in self._targets]
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """While inside, the attached hooks record nothing (a forward pass that is no training step)."""
-        self._paused = True
-        try:
-            yield
-        finally:
-            self._paused = False
-
     def _register(self) -> Iterator[RemovableHandle]:
         for target, (pre_hook, hook) in zip(self._targets, self._hooks):
             target.row = target.alive = target.units = target.pending = target.hist = None
@@ -170,10 +178,11 @@ class ActivationProbe(_HookSet):
 
     def _pre_hook(self, target: _Target) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            if self._paused or not args or not isinstance(args[0], Tensor):
+            if not args or not isinstance(args[0], Tensor) or (self.training_only and not _measuring()):
                 return
-            found = stats.saturation(args[0], target.activation, target.spec.unit_dim)
-            self._record_saturation(target, found, tuple(args[0].shape))
+            with self.quiet() if self.quiet is not None else contextlib.nullcontext():
+                found = saturation(args[0], target.activation, target.spec.unit_dim)
+                self._record_saturation(target, found, tuple(args[0].shape))
 
         return hook
 
@@ -199,55 +208,78 @@ class ActivationProbe(_HookSet):
         return target.bounds[1]
 
     def _hook(self, target: _Target) -> Callable:
-        spec = target.spec
-        _sat, _units = stats.FIELDS.index("saturated"), stats.FIELDS.index("units")
-
-        def unit_dim(x: Tensor) -> int:
-            return stats.unit_dim_of(x) if spec.unit_dim is None else spec.unit_dim
-
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if isinstance(output, (tuple, list)) and output:
                 output = output[0]
-            if self._paused or not isinstance(output, Tensor) or not output.is_floating_point():
+            if not isinstance(output, Tensor) or not output.is_floating_point():
                 return
-            judged = None
-            if spec.hook == "input":  # the output feeds a functional activation: judge its input, sum its output
-                x = output.detach()
-                output = spec.activation(x)
-                judged = (x, self._bounds(target, x.device, from_output=False))
-            elif spec.activation is not None and (
-                spec.hook == "output" or spec.activation.kind.output_derivative is not None
-            ):
-                judged = (output, self._bounds(target, output.device, from_output=True))
-            if judged is not None:
-                x, bounds = judged
-                row, alive = fused_row(output, self.zero_tol, x=x, bounds=bounds, unit_dim=unit_dim(x), path=self._path)
-                if alive.numel():
-                    self._record_saturation(target, (row[_sat], row[_units], alive), tuple(x.shape))
-            else:
-                row, _ = fused_row(output, self.zero_tol, path=self._path)
-                if target.pending is not None:  # judged on the input by the pre-hook
-                    row = torch.cat([row[:_sat], target.pending])
-            target.pending = None
-            if self.histogram_bins and target.row is None:
-                target.hist = stats.histogram(output, row[self._min], row[self._max], self.histogram_bins)
-            target.row = row if target.row is None else stats.combine(target.row, row)
+            if self.training_only and not _measuring():
+                return
+            with self.quiet() if self.quiet is not None else contextlib.nullcontext():
+                self._measure(target, output)
 
         return hook
 
-    def collect(self, distributed: bool = True) -> ProbeResult:
-        """Stack the rows, all-reduce them (when ``distributed`` and a process group exists), transfer once.
+    def _measure(self, target: _Target, output: Tensor) -> None:
+        """Fold one call's output into the target's row (and saturation, alive units, histogram)."""
+        spec = target.spec
+        _sat, _units = FIELDS.index("saturated"), FIELDS.index("units")
+        judged = None
+        if spec.hook == "input":  # the output feeds a functional activation: judge its input, sum its output
+            x = output.detach()
+            output = spec.activation(x)
+            judged = (x, self._bounds(target, x.device, from_output=False))
+        elif spec.activation is not None and (
+            spec.hook == "output" or spec.activation.kind.output_derivative is not None
+        ):
+            judged = (output, self._bounds(target, output.device, from_output=True))
+        if judged is not None:
+            x, bounds = judged
+            unit_dim = unit_dim_of(x) if spec.unit_dim is None else spec.unit_dim
+            row, alive = fused_row(output, self.zero_tol, x=x, bounds=bounds, unit_dim=unit_dim, path=self._path)
+            if alive.numel():
+                self._record_saturation(target, (row[_sat], row[_units], alive), tuple(x.shape))
+        else:
+            row, _ = fused_row(output, self.zero_tol, path=self._path)
+            if target.pending is not None:  # judged on the input by the pre-hook
+                row = torch.cat([row[:_sat], target.pending])
+        target.pending = None
+        if self.histogram_bins and target.row is None:
+            target.hist = histogram(output, row[self._min], row[self._max], self.histogram_bins)
+        target.row = row if target.row is None else combine(target.row, row)
 
-        Modules that did not run this step report an empty row (count 0). Resets the accumulators.
-        """
+    def record(self, spec: WatchTarget, output: Tensor) -> None:
+        """Measure ``output`` as ``spec``'s hook would (for a site a live trace found in the middle of the forward
+        pass it is tracing); :meth:`adopt` hands the row to the probe that watches it from then on."""
+        if not isinstance(output, Tensor) or not output.is_floating_point():
+            return
+        if self.training_only and not _measuring():
+            return
+        target = self._extra.setdefault(spec.name, _Target(spec))
+        self._measure(target, output)
+
+    def adopt(self, other: ActivationProbe) -> None:
+        r"""Take over what ``other`` measured so far (its hooked targets and :meth:`record`\ ed sites), by name: the
+        first logging step of a model traced on its first call, measured before this probe existed."""
+        found = {t.name: t for t in [*other._targets, *other._extra.values()] if t.row is not None}
+        for target in self._targets:
+            seen = found.get(target.name)
+            if seen is not None and target.row is None:
+                target.row, target.alive, target.units, target.hist = seen.row, seen.alive, seen.units, seen.hist
+
+    def gather(self, distributed: bool = True) -> tuple[Tensor, Callable[[list[float]], ProbeResult]]:
+        """The step's rows on the device, all-reduced across processes (when ``distributed`` and a process group
+        exists: two collectives), flattened with the histograms, and the function that turns their host copy into a
+        :class:`ProbeResult`. Modules that did not run report an empty row (count 0). Resets the accumulators."""
         device = next((t.row.device for t in self._targets if t.row is not None), torch.device("cpu"))
-        empty = stats.empty_row(device)
+        empty = empty_row(device)
+        width = len(FIELDS)
         rows = (
             torch.stack([t.row if t.row is not None else empty for t in self._targets])
             if self._targets
-            else (empty.new_zeros(0, len(stats.FIELDS)))
+            else empty.new_zeros(0, width)
         )
-        units_column = stats.FIELDS.index("units")
+        units_column = FIELDS.index("units")
         for i, target in enumerate(self._targets):
             if target.units:  # every call shape's units together (device scalars: no host round trip)
                 rows[i, units_column] = torch.stack(list(target.units.values())).sum()
@@ -255,25 +287,32 @@ class ActivationProbe(_HookSet):
         sizes = [part.numel() for part in alive_parts]
         alive = torch.cat(alive_parts) if alive_parts else rows.new_zeros(0)
         if distributed:
-            rows, alive = stats.reduce_across_processes(rows, alive)
-        dead_column = stats.FIELDS.index("dead_units")
+            rows, alive = reduce_across_processes(rows, alive)
+        dead_column = FIELDS.index("dead_units")
         alive_counts = torch.stack([part.sum() for part in alive.split(sizes)]) if sizes else rows.new_zeros(0)
         rows[:, dead_column] = torch.where(rows[:, units_column] > 0, rows[:, units_column] - alive_counts, 0.0)
         bins = self.histogram_bins
         hists = [t.hist if t.hist is not None else rows.new_zeros(bins) for t in self._targets] if bins else []
-        payload = torch.cat([rows.reshape(-1), *hists]).cpu().tolist()
-        width = len(stats.FIELDS)
-        host_rows = [payload[i * width : (i + 1) * width] for i in range(len(self._targets))]
-        offset = len(self._targets) * width
-        result = ProbeResult([t.name for t in self._targets], [stats.figures(r) for r in host_rows])
-        if bins:
-            for i, (target, row) in enumerate(zip(self._targets, host_rows)):
-                counts = payload[offset + i * bins : offset + (i + 1) * bins]
-                if row[0] == 0 or target.hist is None:
-                    continue
-                low, high = row[self._min], row[self._max]
-                record = stats.histogram_record(target.name, low, high, counts, sum(counts), row[1], row[2])
-                result.histograms.append(record)
-        for target in self._targets:
+        has_hist = [t.hist is not None for t in self._targets]
+        names = self.names
+        for target in [*self._targets, *self._extra.values()]:
             target.row = target.alive = target.units = target.pending = target.hist = None
-        return result
+        self._extra = {}
+
+        def parse(payload: list[float]) -> ProbeResult:
+            host_rows = [payload[i * width : (i + 1) * width] for i in range(len(names))]
+            offset = len(names) * width
+            result = ProbeResult(list(names), [figures(r) for r in host_rows])
+            for i, (name, row) in enumerate(zip(names, host_rows)):
+                counts = payload[offset + i * bins : offset + (i + 1) * bins]
+                if bins and row[0] and has_hist[i]:
+                    low, high = row[self._min], row[self._max]
+                    result.histograms.append(histogram_record(name, low, high, counts, sum(counts), row[1], row[2]))
+            return result
+
+        return torch.cat([rows.reshape(-1), *hists]), parse
+
+    def collect(self, distributed: bool = True) -> ProbeResult:
+        """:meth:`gather`, then one device-to-host transfer."""
+        payload, parse = self.gather(distributed)
+        return parse(payload.cpu().tolist())

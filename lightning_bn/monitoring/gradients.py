@@ -11,16 +11,17 @@ are identical on every rank after its gradient all-reduce: rank zero's figures a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_bn import stats
+from lightning_bn.monitoring.rows import histogram, histogram_record, parameter_norms
 from lightning_bn.sharding import is_dtensor
 from lightning_bn.sharding import local as _local
+from lightning_bn.tags import TOTAL_GRADIENT_TAG
 
 __all__ = ["GradientProbe", "GradientResult", "local"]
 
@@ -161,13 +162,13 @@ class GradientProbe:
                         g.numel(),
                         p.grad.numel(),
                         torch.stack([low, high, g.double().sum(), g.double().square().sum()]),
-                        stats.histogram(g, low, high, self.histogram_bins),
+                        histogram(g, low, high, self.histogram_bins),
                     )
                 )
 
     def _powers(self, tensors: list[Tensor]) -> Tensor:
         """``sum |x|^p`` per tensor (``max |x|`` for p = inf), float64, one fused call."""
-        norms = stats.parameter_norms(tensors, self.norm_type)
+        norms = parameter_norms(tensors, self.norm_type)
         return norms if math.isinf(self.norm_type) else norms.pow(self.norm_type)
 
     def _strides(self, params: list[Tensor]) -> list[int]:
@@ -182,17 +183,24 @@ class GradientProbe:
         stride = max(1, math.ceil(large / room)) if room > 0 else max(1, large)
         return [1 if n < WHOLE else stride for n in sizes]
 
-    def collect(self, extra: Sequence[Tensor] = (), distributed: bool = True) -> GradientResult | None:
-        """After the optimizer step: weight norms and update ratios; with sharded parameters (and ``distributed``),
-        one all-reduce over the processes; then one device-to-host transfer of everything, ``extra`` tensors
-        (flattened, e.g. a non-finite watch's state) included. ``None`` when nothing was measured."""
+    def gather(
+        self, extra: Sequence[Tensor] = (), distributed: bool = True
+    ) -> tuple[Tensor, Callable[[list[float]], GradientResult]] | None:
+        """After the optimizer step: weight norms and update ratios on the device; with sharded parameters (and
+        ``distributed``), one all-reduce over the processes. Returns everything flattened, ``extra`` tensors (e.g. a
+        non-finite watch's state) included, and the function that turns its host copy into a
+        :class:`GradientResult`; ``None`` when nothing was measured."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
         params: list[Tensor] = pending["params"]
         n = len(params)
+        step = pending["step"]
+        extra = [t.reshape(-1).double() for t in extra]
         if not n:
-            return GradientResult(pending["step"], {})
+            device = extra[0].device if extra else torch.device("cpu")
+            empty = torch.cat(extra) if extra else torch.zeros(0, dtype=torch.float64, device=device)
+            return empty, lambda host: GradientResult(step, {}, [], host)
         grad = torch.cat(pending["grad"])
         device = grad.device
         parts = [grad, self._powers([local(p) for p in params])]
@@ -217,26 +225,37 @@ class GradientProbe:
         total = grad_norms.max() if math.isinf(p_norm) else sums[:n].sum().pow(1.0 / p_norm)
         payload = [norms, total.reshape(1)]
         payload += [torch.cat([h[3], h[4]]) for h in pending["hists"]]
-        payload += [t.reshape(-1).to(device=device, dtype=torch.float64) for t in extra]
-        host = torch.cat(payload).cpu().tolist()  # the one transfer
+        payload += [t.to(device) for t in extra]
         names = [self.names[p] for p in params]
-        metrics = {f"grad_norm/{name}": host[i] for i, name in enumerate(names)}
-        metrics["grad_norm/total"] = host[len(parts) * n]
-        for i, name in enumerate(names):
-            metrics[f"weight_norm/{name}"] = host[n + i]
-        if strides:
+        width, hists, bins = len(parts), pending["hists"], self.histogram_bins
+
+        def parse(host: list[float]) -> GradientResult:
+            metrics = {f"grad_norm/{name}": host[i] for i, name in enumerate(names)}
+            metrics[TOTAL_GRADIENT_TAG] = host[width * n]
             for i, name in enumerate(names):
-                update, weight = host[2 * n + i], host[3 * n + i]
-                metrics[f"update_ratio/{name}"] = update / weight if weight else math.nan
-        offset = len(parts) * n + 1
-        histograms = []
-        bins = self.histogram_bins
-        for name, numel, total_numel, _, _ in pending["hists"]:
-            low, high, total_sum, sum_sq = host[offset : offset + 4]
-            counts = host[offset + 4 : offset + 4 + bins]
-            offset += 4 + bins
-            if not (math.isfinite(low) and math.isfinite(high)):
-                continue
-            covers = "all" if numel == total_numel else f"this process's shard ({numel} of {total_numel})"
-            histograms.append(stats.histogram_record(name, low, high, counts, numel, total_sum, sum_sq, covers=covers))
-        return GradientResult(pending["step"], metrics, histograms, host[offset:])
+                metrics[f"weight_norm/{name}"] = host[n + i]
+            if strides:
+                for i, name in enumerate(names):
+                    update, weight = host[2 * n + i], host[3 * n + i]
+                    metrics[f"update_ratio/{name}"] = update / weight if weight else math.nan
+            offset = width * n + 1
+            histograms = []
+            for name, numel, total_numel, _, _ in hists:
+                low, high, total_sum, sum_sq = host[offset : offset + 4]
+                counts = host[offset + 4 : offset + 4 + bins]
+                offset += 4 + bins
+                if not (math.isfinite(low) and math.isfinite(high)):
+                    continue
+                covers = "all" if numel == total_numel else f"this process's shard ({numel} of {total_numel})"
+                histograms.append(histogram_record(name, low, high, counts, numel, total_sum, sum_sq, covers=covers))
+            return GradientResult(step, metrics, histograms, host[offset:])
+
+        return torch.cat(payload), parse
+
+    def collect(self, extra: Sequence[Tensor] = (), distributed: bool = True) -> GradientResult | None:
+        """:meth:`gather`, then one device-to-host transfer; ``None`` when nothing was measured."""
+        gathered = self.gather(extra, distributed)
+        if gathered is None:
+            return None
+        payload, parse = gathered
+        return parse(payload.cpu().tolist())

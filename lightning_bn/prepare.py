@@ -1,4 +1,5 @@
-"""``prepare(model, ...)``: detect the activations, validate the plan, initialize, insert norms, and report.
+"""``prepare(model, ...)`` and its options (:class:`PrepareOptions`, shared with :class:`~lightning_bn.AutoInit`):
+detect the activations, validate the plan, initialize, insert norms, and report.
 
 Every change is planned and checked before the model is touched: a bad argument, an example input that fails in
 ``forward``, a model with nothing to initialize, an override that matches no layer or a norm that does not fit a
@@ -10,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
+from lightning_bn import checks
 from lightning_bn.init import (
+    SCHEMES,
     LayerStep,
     init_layer_,
     is_sharded,
@@ -29,13 +32,13 @@ from lightning_bn.init import (
     zero_init_residual_,
 )
 from lightning_bn.layers import get_layer_kind
-from lightning_bn.norms import NormInsertion, plan_insertions
-from lightning_bn.options import INIT_CHOICES, OVERRIDE_CHOICES, PrepareOptions
+from lightning_bn.norms import POSITIONS, NormInsertion, get_norm_layer, plan_insertions
 from lightning_bn.tracing import LayerTrace, trace_model
 from lightning_bn.tracing.policy import Kept, LayerPlan, Skipped, plan_layers
 
 __all__ = [
     "INIT_CHOICES",
+    "InitChoice",
     "OVERRIDE_CHOICES",
     "Kept",
     "LayerReport",
@@ -46,6 +49,101 @@ __all__ = [
     "prepare",
     "validate_options",
 ]
+
+
+InitChoice = Literal["auto", "lsuv", "xavier", "kaiming", "lecun", "orthogonal", "numeric"]
+Distribution = Literal["normal", "uniform", "truncated_normal"]
+FanMode = Literal["fan_in", "fan_out"]
+Position = Literal["pre", "post"]
+
+#: What ``init=`` accepts: ``"auto"`` (per layer, from the activation), ``"lsuv"``, or one scheme for every layer.
+INIT_CHOICES: tuple[str, ...] = get_args(InitChoice)
+#: What an ``overrides`` value accepts: any ``init`` choice, or ``"skip"`` to leave the layer as it is.
+OVERRIDE_CHOICES: tuple[str, ...] = (*INIT_CHOICES, "skip")
+assert set(SCHEMES) <= set(INIT_CHOICES)
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What to do to a model: the init scheme, the norms to insert, and how to draw and rescale.
+
+    Args:
+        init: ``"auto"``, ``"lsuv"`` or a scheme of :data:`lightning_bn.init.SCHEMES`.
+        norm: ``None`` (no insertion), ``"auto"``, a registered norm name, a norm class or a ``functools.partial``.
+        overrides: glob pattern on qualified layer names -> ``init`` choice or ``"skip"``; the first match wins.
+        position: ``"pre"`` (norm between layer and activation) or ``"post"`` (after an activation module).
+        exclude: glob patterns on qualified layer names that get no norm.
+        keep_bias: keep the biases a following BatchNorm / InstanceNorm makes redundant.
+        distribution: ``"normal"``, ``"uniform"`` or ``"truncated_normal"``.
+        mode: ``"fan_in"`` or ``"fan_out"``.
+        zero_init_residual: zero the weight of the last norm in each residual branch.
+        tol: tolerance (> 0) on the unit output variance of the data-driven rescaling.
+        max_iters: rescaling iterations per layer (>= 1).
+        seed: seed of a private generator for the random draws; ``None`` draws from the global one.
+
+    Raises:
+        ValueError: naming the bad value and the values allowed.
+        TypeError: for ``overrides`` that is not a dict of patterns, an ``exclude`` that is not a list of patterns.
+
+    Example::
+
+        >>> PrepareOptions(init="lsuv", norm="batch").norm
+        'batch'
+        >>> try:
+        ...     PrepareOptions(init="glorot")
+        ... except ValueError as err:
+        ...     print(str(err).split(" but ")[1])
+        got 'glorot'
+    """
+
+    init: InitChoice = "auto"
+    norm: Any = None
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    position: Position = "pre"
+    exclude: tuple[str, ...] = ()
+    keep_bias: bool = False
+    distribution: Distribution = "normal"
+    mode: FanMode = "fan_in"
+    zero_init_residual: bool = False
+    tol: float = 0.1
+    max_iters: int = 10
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks.choice("init", self.init, INIT_CHOICES)
+        if self.norm is not None and self.norm != "auto" and get_norm_layer(self.norm) is None:
+            raise ValueError(f"Expected `norm` to be a norm, 'auto' or None but got {self.norm!r}")
+        checks.choice("position", self.position, tuple(POSITIONS))
+        exclude = self.exclude
+        if exclude is None:
+            exclude = ()
+        if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
+            raise TypeError(f"Expected `exclude` to be a list of glob patterns (str) but got {exclude!r}")
+        object.__setattr__(self, "exclude", tuple(exclude))
+        checks.choice("distribution", self.distribution, get_args(Distribution))
+        checks.choice("mode", self.mode, get_args(FanMode))
+        overrides = {} if self.overrides is None else self.overrides
+        if not isinstance(overrides, Mapping):
+            raise TypeError(f"Expected `overrides` to be a dict of glob pattern -> scheme but got {overrides!r}")
+        for pattern, scheme in overrides.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"Expected each `overrides` key to be a glob pattern (str) but got {pattern!r}")
+            if scheme not in OVERRIDE_CHOICES:
+                raise ValueError(
+                    f"Expected `overrides[{pattern!r}]` to be one of {list(OVERRIDE_CHOICES)} but got {scheme!r}"
+                )
+        object.__setattr__(self, "overrides", dict(overrides))
+        for name in ("keep_bias", "zero_init_residual"):
+            checks.boolean(name, getattr(self, name))
+        checks.number("tol", self.tol)
+        checks.integer("max_iters", self.max_iters)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"Expected `seed` to be an integer or None but got {self.seed!r}")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The option names, in order (the keyword arguments of ``prepare`` and ``AutoInit``)."""
+        return [f.name for f in fields(cls)]
 
 
 @dataclass
@@ -197,7 +295,7 @@ def prepare(
 ) -> Report:
     """Initialize ``model`` in place to match the activation after each layer, optionally insert norms, and report.
 
-    Steps: validate the options (:class:`~lightning_bn.options.PrepareOptions`) -> trace the model once
+    Steps: validate the options (:class:`~lightning_bn.prepare.PrepareOptions`) -> trace the model once
     (:func:`~lightning_bn.tracing.trace_model`) -> plan a scheme per layer -> plan and build the norms
     (:func:`~lightning_bn.norms.plan_insertions`, no forward pass) -> one forward pass in which each layer is
     initialized, rescaled where planned and measured inside its own hook, with the planned norms applied
@@ -240,7 +338,7 @@ def prepare(
         max_iters: rescaling passes per layer.
         seed: seed a private generator for the random draws (same seed, same weights on every process);
             ``None`` draws from the global generator.
-        options: all of the above as one :class:`~lightning_bn.options.PrepareOptions` (then the keyword arguments
+        options: all of the above as one :class:`~lightning_bn.prepare.PrepareOptions` (then the keyword arguments
             are ignored).
 
     Returns:

@@ -1,0 +1,607 @@
+"""The one monitoring engine: everything :class:`~lightning_bn.Monitor`, :class:`~lightning_bn.ActivationMonitor` and
+:class:`~lightning_bn.GradientMonitor` do, in plain PyTorch; the drivers only say when a step begins and ends and where
+its figures go.
+
+A driver calls, per optimizer step: :meth:`MonitorEngine.begin` before the step's first forward pass,
+:meth:`~MonitorEngine.watch_nonfinite` and :meth:`~MonitorEngine.measure_gradients` once the gradients are there, and
+:meth:`~MonitorEngine.end` after the optimizer step. On steps that do not log the cost is an integer comparison (and,
+with ``nonfinite_every_step``, one fused norm over the gradients on the device, no host sync).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_bn import checks
+from lightning_bn.monitoring.activation import ActivationProbe, layer_entry
+from lightning_bn.monitoring.gradients import GradientProbe, local
+from lightning_bn.monitoring.rows import BACKENDS, COMPILE_SECONDS, DEFAULT_ZERO_TOL
+from lightning_bn.monitoring.select import (
+    ForwardOrder,
+    ModuleFilter,
+    WatchTarget,
+    plain_names,
+    unwrap,
+    validate_module_filter,
+    watch_targets,
+)
+from lightning_bn.tags import (
+    ACTIVATION_HISTOGRAMS,
+    ACTIVATION_SECTION,
+    GRADIENT_HISTOGRAMS,
+    GRADIENT_SECTION,
+    LAYOUT_STATISTICS,
+    layer_order,
+)
+from lightning_bn.tracing import ActivationSite, ModelMap, trace_call, trace_model
+
+__all__ = ["HISTORY", "MonitorEngine", "MonitorOptions", "StepResult"]
+
+#: logged steps of each figure the engine keeps on the host (for HealthCheck, the heatmap, ``Monitor.figures``)
+HISTORY = 1000
+
+
+@dataclass(frozen=True)
+class MonitorOptions:
+    """Every option of the monitors, checked once, the same for :class:`~lightning_bn.Monitor`,
+    :class:`~lightning_bn.ActivationMonitor` and :class:`~lightning_bn.GradientMonitor`.
+
+    Args:
+        every_n_steps: log on optimizer steps that are multiples of this (step 0, the init, included).
+        activations: watch activations (``act_*`` figures).
+        gradients: watch parameters (``grad_norm``, ``weight_norm``, ``update_ratio``).
+        modules: which modules' activations to watch: module types, glob patterns on qualified names
+            (``"encoder.*"``, also matching activation sites such as ``"fc1.relu"``), or a predicate
+            ``(name, module) -> bool``. Default: every activation and every leaf layer with a weight.
+        histograms: a histogram per watched activation (TensorBoard only; rank-local under DDP).
+        gradient_histograms: a histogram per gradient (TensorBoard only).
+        histogram_bins: bins per histogram.
+        heatmap: an image of saturation per activation layer over the logged steps (TensorBoard only).
+        zero_tol: ``|x|`` at or below this counts towards ``act_zero``.
+        fused: how the one fused pass per watched tensor runs: ``"auto"``, ``"compiled"`` or ``"eager"``
+            (:mod:`lightning_bn.monitoring.rows`).
+        norm_type: the p of the gradient and weight p-norms (``float("inf")`` allowed).
+        update_ratio: ``True`` (a sampled copy of the weights within ``update_ratio_budget``), ``"all"`` (exact)
+            or ``False``.
+        update_ratio_budget: fraction of each large parameter's elements copied on a logging step.
+        nonfinite_every_step: watch every step for non-finite gradients (on the device, no host sync); ``False``:
+            on logging steps only.
+
+    Raises:
+        ValueError: naming the option and the bad value.
+
+    Example::
+
+        >>> MonitorOptions(every_n_steps=10).every_n_steps
+        10
+        >>> MonitorOptions(histogram_bins=-5)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `histogram_bins` to be an integer >= 1 but got -5
+    """
+
+    every_n_steps: int = 50
+    activations: bool = True
+    gradients: bool = True
+    modules: ModuleFilter = None
+    histograms: bool = True
+    gradient_histograms: bool = False
+    histogram_bins: int = 64
+    heatmap: bool = True
+    zero_tol: float = DEFAULT_ZERO_TOL
+    fused: str = "auto"
+    norm_type: float = 2.0
+    update_ratio: bool | str = True
+    update_ratio_budget: float = 0.25
+    nonfinite_every_step: bool = True
+
+    def __post_init__(self) -> None:
+        checks.integer("every_n_steps", self.every_n_steps)
+        for name in ("activations", "gradients", "histograms", "gradient_histograms", "heatmap",
+                     "nonfinite_every_step"):  # fmt: skip
+            checks.boolean(name, getattr(self, name))
+        validate_module_filter(self.modules)
+        checks.integer("histogram_bins", self.histogram_bins)
+        object.__setattr__(self, "zero_tol", checks.number("zero_tol", self.zero_tol, 0.0, strict=False))
+        checks.choice("fused", self.fused, BACKENDS)
+        object.__setattr__(self, "norm_type", checks.number("norm_type", self.norm_type, high=math.inf))
+        object.__setattr__(self, "update_ratio", checks.choice("update_ratio", self.update_ratio, (True, False, "all")))
+        budget = checks.fraction("update_ratio_budget", self.update_ratio_budget, open_low=True)
+        object.__setattr__(self, "update_ratio_budget", budget)
+        if not (self.activations or self.gradients):
+            raise ValueError("Expected `activations` or `gradients` to be True but got False for both")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The option names, in order."""
+        return [f.name for f in fields(cls)]
+
+
+@dataclass
+class StepResult:
+    """The figures of one logging step, on the host: ``metrics`` (tag -> value, as logged) and histograms as
+    ``(tag prefix, records)`` pairs for the writers."""
+
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    histograms: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)
+
+
+def _is_rank_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _is_compiled(module: object) -> bool:
+    return type(module).__name__ == "OptimizedModule"  # torch._dynamo.eval_frame.OptimizedModule, a private path
+
+
+class MonitorEngine:
+    """Per-layer activation and gradient figures of one model, driven step by step.
+
+    Args:
+        options: what to measure and when (:class:`MonitorOptions`).
+        owner: the name messages give (the driver's class name).
+        warn: how a warning reaches the user (``warnings.warn`` by default; the callbacks pass ``rank_zero_warn``).
+        info: how a notice reaches the user (``None``: dropped).
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> engine = MonitorEngine(MonitorOptions(every_n_steps=2))
+        >>> engine.start(net)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> for step in range(3):
+        ...     _ = engine.begin(step, snapshot=True)
+        ...     opt.zero_grad()
+        ...     net(torch.randn(16, 4)).pow(2).mean().backward()
+        ...     opt.step()
+        ...     engine.watch_nonfinite(step)
+        ...     engine.measure_gradients(step)
+        ...     result = engine.end()
+        >>> [s for s, _ in engine.figures["act_std/1"]], result.step
+        ([0, 2], 2)
+        >>> engine.close()
+    """
+
+    def __init__(
+        self,
+        options: MonitorOptions,
+        owner: str = "Monitor",
+        warn: Callable[[str], None] | None = None,
+        info: Callable[[str], None] | None = None,
+    ) -> None:
+        if not isinstance(options, MonitorOptions):
+            raise ValueError(f"Expected `options` to be a MonitorOptions but got {options!r}")
+        self.options = options
+        self.owner = owner
+        self._warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
+        self._info = info or (lambda message: None)
+        #: every figure logged: tag -> the latest :data:`HISTORY` ``(step, value)`` pairs
+        self.figures: dict[str, deque[tuple[int, float]]] = {}
+        #: the trace of the model, once known
+        self.model_map: ModelMap | None = None
+        #: the watched layers in forward order (the layers table the report reads), once known
+        self.layers: list[dict[str, Any]] | None = None
+        #: the last step whose figures were collected (-1: none yet)
+        self.last_logged_step = -1
+        #: the latest logged saturation per activation layer: ``[(step, {layer: saturation})]``
+        self.saturation: list[tuple[int, dict[str, float]]] = []
+        self.warned_nonfinite = False
+        self.closed = False
+        self._model: nn.Module | None = None
+        self._plain: Callable[[str], str] = str
+        self._probe: ActivationProbe | None = None
+        self._gradients: GradientProbe | None = None
+        self._histogram_bins = 0
+        self._entries: dict[str, tuple[nn.Module, Any]] = {}  # first-call traces not run yet: name -> (module, saved)
+        self._context: Callable[[], AbstractContextManager] = nullcontext
+        self._order: ForwardOrder | None = None
+        self._order_names: list[str] | None = None
+        self._pending: int | None = None
+        self._watched: list[Tensor] = []  # every parameter, in forward order: the non-finite watch
+        self._bad: Tensor | None = None  # on the device: (first bad step, index in _watched, parameters affected)
+        self._index: tuple[tuple[int, ...], Tensor] | None = None
+        self._compile_reported = False
+
+    # ------------------------------------------------------------------------------------------------- set-up
+    def start(
+        self,
+        model: nn.Module,
+        example_input: Any = None,
+        *,
+        tensorboard: bool = False,
+        entries: Sequence[str] = ("",),
+        context: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> None:
+        """Choose what to watch on ``model``: traced once on ``example_input`` when given, else on the first call of
+        one of ``entries`` (qualified names of ``model`` and its submodules; ``""`` is the model), traced as it runs,
+        once. Histograms are kept only with ``tensorboard`` (a writer that shows them). ``context`` wraps the example
+        trace (a precision context).
+
+        Raises:
+            ValueError: when a ``modules`` entry matches nothing in the model.
+        """
+        self._check_open()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"Expected `model` to be a torch.nn.Module but got {type(model).__name__}")
+        self._model = model
+        inner = unwrap(model)
+        self._plain = plain_names(model)
+        self._context = context
+        opts = self.options
+        self._histogram_bins = opts.histogram_bins if tensorboard else 0
+        compiled = [self._plain(n) or type(model).__name__ for n, m in model.named_modules() if _is_compiled(m)]
+        if compiled and opts.activations:
+            self._warn(
+                f"{self.owner}: {compiled[0]!r} is torch.compile'd. On logging steps the monitor's hooks run eagerly "
+                "(a graph break at each watched module) and dynamo may recompile when they are attached or removed; "
+                "the figures stay exact. Raise `every_n_steps` to keep compiled speed on most steps."
+            )
+        if opts.gradients:
+            self._gradients = GradientProbe(
+                [(self._plain(n), p) for n, p in model.named_parameters()],
+                opts.norm_type,
+                opts.update_ratio,
+                opts.update_ratio_budget,
+                opts.histogram_bins if tensorboard and opts.gradient_histograms else 0,
+            )
+        if not opts.activations:
+            return
+        if example_input is not None:
+            found = None
+            try:
+                with context():
+                    found = trace_model(inner, example_input)
+            except ValueError as err:
+                self._trace_failed("its example input", err)
+            self._build(found)
+            return
+        self._build(None)  # activation modules now; functional activations from the first call's trace
+        names = dict(model.named_modules())
+        for name in entries:
+            module = unwrap(names[name]) if name in names else None
+            if module is not None:
+                self._entries[name] = (module, module.__dict__.get("forward"))
+        for name, (module, _) in self._entries.items():
+            module.forward = self._traced_forward(name, module)
+
+    def layout(self) -> dict[str, tuple[str, ...]]:
+        """The Custom Scalars sections this engine fills: title -> statistics charted (one chart each)."""
+        sections = []
+        if self.options.activations:
+            sections.append(ACTIVATION_SECTION)
+        if self.options.gradients:
+            sections.append(GRADIENT_SECTION)
+        return {title: LAYOUT_STATISTICS[title] for title in sections}
+
+    def _trace_failed(self, where: str, err: BaseException | str) -> None:
+        self._warn(
+            f"{self.owner} could not trace {type(self._model).__name__} on {where} ({err}); it watches activation "
+            "modules only, not functional activations."
+        )
+
+    def _targets(self, found: ModelMap | None) -> list[WatchTarget]:
+        targets = watch_targets(unwrap(self._model), found, self.options.modules)
+        if not targets:
+            raise ValueError(f"Expected `modules={self.options.modules!r}` to select some module of the model")
+        for target in targets:
+            target.name = self._plain(target.name)
+        return targets
+
+    def _build(self, found: ModelMap | None, keep: ActivationProbe | None = None) -> None:
+        """The probe of the map ``found`` (``None``: activation modules only); ``keep``: a probe whose rows of this
+        step it takes over."""
+        self.model_map = found
+        opts = self.options
+        targets = self._targets(found)
+        probe = ActivationProbe(targets, self._histogram_bins, opts.zero_tol, opts.fused, training_only=True)
+        was, self._probe = self._probe, probe
+        if was is not None and was.attached:
+            was.detach()
+            probe.attach()
+        if keep is not None:
+            probe.adopt(keep)
+        self.layers = [layer_entry(t) for t in probe.targets]
+
+    def _traced_forward(self, name: str, module: nn.Module) -> Callable[..., Any]:
+        original = type(module).forward.__get__(module) if self._entries[name][1] is None else self._entries[name][1]
+
+        @torch.compiler.disable
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            self._restore(name)
+            if name == "":  # the whole model: its parts are traced inside it
+                for other in list(self._entries):
+                    self._restore(other)
+            return self._trace_first_call(name, module, original, args, kwargs)
+
+        return forward
+
+    def _restore(self, name: str) -> None:
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            return
+        module, saved = entry
+        if saved is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = saved
+
+    def _trace_first_call(self, name: str, module: nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run the first call of ``module`` once, traced as it runs; this very call is measured when it is part of
+        a logging step (the probe's hooks see the modules, the trace the functional activations in between)."""
+        measuring = self._pending is not None
+        seen = ActivationProbe([], 0, self.options.zero_tol, self.options.fused, True)
+        if measuring and self._probe is not None:
+            seen.histogram_bins = self._probe.histogram_bins
+
+        def observe(site: ActivationSite, output: Tensor) -> None:
+            if measuring:
+                seen.record(WatchTarget(site.name, site.module, site.activation, site.hook, site.layout.unit_dim),
+                            output)  # fmt: skip
+
+        probe = self._probe
+        if probe is not None:
+            probe.quiet = _quiet
+        try:
+            output, found, failed = trace_call(module, original, args, kwargs, observe)
+        finally:
+            if probe is not None:
+                probe.quiet = None
+        if failed is not None or found is None:
+            self._trace_failed("its first call", failed)
+            return output
+        prefix = self._plain(self._name_of(module))
+        if prefix:
+            found = found.prefixed(prefix)
+            seen._extra = {f"{prefix}.{k}": v for k, v in seen._extra.items()}
+            for target in seen._extra.values():
+                target.spec.name = f"{prefix}.{target.spec.name}"
+            if self.model_map is not None:
+                found = self.model_map.merged(found)
+        merged = ActivationProbe([], 0)
+        merged._extra = {**{t.name: t for t in probe._targets}, **seen._extra} if probe is not None else seen._extra
+        self._build(found, keep=merged)
+        return output
+
+    def _name_of(self, module: nn.Module) -> str:
+        return next((n for n, m in self._model.named_modules() if m is module), "")
+
+    # ---------------------------------------------------------------------------------------------- the step
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is a logging step not logged yet."""
+        return step % self.options.every_n_steps == 0 and step != self.last_logged_step
+
+    @property
+    def pending(self) -> int | None:
+        """The logging step begun and not ended yet, if any."""
+        return self._pending
+
+    def begin(self, step: int, snapshot: bool = False) -> bool:
+        """Before the forward pass(es) of ``step``: on a logging step, the hooks go on (every training forward until
+        :meth:`end` counts: all micro-batches of an accumulated step) and, with ``snapshot``, the weights are copied
+        for the update ratio (a loop that measures gradients after ``optimizer.step()``). Whether ``step`` logs."""
+        self._check_open()
+        if self._pending == step:
+            return True
+        if not self.due(step):
+            return False
+        self._pending = step
+        if self._probe is not None:
+            self._probe.attach()
+        if self._gradients is not None:
+            if self._order_names is None and (self.model_map is None or not self.options.activations):
+                self._order = self._order or ForwardOrder(unwrap(self._model))
+                self._order.attach()
+            if snapshot:
+                self._gradients.snapshot()
+        return True
+
+    def watch_nonfinite(self, step: int) -> None:
+        """Every step (or on logging steps only), on the device, no host sync: keep the first step with a non-finite
+        gradient and the first parameter in forward order that has one; read with the next logging transfer."""
+        if self._gradients is None or self.warned_nonfinite or not _is_rank_zero():
+            return  # DDP: gradients are identical on every rank; sharded: rank zero's shards
+        if not (self.options.nonfinite_every_step or self._pending is not None):
+            return
+        if not self._watched:
+            order = self._order_names or (self._order.names if self._order is not None else None)
+            order = order or (self.model_map.order if self.model_map is not None else [])
+            rank = {self._plain(name): i for i, name in enumerate(order)}
+            named = sorted(self._gradients.names.items(), key=lambda item: rank.get(_module_of(item[1]), len(rank)))
+            self._watched = [p for p, _ in named]
+        present = tuple(i for i, p in enumerate(self._watched) if p.grad is not None and not p.grad.is_sparse)
+        if not present:
+            return
+        grads = [local(self._watched[i].grad) for i in present]
+        if self._index is None or self._index[0] != present:  # built once: no host-to-device copy per step
+            self._index = (present, torch.tensor(present, device=grads[0].device))
+        index = self._index[1]
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)))
+        found = torch.stack([index[torch.argmax(bad.int())], bad.sum()])
+        here = torch.cat([torch.full((1,), step, device=found.device), found])
+        if self._bad is None:
+            self._bad = torch.full((3,), -1, dtype=torch.long, device=found.device)
+        self._bad = torch.where((self._bad[0] < 0) & bad.any(), here, self._bad)
+
+    def measure_gradients(self, step: int, params: Sequence[Tensor] | None = None) -> None:
+        """On a logging step, once the gradients are there: their norms (and the weights' copy for the update ratio,
+        unless :meth:`begin` took one); ``params``: one optimizer's parameters (call once per optimizer)."""
+        if self._gradients is None or self._pending is None:
+            return  # several optimizers (manual optimization) may each have advanced the step count
+        if not _is_rank_zero() and not self._gradients.sharded:
+            return  # plain parameters are identical on every rank after DDP's all-reduce: rank zero measures
+        self._gradients.measure(self._pending, params)
+
+    def end(self) -> StepResult | None:
+        """After the optimizer step of a logging step: the hooks come off, the rows are reduced across processes,
+        and everything leaves the device in one transfer; the figures are kept in :attr:`figures` and returned.
+        ``None`` when no logging step is pending. Every process must call it under data parallelism."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return None
+        self.last_logged_step = step
+        parts: list[tuple[Tensor, Callable]] = []
+        if self._probe is not None:
+            self._probe.detach()
+            parts.append(self._probe.gather())
+        if self._order is not None:
+            self._order.detach()
+            self._order_names, self._order = [self._plain(n) for n in self._order.names], None
+        self._restore_entries()
+        watch = self._bad is not None and _is_rank_zero() and not self.warned_nonfinite
+        if self._gradients is not None:
+            gathered = self._gradients.gather([self._bad] if watch else [])
+            if gathered is not None:
+                parts.append(gathered)
+            elif watch:
+                parts.append((self._bad.double(), lambda host: host))
+        result = StepResult(step)
+        if parts:
+            sizes = [t.numel() for t, _ in parts]
+            device = parts[0][0].device
+            host = torch.cat([t.to(device=device, dtype=torch.float64) for t, _ in parts]).cpu().tolist()
+            offset = 0
+            for (_, parse), size in zip(parts, sizes):
+                found = parse(host[offset : offset + size])
+                offset += size
+                self._take(found, result, watch)
+        self._report_compile()
+        remember(self.figures, result.metrics, step)
+        saturation = {_layer_of(tag): v for tag, v in result.metrics.items() if tag.startswith("act_saturation/")}
+        if saturation:
+            self.saturation = [*self.saturation[-HISTORY + 1 :], (step, saturation)]
+        return result
+
+    def _take(self, found: Any, result: StepResult, watch: bool) -> None:
+        if isinstance(found, list):  # the non-finite watch alone
+            self._report_nonfinite([int(v) for v in found])
+            return
+        if hasattr(found, "names"):  # activations
+            result.metrics.update(found.metrics())
+            if found.histograms:
+                result.histograms.append((ACTIVATION_HISTOGRAMS, found.histograms))
+            return
+        if not _is_rank_zero() and not found.metrics:
+            return
+        result.metrics.update(found.metrics)
+        if found.histograms:
+            result.histograms.append((GRADIENT_HISTOGRAMS, found.histograms))
+        if watch:
+            self._report_nonfinite([int(v) for v in found.extra[-3:]])
+
+    def check_nonfinite(self) -> None:
+        """Read the non-finite watch now (one small transfer; an epoch's end)."""
+        if self._bad is not None and not self.warned_nonfinite and _is_rank_zero():
+            self._report_nonfinite(self._bad.tolist())
+
+    def _report_nonfinite(self, bad: list[int]) -> None:
+        if len(bad) < 3 or bad[0] < 0 or self.warned_nonfinite or not self._watched:
+            return
+        self.warned_nonfinite = True
+        step, index, count = bad
+        name = self._gradients.names[self._watched[index]]
+        self._warn(
+            f"{self.owner}: non-finite gradient at step {step}; the first layer in forward order with a non-finite "
+            f"gradient is '{_module_of(name) or name}' (parameter '{name}'); {count} of {len(self._watched)} "
+            "parameters affected. Lower the learning rate, check the init (lightning_bn.prepare), or clip gradients."
+        )
+
+    def _report_compile(self) -> None:
+        if COMPILE_SECONDS and not self._compile_reported:
+            self._compile_reported = True
+            self._info(
+                f"{self.owner}: compiled the fused summary for {len(COMPILE_SECONDS)} tensor rank(s) in "
+                f"{sum(COMPILE_SECONDS.values()):.1f} s (once per process; fused='eager' skips it)"
+            )
+
+    # ------------------------------------------------------------------------------------------- the pictures
+    def heatmap(self) -> tuple[list[list[float]], list[int], list[str], list[str | None]] | None:
+        """The saturation heatmap's grid: ``(grid, steps, layers, kinds)``, layers in forward order, rows of
+        saturation per logged step (NaN where a layer was not logged); ``None`` when there is nothing to draw."""
+        if not (self.options.heatmap and self.saturation):
+            return None
+        layers = layer_order((name for _, sat in self.saturation for name in sat), self.layers)
+        grid = [[sat.get(name, math.nan) for _, sat in self.saturation] for name in layers]
+        steps = [step for step, _ in self.saturation]
+        kinds = {t.name: t.activation.kind.name for t in self._probe.targets if t.activation} if self._probe else {}
+        return grid, steps, layers, [kinds.get(name) for name in layers]
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"{self.owner} is closed: create a new one to monitor again")
+
+    def _restore_entries(self) -> None:
+        for name in list(self._entries):
+            self._restore(name)
+
+    def release(self) -> None:
+        """Remove every hook and drop what an unfinished step holds (the engine stays usable)."""
+        if self._probe is not None:
+            self._probe.detach()
+        if self._order is not None:
+            self._order.detach()
+            self._order = None
+        self._restore_entries()
+        if self._gradients is not None:
+            self._gradients.reset()
+        self._pending = None
+
+    def close(self) -> None:
+        """:meth:`release`, for good: a closed engine attaches nothing again."""
+        self.release()
+        self.closed = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_logged_step": self.last_logged_step,
+            "history": list(self.saturation),
+            "warned_nonfinite": self.warned_nonfinite,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_logged_step = int(state.get("last_logged_step", -1))
+        self.saturation = [(int(step), dict(sat)) for step, sat in state.get("history", [])]
+        self.warned_nonfinite = bool(state.get("warned_nonfinite", False))
+
+
+def remember(history: dict[str, deque[tuple[int, float]]], metrics: dict[str, float], step: int) -> None:
+    """Append the figures just logged (host floats) to ``history``: tag -> the latest :data:`HISTORY` pairs.
+
+    Example::
+
+        >>> history = {}
+        >>> remember(history, {"act_std/fc1": 0.5}, step=0)
+        >>> list(history["act_std/fc1"])
+        [(0, 0.5)]
+    """
+    for tag, value in metrics.items():
+        series = history.get(tag)
+        if series is None:
+            series = history[tag] = deque(maxlen=HISTORY)
+        series.append((step, float(value)))
+
+
+def _module_of(parameter: str) -> str:
+    return parameter.rpartition(".")[0]
+
+
+def _layer_of(tag: str) -> str:
+    return tag.partition("/")[2]
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep the probe's own operations out of a live trace (they run on no tensor of the model's)."""
+    with torch._C.DisableTorchFunction():
+        yield

@@ -1,0 +1,165 @@
+"""The tag vocabulary of lightning-bn, and the one order of layers: pure Python, shared by the writers, the monitoring
+engine, the report and the pictures.
+
+A monitor figure is logged as ``<statistic>/<layer or parameter>`` (``act_std/encoder.0``, ``grad_norm/fc.weight``),
+so TensorBoard groups one statistic of every layer together; ``grad_norm/total`` is the norm of all gradients. The
+table of watched layers (forward order, module type, activation) is a TensorBoard text under :data:`LAYERS_TAG`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "ACTIVATION_HISTOGRAMS",
+    "ACTIVATION_STATISTICS",
+    "ACTIVATION_SECTION",
+    "GRADIENT_HISTOGRAMS",
+    "GRADIENT_SECTION",
+    "GRADIENT_STATISTICS",
+    "HEATMAP_TAG",
+    "LAYERS_TAG",
+    "LAYOUT_STATISTICS",
+    "TOTAL_GRADIENT_TAG",
+    "is_monitor_tag",
+    "layer_order",
+    "merge_orders",
+    "natural_key",
+    "split_tag",
+    "tag",
+]
+
+#: figure of an activation row -> the statistic its logged tag starts with
+ACTIVATION_STATISTICS: dict[str, str] = {
+    "mean": "act_mean",
+    "std": "act_std",
+    "kurtosis": "act_kurtosis",
+    "min": "act_min",
+    "max": "act_max",
+    "zero": "act_zero",
+    "saturation": "act_saturation",
+    "dead": "act_dead",
+    "nonfinite": "act_nonfinite",
+}
+#: the statistics of a parameter
+GRADIENT_STATISTICS: tuple[str, ...] = ("grad_norm", "update_ratio", "weight_norm")
+#: the norm of every gradient together
+TOTAL_GRADIENT_TAG = "grad_norm/total"
+#: histogram tag prefixes
+ACTIVATION_HISTOGRAMS, GRADIENT_HISTOGRAMS = "act_hist", "grad_hist"
+#: the saturation heatmap image
+HEATMAP_TAG = "act_saturation_heatmap"
+#: TensorBoard text tag of the watched layers, written at step 0: a JSON list, in forward order, of
+#: ``{"name", "module_type", "activation", "hook"}``
+LAYERS_TAG = "lightning_bn/layers"
+#: Custom Scalars sections (in this order) and the statistics charted in each
+ACTIVATION_SECTION, GRADIENT_SECTION = "lightning-bn: activations", "lightning-bn: gradients"
+LAYOUT_STATISTICS: dict[str, tuple[str, ...]] = {
+    ACTIVATION_SECTION: tuple(
+        ACTIVATION_STATISTICS[k] for k in ("std", "mean", "saturation", "dead", "zero", "max", "min", "nonfinite")
+    ),
+    GRADIENT_SECTION: GRADIENT_STATISTICS,
+}
+_MONITOR_STATISTICS = frozenset(ACTIVATION_STATISTICS.values()) | frozenset(GRADIENT_STATISTICS)
+
+
+def tag(statistic: str, name: str) -> str:
+    """The logged tag of one statistic of one layer or parameter.
+
+    Example::
+
+        >>> tag("act_std", "encoder.0")
+        'act_std/encoder.0'
+    """
+    return f"{statistic}/{name}"
+
+
+def split_tag(logged: str) -> tuple[str, str]:
+    """``(statistic, layer or parameter)`` of a logged tag.
+
+    Example::
+
+        >>> split_tag("act_std/encoder.0")
+        ('act_std', 'encoder.0')
+    """
+    statistic, _, name = logged.partition("/")
+    return statistic, name
+
+
+def is_monitor_tag(logged: str) -> bool:
+    """Whether a scalar tag was written by a lightning-bn monitor.
+
+    Example::
+
+        >>> is_monitor_tag("act_std/net.0"), is_monitor_tag("grad_norm/total"), is_monitor_tag("train_loss")
+        (True, True, False)
+    """
+    statistic, name = split_tag(logged)
+    return bool(name) and statistic in _MONITOR_STATISTICS
+
+
+def natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key that puts ``net.2`` before ``net.10``.
+
+    Example::
+
+        >>> sorted(["net.10", "net.2"], key=natural_key)
+        ['net.2', 'net.10']
+    """
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|\D+", name)]
+
+
+def merge_orders(primary: Sequence[str], secondary: Iterable[str], siblings: bool = True) -> list[str]:
+    """``primary``, with each name found only in ``secondary`` placed among its siblings (same parent module) by
+    natural order (with ``siblings``), or else right after the name preceding it in ``secondary``.
+
+    Example::
+
+        >>> merge_orders(["net.0", "net.2", "head"], ["net.10", "net.1"])
+        ['net.0', 'net.1', 'net.2', 'net.10', 'head']
+    """
+    merged = list(primary)
+    cursor = -1
+    for name in secondary:
+        if name in merged:
+            cursor = merged.index(name)
+            continue
+        parent = name.rpartition(".")[0]
+        found = [i for i, other in enumerate(merged) if other.rpartition(".")[0] == parent] if siblings else []
+        if found:
+            later = [i for i in found if natural_key(merged[i]) > natural_key(name)]
+            cursor = later[0] if later else found[-1] + 1
+        else:
+            cursor += 1
+        merged.insert(cursor, name)
+    return merged
+
+
+def layer_order(
+    names: Iterable[str], layers: Sequence[Mapping[str, Any]] | None = None, parameter_layers: Iterable[str] = ()
+) -> list[str]:
+    """The one order of layers of the report, ``lightning_bn.plot`` and the TensorBoard pictures.
+
+    ``names`` are the layers with activation figures, in the order they were logged (the monitors log in forward
+    order); with the run's layers table they go in its (forward) order, a name the table lacks right after the name
+    logged before it. ``parameter_layers`` (layers seen through their parameters only) then go among their siblings
+    (same parent module) by natural order (``net.2`` before ``net.10``), else after the layer before them.
+
+    Example::
+
+        >>> layer_order(["head", "net.10", "net.2"], [{"name": "net.2"}, {"name": "net.10"}, {"name": "head"}])
+        ['net.2', 'net.10', 'head']
+        >>> layer_order(["net.0", "net.2"], None, ["net.1", "net.3"])
+        ['net.0', 'net.1', 'net.2', 'net.3']
+    """
+    logged = list(dict.fromkeys(names))
+    if layers:
+        position: dict[str, int] = {}
+        for entry in layers:
+            if isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
+                position.setdefault(entry["name"], len(position))
+        known = sorted((n for n in logged if n in position), key=position.__getitem__)
+        logged = merge_orders(known, logged, siblings=False)
+    return merge_orders(logged, dict.fromkeys(parameter_layers))
