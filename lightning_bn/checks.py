@@ -45,8 +45,10 @@ def integer(name: str, value: Any, low: int = 1) -> int:
     return value
 
 
-def number(name: str, value: Any, low: float = 0.0, *, strict: bool = True, high: float = math.inf) -> float:
-    """A finite number above ``low`` (at or above it unless ``strict``) and at most ``high``.
+def number(
+    name: str, value: Any, low: float = 0.0, *, strict: bool = True, high: float = math.inf, allow_inf: bool = False
+) -> float:
+    """A number above ``low`` (at or above it unless ``strict``), at most ``high``, finite unless ``allow_inf``.
 
     Example::
 
@@ -54,13 +56,13 @@ def number(name: str, value: Any, low: float = 0.0, *, strict: bool = True, high
         Traceback (most recent call last):
         ...
         ValueError: Expected `norm_type` to be a number > 0 but got -1
-        >>> number("norm_type", float("inf"), high=float("inf"))
+        >>> number("norm_type", float("inf"), allow_inf=True)
         inf
     """
     what = f"a number {'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
     if not _is_number(value) or math.isnan(value):
         raise _fail(name, what, value)
-    if (value <= low if strict else value < low) or value > high or (math.isinf(value) and not math.isinf(high)):
+    if (value <= low if strict else value < low) or value > high or (math.isinf(value) and not allow_inf):
         raise _fail(name, what, value)
     return float(value)
 

@@ -105,3 +105,14 @@ def test_the_checker_sees_a_sideways_import(tmp_path):
     """The test above can fail: a peer importing a peer is caught."""
     assert "monitoring" not in BELOW["guards"] and "report" not in BELOW["prepare"]
     assert "monitoring" in BELOW["monitor"] and "tags" in BELOW["writers"]
+
+
+def test_the_import_graph_on_the_architecture_page_is_measured():
+    """The graph docs/architecture.md prints is the one the code has."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    block = text.split("Measured import graph")[1].split("```")[1]
+    documented = {}
+    for line in block.strip().splitlines():
+        part, _, deps = line.partition("->")
+        documented[part.strip()] = set() if "(nothing)" in deps else {d.strip() for d in deps.split(",")}
+    assert documented == {part: imports_of(part) for part in PARTS}

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 # Chromium wants its DevTools pipe on exactly fds 3 (commands in) and 4 (replies out). subprocess cannot place a pipe

@@ -9,6 +9,8 @@ import torch
 
 from tests.helpers import run_ddp_script
 
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
+
 
 def _metrics(directory: Path) -> dict[str, float]:
     rows = list(csv.DictReader(open(next(directory.rglob("metrics.csv")))))

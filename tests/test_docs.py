@@ -37,6 +37,7 @@ def test_charts_table_lists_every_builtin_kind_once():
     assert relu[charts.COLUMNS.index("healthy `act_saturation`")] == "0.500"
 
 
+@pytest.mark.slow
 def test_api_reference_builds(tmp_path):
     """docs/build_api.py --check builds the reference without problems; its front page documents the public API."""
     pytest.importorskip("pdoc")

@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import read_scalars
 
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
+
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 
 # The fast run (12 Adam steps of 64 digits, seed 0) reaches 0.72 validation accuracy; the untrained network scores

@@ -37,6 +37,7 @@ def _rows(x: torch.Tensor, kind: str, path: str) -> tuple[list[float], list[floa
     return row.tolist(), alive.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(_cases()))
 def test_compiled_equals_eager(case):
     """Same row on both paths: sums to 1e-6 relative, counts and liveness exactly, NaN where NaN."""

@@ -116,6 +116,7 @@ def test_warns_without_monitors(tmp_path):
         _fit(tmp_path, _he_relu(), [HealthCheck(stop_on="all")], steps=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["nan", "healthy"])
 def test_ddp_ranks_stop_together(tmp_path, mode):
     """Under DDP (2 processes) rank zero decides and broadcasts at the start of the step after a logging step, and both

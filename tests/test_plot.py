@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
@@ -242,3 +243,35 @@ def test_plot_explains_a_directory_without_monitor_scalars(tmp_path):
     with pytest.raises(ValueError, match="No lightning-bn scalars") as error:
         plot(other)
     assert str(other) in str(error.value)
+
+
+class _Unsorted(nn.Module):
+    """Registered b_out, a_in, c_hidden; runs a_in -> tanh -> c_hidden -> relu -> b_out: registration order, name
+    order and forward order all differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b_out, self.a_in, self.c_hidden = nn.Linear(32, 10), nn.Linear(64, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.b_out(torch.relu(self.c_hidden(torch.tanh(self.a_in(x)))))
+
+
+def test_plot_and_report_list_layers_in_the_same_order(tmp_path):
+    """One layer ordering: `plot` draws the layers in the order `lightning-bn report` lists them (forward order),
+    with the layers table and from the bare scalars alike."""
+    from lightning_bn import analyze
+
+    torch.manual_seed(0)
+    monitors = [ActivationMonitor(every_n_steps=1), GradientMonitor(every_n_steps=1)]
+    trainer(tmp_path, logger=TensorBoardLogger(tmp_path), max_steps=2, callbacks=monitors).fit(
+        BoringClassifier(_Unsorted())
+    )
+    run = find_runs(tmp_path)[0]
+    forward = ["net.a_in", "net.a_in.tanh", "net.c_hidden", "net.c_hidden.relu", "net.b_out"]
+    for source, layers in ((tmp_path, read_layers(run)), (read_scalars(run), None)):
+        report = [layer.name for layer in analyze(read_scalars(run), layers=layers).layers]
+        assert report == forward, layers is not None
+        fig = plot(source)
+        drawn = fig.axes[0].get_legend_handles_labels()[1]
+        assert [name for name in report if name in drawn] == drawn == forward

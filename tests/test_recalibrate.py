@@ -189,6 +189,7 @@ def test_epoch_end_recalibrates_before_each_validation(tmp_path):
     assert spy.tracked == [4 + 3, 8 + 3 + 3]  # training steps + recalibration batches
 
 
+@pytest.mark.slow
 def test_ddp_recalibration_pools_statistics_over_ranks(tmp_path):
     """2-process DDP (gloo): both ranks hold the exact statistics of the values both ranks saw (rel. 1e-4)."""
     run_ddp_script(DDP_SCRIPT.name, str(tmp_path), timeout=120)

@@ -9,6 +9,8 @@ import pytest
 
 from tests.helpers import run_ddp_script
 
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
+
 STEPS = 3
 
 

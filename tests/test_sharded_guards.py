@@ -18,6 +18,8 @@ from lightning_bn.recalibration import recalibrate
 from tests.ddp_scripts.guards_sharded import Holder, build
 from tests.helpers import run_ddp_script
 
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
+
 
 def one_process(weights: dict[str, torch.Tensor] | None, batches: list[torch.Tensor]) -> tuple[dict, dict]:
     """Single-process recalibration of the unsharded model over ``batches`` (every rank's, in rank order)."""

@@ -15,6 +15,8 @@ from lightning_bn.callbacks.auto_init import AutoInit
 from tests.ddp_scripts.autoinit_sharded import SEED, LazyNet, build
 from tests.helpers import run_ddp_script, trainer
 
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
+
 
 def _load(path: Path) -> dict:
     return torch.load(path, weights_only=True)

@@ -6,7 +6,8 @@ naming the first layer in forward order, when a gradient is non-finite.
 
 from __future__ import annotations
 
-from lightning_bn.callbacks._periodic import MonitorCallback, options
+from lightning_bn import checks
+from lightning_bn.callbacks._periodic import MonitorCallback, checked, options
 
 
 class GradientMonitor(MonitorCallback):
@@ -54,6 +55,7 @@ class GradientMonitor(MonitorCallback):
         update_ratio_budget: float = 0.25,
         nonfinite_every_step: bool = True,
     ) -> None:
+        checked(checks.boolean, "histograms", histograms)  # named as the user wrote it
         super().__init__(
             options(every_n_steps=every_n_steps, activations=False, gradients=True, gradient_histograms=histograms,
                     histogram_bins=histogram_bins, norm_type=norm_type, update_ratio=update_ratio,

@@ -113,7 +113,7 @@ class MonitorOptions:
         checks.integer("histogram_bins", self.histogram_bins)
         object.__setattr__(self, "zero_tol", checks.number("zero_tol", self.zero_tol, 0.0, strict=False))
         checks.choice("fused", self.fused, BACKENDS)
-        object.__setattr__(self, "norm_type", checks.number("norm_type", self.norm_type, high=math.inf))
+        object.__setattr__(self, "norm_type", checks.number("norm_type", self.norm_type, allow_inf=True))
         object.__setattr__(self, "update_ratio", checks.choice("update_ratio", self.update_ratio, (True, False, "all")))
         budget = checks.fraction("update_ratio_budget", self.update_ratio_budget, open_low=True)
         object.__setattr__(self, "update_ratio_budget", budget)
