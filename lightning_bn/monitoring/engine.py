@@ -260,7 +260,7 @@ class MonitorEngine:
         if example_input is not None:
             found = None
             try:
-                with context():
+                with context(), _eager_compiled():
                     found = trace_model(inner, example_input)
             except ValueError as err:
                 self._trace_failed("its example input", err)
@@ -272,8 +272,11 @@ class MonitorEngine:
             module = unwrap(names[name]) if name in names else None
             if module is not None:
                 self._entries[name] = (module, module.__dict__.get("forward"))
-        for name, (module, _) in self._entries.items():
-            module.forward = self._traced_forward(name, module)
+        for name, (module, _) in list(self._entries.items()):
+            try:
+                module.forward = self._traced_forward(name, module)
+            except (AttributeError, TypeError, RuntimeError):  # e.g. a ScriptModule: its first call is not traced
+                del self._entries[name]
 
     def layout(self) -> dict[str, tuple[str, ...]]:
         """The Custom Scalars sections this engine fills: title -> statistics charted (one chart each)."""
@@ -353,7 +356,8 @@ class MonitorEngine:
         if probe is not None:
             probe.quiet = _quiet
         try:
-            output, found, failed = trace_call(module, original, args, kwargs, observe)
+            with _eager_compiled():
+                output, found, failed = trace_call(module, original, args, kwargs, observe)
         finally:
             if probe is not None:
                 probe.quiet = None
@@ -598,6 +602,12 @@ def _module_of(parameter: str) -> str:
 
 def _layer_of(tag: str) -> str:
     return tag.partition("/")[2]
+
+
+def _eager_compiled() -> AbstractContextManager:
+    """Run ``torch.compile``'d parts of a model eagerly while it is traced (the trace's hooks are no graph)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else nullcontext()
 
 
 @contextmanager
