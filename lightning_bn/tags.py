@@ -13,6 +13,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "ACT_DEAD",
+    "ACT_NONFINITE",
+    "ACT_SATURATION",
+    "ACT_STD",
+    "GRAD_NORM",
+    "UPDATE_RATIO",
+    "WEIGHT_NORM",
     "ACTIVATION_HISTOGRAMS",
     "ACTIVATION_STATISTICS",
     "ACTIVATION_SECTION",
@@ -43,10 +50,13 @@ ACTIVATION_STATISTICS: dict[str, str] = {
     "dead": "act_dead",
     "nonfinite": "act_nonfinite",
 }
+ACT_STD, ACT_SATURATION, ACT_DEAD, ACT_NONFINITE = (ACTIVATION_STATISTICS[k] for k in ("std", "saturation", "dead",
+                                                                                    "nonfinite"))  # fmt: skip
 #: the statistics of a parameter
-GRADIENT_STATISTICS: tuple[str, ...] = ("grad_norm", "update_ratio", "weight_norm")
+GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM = "grad_norm", "update_ratio", "weight_norm"
+GRADIENT_STATISTICS: tuple[str, ...] = (GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM)
 #: the norm of every gradient together
-TOTAL_GRADIENT_TAG = "grad_norm/total"
+TOTAL_GRADIENT_TAG = f"{GRAD_NORM}/total"
 #: histogram tag prefixes
 ACTIVATION_HISTOGRAMS, GRADIENT_HISTOGRAMS = "act_hist", "grad_hist"
 #: the saturation heatmap image

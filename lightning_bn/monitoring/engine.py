@@ -35,6 +35,7 @@ from lightning_bn.monitoring.select import (
     watch_targets,
 )
 from lightning_bn.tags import (
+    ACT_SATURATION,
     ACTIVATION_HISTOGRAMS,
     ACTIVATION_SECTION,
     GRADIENT_HISTOGRAMS,
@@ -481,7 +482,7 @@ class MonitorEngine:
                 self._take(found, result, watch)
         self._report_compile()
         remember(self.figures, result.metrics, step)
-        saturation = {_layer_of(tag): v for tag, v in result.metrics.items() if tag.startswith("act_saturation/")}
+        saturation = {_layer_of(tag): v for tag, v in result.metrics.items() if tag.startswith(f"{ACT_SATURATION}/")}
         if saturation:
             self.saturation = [*self.saturation[-HISTORY + 1 :], (step, saturation)]
         return result

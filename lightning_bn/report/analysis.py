@@ -9,7 +9,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
 
-from lightning_bn.tags import ACTIVATION_STATISTICS, TOTAL_GRADIENT_TAG, is_monitor_tag, layer_order
+from lightning_bn.tags import (
+    ACT_DEAD,
+    ACT_NONFINITE,
+    ACT_SATURATION,
+    ACT_STD,
+    ACTIVATION_STATISTICS,
+    GRAD_NORM,
+    TOTAL_GRADIENT_TAG,
+    UPDATE_RATIO,
+    WEIGHT_NORM,
+    is_monitor_tag,
+    layer_order,
+)
 
 from .health import FLAGS, Flag, LayerHealth, RunHealth, Thresholds
 from .layers import (
@@ -185,17 +197,17 @@ def analyze(
                 layer,
                 depth,
                 kind,
-                saturation=_latest(act.get("act_saturation")),
-                worst_saturation=_worst(act.get("act_saturation")),
-                dead=_latest(act.get("act_dead")),
-                worst_dead=_worst(act.get("act_dead")),
-                std=_latest(act.get("act_std")),
+                saturation=_latest(act.get(ACT_SATURATION)),
+                worst_saturation=_worst(act.get(ACT_SATURATION)),
+                dead=_latest(act.get(ACT_DEAD)),
+                worst_dead=_worst(act.get(ACT_DEAD)),
+                std=_latest(act.get(ACT_STD)),
                 std_ratio=_latest(ratio),
                 grad_norm=_latest(grad),
                 update_ratio=_latest(update),
                 worst_update_ratio=_worst(update),
-                nonfinite=_latest(act.get("act_nonfinite")),
-                worst_nonfinite=_worst(act.get("act_nonfinite")),
+                nonfinite=_latest(act.get(ACT_NONFINITE)),
+                worst_nonfinite=_worst(act.get(ACT_NONFINITE)),
                 nonfinite_gradient=any(not math.isfinite(v) for v in grad.values()),
                 flags=_flags(
                     act,
@@ -215,7 +227,7 @@ def analyze(
                 zero_init=layer in zero_init,
                 activation=_activation(entry),
                 healthy_saturation=healthy,
-                saturation_limit=limit if "act_saturation" in act else None,
+                saturation_limit=limit if ACT_SATURATION in act else None,
             )
         )
     steps = {s for layer in [*activations.values(), *parameters.values()] for s in _steps(layer)}
@@ -270,7 +282,7 @@ def _norm_of(statistic: str) -> Callable[[list[Mapping[str, Mapping[int, float]]
     return combine
 
 
-_grad_norm, _weight_norm = _norm_of("grad_norm"), _norm_of("weight_norm")
+_grad_norm, _weight_norm = _norm_of(GRAD_NORM), _norm_of(WEIGHT_NORM)
 
 
 def _update_ratio(params: list[Mapping[str, Mapping[int, float]]], step: int) -> float | None:
@@ -278,7 +290,7 @@ def _update_ratio(params: list[Mapping[str, Mapping[int, float]]], step: int) ->
     delta_sq = weight_sq = 0.0
     found = False
     for p in params:
-        ratio, weight = p.get("update_ratio", {}).get(step), p.get("weight_norm", {}).get(step)
+        ratio, weight = p.get(UPDATE_RATIO, {}).get(step), p.get(WEIGHT_NORM, {}).get(step)
         if ratio is None or weight is None or (math.isnan(ratio) and weight == 0):
             continue  # zero weights after the step: the ratio says nothing about the size of the update
         found = True
@@ -324,7 +336,7 @@ def _flags(
     ``update``.
     """
     t = thresholds
-    nonfinite = act.get("act_nonfinite", {})
+    nonfinite = act.get(ACT_NONFINITE, {})
     void = {step for step, count in nonfinite.items() if count > 0}
 
     def starved(value: tuple[float, float | None, float], step: int) -> bool:
@@ -340,9 +352,9 @@ def _flags(
         return f"gradient {rel:.2g} x its weights, {rel / median:.2g} x the median layer's"
 
     checks: list[tuple[str, Mapping[int, Any], Callable[[Any, int], bool], Callable[[Any], str]]] = [
-        ("saturated", act.get("act_saturation", {}), lambda v, s: v > saturation_limit,
+        ("saturated", act.get(ACT_SATURATION, {}), lambda v, s: v > saturation_limit,
          lambda v: f"saturation {v:.3g} > {saturation_limit:.3g}"),
-        ("dead", act.get("act_dead", {}), lambda v, s: v > t.max_dead, "dead fraction {:.3g}".format),
+        ("dead", act.get(ACT_DEAD, {}), lambda v, s: v > t.max_dead, "dead fraction {:.3g}".format),
         ("nonfinite", nonfinite, lambda v, s: v > 0, "{:.0f} non-finite activations".format),
         ("nonfinite", grad, lambda v, s: not math.isfinite(v), "gradient norm {}".format),
         ("vanishing", vanishing_ratio, lambda v, s: v < t.min_std_ratio, f"std {{:.3g}} x that of {reference}".format),

@@ -6,6 +6,8 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+from lightning_bn.tags import ACT_DEAD, ACT_SATURATION, ACT_STD, UPDATE_RATIO, WEIGHT_NORM
+
 __all__: list[str] = []
 
 #: how far from 1 the first logged update ratio of a weight may be for the weight to count as zero before that step
@@ -51,9 +53,9 @@ def _is_zero_init(
     weight = parameters.get(layer, {}).get(f"{layer}.weight")
     first = min(_steps(weight), default=None) if weight else None
     if first is not None:
-        norm, ratio = weight.get("weight_norm", {}).get(first), weight.get("update_ratio", {}).get(first)
+        norm, ratio = weight.get(WEIGHT_NORM, {}).get(first), weight.get(UPDATE_RATIO, {}).get(first)
         return norm == 0 or (ratio is not None and abs(ratio - 1) <= _ZERO_INIT_TOLERANCE)
-    std = act.get("act_std")
+    std = act.get(ACT_STD)
     if parameters or not std or not _is_norm(table.get(layer) if table is not None else None):
         return False  # with parameter figures, a norm without logged weights is frozen or has none: not deliberate
     return std[min(std)] == 0
@@ -61,11 +63,11 @@ def _is_zero_init(
 
 def _left_zero(weight: Mapping[str, Mapping[int, float]]) -> int | None:
     """The first logged step after which a zero-initialized weight is no longer 0 (its update ratio there is 1)."""
-    return min((step for step, norm in weight.get("weight_norm", {}).items() if norm != 0), default=None)
+    return min((step for step, norm in weight.get(WEIGHT_NORM, {}).items() if norm != 0), default=None)
 
 
 def _kind(act: Mapping[str, Any]) -> str:
-    if "act_saturation" in act or "act_dead" in act:
+    if ACT_SATURATION in act or ACT_DEAD in act:
         return "activation"
     return "layer" if act else "parameters"
 
@@ -95,7 +97,7 @@ def _std_ratios(
     where there is no other.
     """
     out: dict[str, tuple[dict[int, float], str]] = {}
-    logged = [layer for layer in order if activations.get(layer, {}).get("act_std")]
+    logged = [layer for layer in order if activations.get(layer, {}).get(ACT_STD)]
     kinds = {layer: ("kind", _kind(activations[layer])) for layer in logged}
     types = {layer: _std_type(layer, table) or kinds[layer] for layer in logged}
     references: dict[tuple[str, str], str] = {}
@@ -103,11 +105,11 @@ def _std_ratios(
         references.setdefault(types[layer], layer)
         references.setdefault(kinds[layer], layer)
     for layer in logged:
-        std = activations[layer]["act_std"]
+        std = activations[layer][ACT_STD]
         reference = references[types[layer]]
         if reference == layer:
             reference = references[kinds[layer]]
-        ref_std = activations[reference]["act_std"]
+        ref_std = activations[reference][ACT_STD]
         # no ratio where the reference is silent (std 0); inf/NaN stds give NaN ratios, flagged as non-finite instead
         out[layer] = ({s: _divide(v, ref_std[s]) for s, v in std.items() if ref_std.get(s, 0.0) != 0}, reference)
     return out

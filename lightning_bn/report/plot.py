@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lightning_bn.tags import TOTAL_GRADIENT_TAG, is_monitor_tag, layer_order, natural_key
+from lightning_bn.tags import (
+    ACT_SATURATION,
+    ACT_STD,
+    GRAD_NORM,
+    TOTAL_GRADIENT_TAG,
+    is_monitor_tag,
+    layer_order,
+    natural_key,
+)
 
 from .reading import find_runs, read_run
 
@@ -359,9 +367,9 @@ def plot(
     from matplotlib.ticker import MaxNLocator
 
     scalars, table, name = _load(source, run)
-    std = _series(scalars, "act_std")
-    saturation = _series(scalars, "act_saturation")
-    grad = {param: series for param, series in _series(scalars, "grad_norm").items()
+    std = _series(scalars, ACT_STD)
+    saturation = _series(scalars, ACT_SATURATION)
+    grad = {param: series for param, series in _series(scalars, GRAD_NORM).items()
             if f"grad_norm/{param}" != TOTAL_GRADIENT_TAG}  # fmt: skip
     groups = _grad_groups(grad)
     activations = list(dict.fromkeys(tag.partition("/")[2] for tag in scalars if tag.startswith("act_")))
