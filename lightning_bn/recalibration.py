@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
+from lightning_bn import checks
 from lightning_bn.sharding import has_dtensors, is_dtensor
 from lightning_bn.tracing import HookSet, model_state
 
@@ -286,8 +287,7 @@ def recalibrate(
         >>> torch.allclose(net[1].running_var, x.var(0), rtol=1e-4), shifts["1"]["count"]
         (True, 64.0)
     """
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"Expected `num_batches` to be a positive integer but got {num_batches!r}")
+    checks.integer("num_batches", num_batches)
     forward = resolve_forward(forward)
     norms = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:

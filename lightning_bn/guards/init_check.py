@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_bn import checks
 from lightning_bn.guards._common import clean_name, full_parameters
 from lightning_bn.layers import get_layer_kind, scheme_std
 from lightning_bn.tracing import ModelMap, module_order_activations, trace_model
@@ -203,10 +204,8 @@ def init_mismatches(
         >>> [(f.name, f.problem, f.value > 50) for f in init_mismatches(net)]  # std 10 vs sqrt(2 / 64)
         [('0', 'weight_scale', True)]
     """
-    if not factor > 1:
-        raise ValueError(f"Expected `factor` > 1 but got {factor!r}")
-    if not depth_ratio > 1:
-        raise ValueError(f"Expected `depth_ratio` > 1 but got {depth_ratio!r}")
+    checks.number("factor", factor, 1.0)
+    checks.number("depth_ratio", depth_ratio, 1.0)
     if not 0 < saturation_margin < 1:
         raise ValueError(f"Expected `saturation_margin` in (0, 1) but got {saturation_margin!r}")
     found = _trace(model, example_input)  # runs first: lazy layers are materialized by it

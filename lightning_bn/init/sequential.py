@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_bn import checks
 from lightning_bn.init.initializers import init_layer_
 from lightning_bn.init.sharded import local_tensor, reshard, unsharded_params
 from lightning_bn.layers import get_layer_kind
@@ -140,10 +141,8 @@ def _apply_norm(norm: nn.Module, x: Tensor) -> Tensor:
 
 def check_rescaling(tol: Any, max_iters: Any) -> None:
     """``tol`` a positive finite number, ``max_iters`` a positive int; ``ValueError`` naming the value otherwise."""
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < math.inf):
-        raise ValueError(f"Expected `tol` to be a positive number but got {tol!r}")
-    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
-        raise ValueError(f"Expected `max_iters` to be a positive integer but got {max_iters!r}")
+    checks.number("tol", tol)
+    checks.integer("max_iters", max_iters)
 
 
 def sequential_init_(

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.hooks import RemovableHandle
 
+from lightning_bn import checks
 from lightning_bn.norms.insert import _aliases, _check_exclude, _check_model, _describe, _excluded, _slots
 from lightning_bn.norms.modules import ChannelsFirst, ChannelsLast
 from lightning_bn.norms.registry import _kind_of_type, available_norms, create_norm_layer, get_norm_layer
@@ -127,8 +128,8 @@ def convert_norms(
     target = get_norm_layer(to)
     if target is None:
         raise ValueError(f"Expected `to` to be a norm, one of {available_norms()}, but got {to!r}")
-    if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1):
-        raise ValueError(f"Expected `num_groups` to be a positive integer or None but got {num_groups!r}")
+    if num_groups is not None:
+        checks.integer("num_groups", num_groups)
     exclude = _check_exclude(exclude)
     aliases = _aliases(model)
     units = [u for u in _norm_units(model) if not _excluded(aliases.get(id(u[1]), [u[0]]), exclude)]

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from lightning_bn import checks
 from lightning_bn.norms.modules import BatchNormXd, ChannelsFirst, ChannelsLast, InstanceNormXd
 
 __all__ = [
@@ -203,12 +204,11 @@ def create_norm_layer(
     kind = get_norm_layer(spec)
     if kind is None:
         raise ValueError(f"Expected a norm, one of {available_norms()}, but got {spec!r}")
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"Expected `num_features` to be a positive integer but got {num_features!r}")
+    checks.integer("num_features", num_features)
     if not isinstance(layout, str) or layout not in ("channels_first", "channels_last"):
         raise ValueError(f"Expected `layout` to be 'channels_first' or 'channels_last' but got {layout!r}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"Expected `rank` to be a positive integer or None but got {rank!r}")
+    if rank is not None:
+        checks.integer("rank", rank)
     if rank is not None and rank < kind.min_rank:
         raise ValueError(f"{kind.name} norm needs an input of rank >= {kind.min_rank}, but the data has rank {rank}")
     merged = {**dict(kind.kwargs), **kwargs}
