@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_bn import ActivationMonitor, GradientMonitor, Monitor
+from lightning_bn import ActivationMonitor, GradientMonitor, Monitor, prepare
 from lightning_bn.monitoring import MonitorOptions
 from tests.helpers import random_data, read_scalars, trainer
 
@@ -297,6 +297,13 @@ def test_evaluation_between_steps_is_not_counted():
                 net.train()
                 net(huge)  # no_grad in train mode
             Monitor(net, example_input=huge, gradients=False).close()  # another monitor's trace
+        prepare(net, example_input=huge, seed=0)  # prepare()'s passes on another batch ...
+        reference.load_state_dict(net.state_dict())  # ... while the reference only gets the weights it drew
+        for _ in range(2):
+            _step(net, opt, x, y)
+            _step(reference, ref_opt, x, y)
+            monitor.step()
+            clean.step()
     got, want = monitor.figures["act_std/fc1.gelu"], clean.figures["act_std/fc1.gelu"]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
     assert want[-1][1] < 5  # the evaluation batch would read ~300
