@@ -102,8 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-update-ratio", _number, "exploding above this ||update|| / ||weights|| of one optimizer step"),
         ("--min-grad-ratio", _number, "vanishing_gradient below this relative gradient ||g||/||w|| relative to the "
          "median layer's at the same step (or a gradient exactly 0 with non-zero weights)"),
+        ("--max-gradient-decades", _number, "the depth rule: vanishing_gradient / exploding_gradient when "
+         "log10(||g||/||w||) fitted against depth spans more than this over the stack ..."),
+        ("--trend-grad-ratio", _number, "... on the layers below this times the top decile (above the bottom decile "
+         "over this)"),
+        ("--max-weight-ratio", _number, "name the weight scale as the cause when a starved layer's weights are above "
+         "this times the median layer's"),
         ("--min-update-ratio", _number, "stalled below this update ratio ..."),
-        ("--stalled-steps", _number, "... on this many consecutive logged steps"),
+        ("--stalled-steps", _number, "... on this many consecutive logged steps ..."),
+        ("--min-loss-improvement", _number, "... while the training loss falls by less than this fraction ..."),
+        ("--converged-loss", _number, "... and stays above this"),
     ]  # fmt: skip
     for option, kind, text in threshold_options:
         default = getattr(defaults, option[2:].replace("-", "_"))

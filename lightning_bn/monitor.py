@@ -128,9 +128,12 @@ class Monitor:
         """Whether ``step`` (default: the current one) is a logging step."""
         return (self.global_step if step is None else step) % self.every_n_steps == 0
 
-    def step(self) -> dict[str, float] | None:
+    def step(self, loss: torch.Tensor | float | None = None) -> dict[str, float] | None:
         """End the current step (call it after ``optimizer.step()``): on a logging step, collect its figures (one
         transfer), write them and return them; then get ready for the next step. ``None`` on other steps.
+
+        ``loss``, the step's training loss (a tensor stays on the device until that transfer), is logged on logging
+        steps with the gradient figures: the report's ``stalled`` tells a converged net from a starved one by it.
 
         Raises:
             RuntimeError: after :meth:`close`.
@@ -140,7 +143,7 @@ class Monitor:
         try:
             engine.watch_nonfinite(step)
             engine.measure_gradients(step)
-            result = engine.end()
+            result = engine.end(loss)
             if result is not None and _is_rank_zero():
                 if not self._layers_written and engine.layers is not None:
                     self._destination.write_layers(engine.layers)

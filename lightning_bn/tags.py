@@ -28,6 +28,7 @@ __all__ = [
     "GRADIENT_STATISTICS",
     "HEATMAP_TAG",
     "LAYERS_TAG",
+    "LOSS_TAG",
     "LAYOUT_STATISTICS",
     "TOTAL_GRADIENT_TAG",
     "is_monitor_tag",
@@ -64,6 +65,8 @@ HEATMAP_TAG = "act_saturation_heatmap"
 #: TensorBoard text tag of the watched layers, written at step 0: a JSON list, in forward order, of
 #: ``{"name", "module_type", "activation", "hook"}``
 LAYERS_TAG = "lightning_bn/layers"
+#: the training loss of each logging step (``GradientMonitor``, ``Monitor.step(loss)``): what ``stalled`` checks
+LOSS_TAG = "lightning_bn/loss"
 #: Custom Scalars sections (in this order) and the statistics charted in each
 ACTIVATION_SECTION, GRADIENT_SECTION = "lightning-bn: activations", "lightning-bn: gradients"
 LAYOUT_STATISTICS: dict[str, tuple[str, ...]] = {
@@ -107,7 +110,7 @@ def is_monitor_tag(logged: str) -> bool:
         (True, True, False)
     """
     statistic, name = split_tag(logged)
-    return bool(name) and statistic in _MONITOR_STATISTICS
+    return logged == LOSS_TAG or (bool(name) and statistic in _MONITOR_STATISTICS)
 
 
 def natural_key(name: str) -> list[tuple[int, int | str]]:

@@ -169,8 +169,13 @@ def test_json_is_strict_and_complete(logs, capsys):
         "max_std_ratio": 100.0,
         "max_update_ratio": 1.0,
         "min_grad_ratio": 1e-4,
+        "max_gradient_decades": 4.0,
+        "trend_grad_ratio": 1e-2,
+        "max_weight_ratio": 1e3,
         "min_update_ratio": 1e-5,
         "stalled_steps": 5,
+        "min_loss_improvement": 0.01,
+        "converged_loss": 1e-3,
     }
     assert document["flags"] == ["nonfinite"]
     layer = document["runs"]["version_0"]["layers"]["net.1"]

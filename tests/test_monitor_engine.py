@@ -18,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_bn import ActivationMonitor, GradientMonitor, Monitor, prepare
 from lightning_bn.monitoring import MonitorOptions
+from lightning_bn.tags import LOSS_TAG
 from tests.helpers import random_data, read_scalars, trainer
 
 STEPS, EVERY = 5, 2
@@ -68,7 +69,7 @@ def _trainer_figures(tmp_path) -> dict:
 
 def _assert_same(found: dict, expected: dict) -> None:
     assert set(found) == set(expected)
-    assert {"act_std/net.fc1.gelu", "act_saturation/net.fc2.tanh", "grad_norm/total"} <= set(expected)
+    assert {"act_std/net.fc1.gelu", "act_saturation/net.fc2.tanh", "grad_norm/total", LOSS_TAG} <= set(expected)
     for tag, series in expected.items():
         assert [step for step, _ in found[tag]] == [step for step, _ in series] == [0, 2, 4], tag
         for (_, got), (_, want) in zip(found[tag], series):
@@ -91,9 +92,10 @@ def test_plain_loop_logs_the_trainer_figures(expected, tmp_path):
         returned = []
         for x, y in task.train_dataloader():
             optimizer.zero_grad()
-            F.cross_entropy(task(x), y).backward()
+            loss = F.cross_entropy(task(x), y)
+            loss.backward()
             optimizer.step()
-            returned.append(monitor.step())
+            returned.append(monitor.step(loss))
     writer.close()
     _assert_same({tag: list(s) for tag, s in monitor.figures.items()}, expected)
     assert [r is not None for r in returned] == [True, False, True, False, True]
@@ -113,9 +115,10 @@ def test_fabric_logs_the_trainer_figures(expected, tmp_path):
     loader = fabric.setup_dataloaders(task.train_dataloader())
     for x, y in loader:
         optimizer.zero_grad()
-        fabric.backward(F.cross_entropy(model(x), y))
+        loss = F.cross_entropy(model(x), y)
+        fabric.backward(loss)
         optimizer.step()
-        monitor.step()
+        monitor.step(loss)
     monitor.close()
     fabric.loggers[0].finalize("success")
     _assert_same({tag: list(s) for tag, s in monitor.figures.items()}, expected)

@@ -5,7 +5,7 @@ options."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -139,10 +140,10 @@ class MonitorCallback(Callback):
     ) -> None:
         pending = self.engine.pending
         if pending is not None and trainer.global_step > pending:  # the optimizer stepped: the step is complete
-            self._flush(trainer)
+            self._flush(trainer, outputs.get("loss") if isinstance(outputs, Mapping) else outputs)
 
-    def _flush(self, trainer: pl.Trainer) -> None:
-        result = self.engine.end()
+    def _flush(self, trainer: pl.Trainer, loss: Any = None) -> None:
+        result = self.engine.end(loss if isinstance(loss, Tensor) else None)
         if result is None or not trainer.is_global_zero or self._destination is None:
             return
         if not self._layers_written and self.engine.layers is not None:

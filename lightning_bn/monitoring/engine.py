@@ -41,6 +41,7 @@ from lightning_bn.tags import (
     GRADIENT_HISTOGRAMS,
     GRADIENT_SECTION,
     LAYOUT_STATISTICS,
+    LOSS_TAG,
     layer_order,
 )
 from lightning_bn.tracing import ActivationSite, ModelMap, trace_call, trace_model
@@ -447,18 +448,21 @@ class MonitorEngine:
             return  # plain parameters are identical on every rank after DDP's all-reduce: rank zero measures
         self._gradients.measure(self._pending, params)
 
-    def end(self) -> StepResult | None:
+    def end(self, loss: Tensor | float | None = None) -> StepResult | None:
         """After the optimizer step of a logging step: the hooks come off, the rows are reduced across processes,
-        and everything leaves the device in one transfer; the figures are kept in :attr:`figures` and returned.
-        ``None`` when no logging step is pending. Every process must call it under data parallelism."""
+        and everything leaves the device in one transfer (``loss``, the step's training loss, with it: logged as
+        :data:`~lightning_bn.tags.LOSS_TAG` when gradients are watched); the figures are kept in :attr:`figures` and
+        returned. ``None`` when no logging step is pending. Every process must call it under data parallelism."""
         step, self._pending = self._pending, None
         if step is None:
             return None
         self.last_logged_step = step
-        parts: list[tuple[Tensor, Callable]] = []
+        result = StepResult(step)
+        parts: list[tuple[Tensor, Callable[[list[float]], None]]] = []
         if self._probe is not None:
             self._probe.detach()
-            parts.append(self._probe.gather())
+            rows, parse = self._probe.gather()
+            parts.append((rows, lambda host, parse=parse: self._take_activations(parse(host), result)))
         if self._order is not None:
             self._order.detach()
             self._order_names, self._order = [self._plain(n) for n in self._order.names], None
@@ -467,19 +471,21 @@ class MonitorEngine:
         if self._gradients is not None:
             gathered = self._gradients.gather([self._bad] if watch else [])
             if gathered is not None:
-                parts.append(gathered)
+                norms, parse = gathered
+                parts.append((norms, lambda host, parse=parse: self._take_gradients(parse(host), result, watch)))
             elif watch:
-                parts.append((self._bad.double(), lambda host: host))
-        result = StepResult(step)
+                parts.append((self._bad, lambda host: self._report_nonfinite([int(v) for v in host])))
+            if isinstance(loss, Tensor) and loss.numel() == 1:
+                parts.append((loss.detach().reshape(1), lambda host: result.metrics.__setitem__(LOSS_TAG, host[0])))
+            elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+                result.metrics[LOSS_TAG] = float(loss)
         if parts:
-            sizes = [t.numel() for t, _ in parts]
             device = parts[0][0].device
-            host = torch.cat([t.to(device=device, dtype=torch.float64) for t, _ in parts]).cpu().tolist()
+            host = torch.cat([t.to(device=device, dtype=torch.float64) for t, _ in parts]).cpu().tolist()  # once
             offset = 0
-            for (_, parse), size in zip(parts, sizes):
-                found = parse(host[offset : offset + size])
-                offset += size
-                self._take(found, result, watch)
+            for tensor, consume in parts:
+                consume(host[offset : offset + tensor.numel()])
+                offset += tensor.numel()
         self._report_compile()
         remember(self.figures, result.metrics, step)
         saturation = {_layer_of(tag): v for tag, v in result.metrics.items() if tag.startswith(f"{ACT_SATURATION}/")}
@@ -487,17 +493,13 @@ class MonitorEngine:
             self.saturation = [*self.saturation[-HISTORY + 1 :], (step, saturation)]
         return result
 
-    def _take(self, found: Any, result: StepResult, watch: bool) -> None:
-        if isinstance(found, list):  # the non-finite watch alone
-            self._report_nonfinite([int(v) for v in found])
-            return
-        if hasattr(found, "names"):  # activations
-            result.metrics.update(found.metrics())
-            if found.histograms:
-                result.histograms.append((ACTIVATION_HISTOGRAMS, found.histograms))
-            return
-        if not _is_rank_zero() and not found.metrics:
-            return
+    @staticmethod
+    def _take_activations(found: Any, result: StepResult) -> None:
+        result.metrics.update(found.metrics())
+        if found.histograms:
+            result.histograms.append((ACTIVATION_HISTOGRAMS, found.histograms))
+
+    def _take_gradients(self, found: Any, result: StepResult, watch: bool) -> None:
         result.metrics.update(found.metrics)
         if found.histograms:
             result.histograms.append((GRADIENT_HISTOGRAMS, found.histograms))

@@ -6,6 +6,7 @@ import math
 import os
 import statistics
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
@@ -16,6 +17,7 @@ from lightning_bn.tags import (
     ACT_STD,
     ACTIVATION_STATISTICS,
     GRAD_NORM,
+    LOSS_TAG,
     TOTAL_GRADIENT_TAG,
     UPDATE_RATIO,
     WEIGHT_NORM,
@@ -114,8 +116,9 @@ def analyze(
         return analyze_runs(Path(scalars), thresholds)[0]
     activations: dict[str, dict[str, dict[int, float]]] = {}
     parameters: dict[str, dict[str, dict[str, dict[int, float]]]] = {}
+    loss = {int(step): float(value) for step, value in scalars.get(LOSS_TAG, ())}
     for tag, series in scalars.items():
-        if tag == TOTAL_GRADIENT_TAG or not is_monitor_tag(tag):
+        if tag in (TOTAL_GRADIENT_TAG, LOSS_TAG) or not is_monitor_tag(tag):
             continue
         statistic, _, target = tag.partition("/")
         values = {int(step): float(value) for step, value in series}
@@ -130,8 +133,8 @@ def analyze(
     std_ratios = _std_ratios(order, activations, table, zero_init)
     grads = {layer: _per_step(parameters.get(layer, {}), _grad_norm) for layer in order}
     weight_norms = {layer: _per_step(parameters.get(layer, {}), _weight_norm) for layer in order}
-    # the relative gradient ||g|| / ||w|| of each layer (what moves it, whatever its size), and per step the median
-    # over layers: layer gradient norms themselves differ by 1e-4..1e-6 between healthy layers of real models
+    # the relative gradient ||g|| / ||w|| of each layer (what moves it, whatever its size), and per step where the
+    # layers stand: layer gradient norms themselves differ by 1e-4..1e-6 between healthy layers of real models
     # (ConvNeXt, Swin, BERT), their relative gradients by less than 1e-2 (measured on the conformance zoo)
     relative: dict[str, dict[int, float]] = {
         layer: {
@@ -141,11 +144,6 @@ def analyze(
         }
         for layer, grad in grads.items()
     }
-    by_step: dict[int, list[float]] = {}
-    for series in relative.values():
-        for step, value in series.items():
-            by_step.setdefault(step, []).append(value)
-    median = {step: statistics.median(values) for step, values in by_step.items()}
     # layers whose weights start tiny next to the others' (LayerScale gains, init 1e-6): after their first optimizer
     # step ||dw|| / ||w|| reads ~1 whatever the learning rate, as for a zero init; that first step is not judged
     tiny_start: dict[str, int] = {}
@@ -167,6 +165,23 @@ def analyze(
         for layer in order:
             if layer != closing and block and layer.rpartition(".")[0] == block:
                 gated[layer] = max(gated.get(layer, -1), awake if ratio else -1)
+    # a branch scaled by a deliberately tiny gain (LayerScale 1e-6) gets gradients scaled by it, by design: its layers
+    # (the gain module's own children, or its siblings) are not judged while the gain is still tiny
+    tiny_gate: dict[str, set[int]] = {}
+    for gain in tiny_start:
+        tiny = {step for step, norm in weight_norms[gain].items() if norm < _TINY_START * typical}
+        inside = [layer for layer in order if layer.startswith(f"{gain}.")]
+        parent = gain.rpartition(".")[0]
+        branch = inside or [layer for layer in order if layer != gain and layer.rpartition(".")[0] == parent]
+        for layer in branch:
+            tiny_gate.setdefault(layer, set()).update(tiny)
+
+    def judged(layer: str, step: int) -> bool:
+        return step > quiet_until and step >= gated.get(layer, -1) and step not in tiny_gate.get(layer, ())
+
+    context = _gradient_context(
+        order, relative, weight_norms, lambda layer, step: layer in zero_init or not judged(layer, step)
+    )
     out = []
     for depth, layer in enumerate(order):
         act, params = activations.get(layer, {}), parameters.get(layer, {})
@@ -188,9 +203,9 @@ def analyze(
         healthy = float(healthy) if isinstance(healthy, (int, float)) and math.isfinite(healthy) else None
         limit = thresholds.saturation_limit(healthy)
         gradient_share = {
-            step: (value, relative[layer].get(step), median.get(step, 0.0))
+            step: (value, relative[layer].get(step), weights.get(step), context.get(step))
             for step, value in grad.items()
-            if math.isfinite(value) and step > quiet_until and step >= gated.get(layer, -1)
+            if math.isfinite(value) and judged(layer, step)
         }
         out.append(
             LayerHealth(
@@ -221,6 +236,7 @@ def analyze(
                     gradient_share,
                     weights,
                     layer,
+                    loss,
                 ),
                 module_type=_module_type(entry),
                 std_reference=reference,
@@ -322,34 +338,57 @@ def _flags(
     reference: str,
     thresholds: Thresholds,
     saturation_limit: float,
-    gradient_share: Mapping[int, tuple[float, float | None, float]],
+    gradient_share: Mapping[int, tuple[float, float | None, float | None, _Gradients | None]],
     weights: Mapping[int, float],
     layer: str,
+    loss: Mapping[int, float],
 ) -> dict[str, Flag]:
     """Evaluate every condition at every logged step; keep the first and last step where each held.
 
     At a step where the layer's activations hold inf/NaN, only ``nonfinite`` is judged: its other figures are void.
     ``vanishing`` is judged on ``vanishing_ratio`` (the steps of ``std_ratio`` where it may hold);
     ``saturated`` against ``saturation_limit`` (the layer's kind's healthy saturation plus the margin);
-    ``vanishing_gradient`` on ``gradient_share`` (per step: the layer's gradient norm, its relative gradient
-    ``||g|| / ||w||`` and the median layer's); ``stalled`` on runs of ``stalled_steps`` consecutive logged steps of
+    ``vanishing_gradient`` / ``exploding_gradient`` on ``gradient_share`` (per step: the layer's gradient norm, its
+    relative gradient ``||g|| / ||w||``, its weight norm and where all layers stand, :class:`_Gradients`);
+    ``stalled`` on runs of ``stalled_steps`` consecutive logged steps of
     ``update``.
     """
     t = thresholds
     nonfinite = act.get(ACT_NONFINITE, {})
     void = {step for step, count in nonfinite.items() if count > 0}
 
-    def starved(value: tuple[float, float | None, float], step: int) -> bool:
-        norm, rel, median = value
+    def starved(value: tuple[float, float | None, float | None, _Gradients | None], step: int) -> bool:
+        norm, rel, weight, ctx = value
         if norm == 0:
-            return weights.get(step, 0.0) > 0
-        return rel is not None and median > 0 and rel < t.min_grad_ratio * median
+            return (weight or 0.0) > 0
+        if rel is None or ctx is None or ctx.p90 <= 0:
+            return False
+        if ctx.median > 0 and rel < t.min_grad_ratio * ctx.median:
+            return True
+        return ctx.vanishing(t) and rel < t.trend_grad_ratio * ctx.p90
 
-    def starved_reason(value: tuple[float, float | None, float]) -> str:
-        norm, rel, median = value
-        if norm == 0 or rel is None or median <= 0:
+    def starved_reason(value: tuple[float, float | None, float | None, _Gradients | None]) -> str:
+        norm, rel, weight, ctx = value
+        if norm == 0 or rel is None or ctx is None or ctx.p90 <= 0:
             return f"gradient norm {norm:.3g} with non-zero weights"
-        return f"gradient {rel:.2g} x its weights, {rel / median:.2g} x the median layer's"
+        reason = f"gradient {rel:.2g} x its weights"
+        if ctx.median > 0:
+            reason += f", {rel / ctx.median:.2g} x the median layer's"
+        if ctx.vanishing(t):
+            reason += f", {rel / ctx.p90:.2g} x the top decile"
+            reason += f"; over depth {ctx.describe()}"
+        if weight is not None and ctx.median_weight > 0 and weight > t.max_weight_ratio * ctx.median_weight:
+            reason += (f"; its weights are {weight / ctx.median_weight:.2g} x the median layer's: the weight scale, "
+                       "not saturation, makes its relative gradient small")  # fmt: skip
+        return reason
+
+    def exploded(value: tuple[float, float | None, float | None, _Gradients | None], step: int) -> bool:
+        _, rel, _, ctx = value
+        return rel is not None and ctx is not None and ctx.exploding(t) and rel > ctx.p10 / t.trend_grad_ratio
+
+    def exploded_reason(value: tuple[float, float | None, float | None, _Gradients | None]) -> str:
+        _, rel, _, ctx = value
+        return f"gradient {rel:.2g} x its weights, {rel / ctx.p10:.2g} x the bottom decile; over depth {ctx.describe()}"
 
     checks: list[tuple[str, Mapping[int, Any], Callable[[Any, int], bool], Callable[[Any], str]]] = [
         ("saturated", act.get(ACT_SATURATION, {}), lambda v, s: v > saturation_limit,
@@ -361,13 +400,14 @@ def _flags(
         ("exploding", std_ratio, lambda v, s: v > t.max_std_ratio, f"std {{:.3g}} x that of {reference}".format),
         ("exploding", update, lambda v, s: v > t.max_update_ratio, "update ratio {:.3g}".format),
         ("vanishing_gradient", gradient_share, starved, starved_reason),
+        ("exploding_gradient", gradient_share, exploded, exploded_reason),
     ]  # fmt: skip
     last_step = max(_steps({**act, "grad": grad, "update": update}), default=None)
     hits: dict[str, list[tuple[int, str]]] = {}
     for name, series, condition, reason in checks:
         judged = series.items() if name == "nonfinite" else [(s, v) for s, v in series.items() if s not in void]
         hits.setdefault(name, []).extend((step, reason(v)) for step, v in judged if condition(v, step))
-    hits["stalled"] = _stalled(update, t)
+    hits["stalled"] = _stalled(update, loss, t)
     out = {}
     for name in FLAGS:
         found = sorted(hits.get(name, []))
@@ -376,9 +416,11 @@ def _flags(
     return out
 
 
-def _stalled(update: Mapping[int, float], t: Thresholds) -> list[tuple[int, str]]:
+def _stalled(update: Mapping[int, float], loss: Mapping[int, float], t: Thresholds) -> list[tuple[int, str]]:
     """The steps inside runs of at least ``stalled_steps`` consecutive logged steps with ``update_ratio`` below
-    ``min_update_ratio`` (NaN breaks a run)."""
+    ``min_update_ratio`` (NaN breaks a run) over which the training loss (when logged) did not improve: it fell by
+    less than ``min_loss_improvement`` of itself and stayed above ``converged_loss`` (a converged net's updates are
+    small because its gradients are, and rightly so)."""
     hits: list[tuple[int, str]] = []
     run: list[tuple[int, float]] = []
     for step, value in [*sorted(update.items()), (None, math.nan)]:
@@ -387,6 +429,81 @@ def _stalled(update: Mapping[int, float], t: Thresholds) -> list[tuple[int, str]
             continue
         if len(run) >= t.stalled_steps:
             worst = max(v for _, v in run)
-            hits += [(s, f"update ratio <= {worst:.2g} for {len(run)} logged steps") for s, _ in run]
+            seen = [loss[s] for s, _ in run if s in loss and math.isfinite(loss[s])]
+            reason = f"update ratio <= {worst:.2g} for {len(run)} logged steps"
+            if len(seen) < 2:
+                hits += [(s, f"{reason} (no training loss logged: converged, or starved?)") for s, _ in run]
+            elif seen[0] - min(seen) < t.min_loss_improvement * abs(seen[0]) and min(seen) > t.converged_loss:
+                hits += [(s, f"{reason} while the loss stayed at {seen[-1]:.3g}") for s, _ in run]
         run = []
     return hits
+
+
+@dataclass(frozen=True)
+class _Gradients:
+    """Where the layers' relative gradients ``||g|| / ||w||`` stand at one step: the top decile, median and bottom
+    decile, the median weight norm, and the fit of ``log10(||g|| / ||w||)`` against forward depth (decades per
+    layer)."""
+
+    p90: float
+    median: float
+    p10: float
+    median_weight: float
+    slope: float | None  # None: fewer than 3 layers
+    layers: int
+
+    @property
+    def decades(self) -> float:
+        """How many decades the fitted relative gradient spans over the stack."""
+        return 0.0 if self.slope is None else abs(self.slope) * (self.layers - 1)
+
+    @property
+    def chi(self) -> float:
+        """The estimated factor on gradient power per layer going back: ``10^(-2 slope)`` (< 1: vanishing)."""
+        return math.nan if self.slope is None else 10.0 ** (-2.0 * self.slope)
+
+    def vanishing(self, t: Thresholds) -> bool:
+        return self.slope is not None and self.slope > 0 and self.decades > t.max_gradient_decades
+
+    def exploding(self, t: Thresholds) -> bool:
+        return self.slope is not None and self.slope < 0 and self.decades > t.max_gradient_decades
+
+    def describe(self) -> str:
+        way = "shrinks" if self.slope > 0 else "grows"
+        return (f"the relative gradient {way} {self.decades:.1f} decades over {self.layers} layers, "
+                f"gradient power x{self.chi:.2g} per layer going back (chi)")  # fmt: skip
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _gradient_context(
+    order: Sequence[str],
+    relative: Mapping[str, Mapping[int, float]],
+    weight_norms: Mapping[str, Mapping[int, float]],
+    excluded: Callable[[str, int], bool],
+) -> dict[int, _Gradients]:
+    """Per logged step, :class:`_Gradients` over the layers with a relative gradient; the depth fit leaves out the
+    layers ``excluded`` at that step (deliberately zero-initialized or gated by a tiny gain: small by design)."""
+    steps = sorted({step for series in relative.values() for step in series})
+    out = {}
+    for step in steps:
+        values = [(i, relative[layer][step]) for i, layer in enumerate(order) if step in relative.get(layer, {})]
+        weights = [norms[step] for norms in weight_norms.values() if norms.get(step, 0.0) > 0]
+        if not values:
+            continue
+        fitted = [(i, math.log10(v)) for i, v in values if v > 0 and not excluded(order[i], step)]
+        slope = None
+        if len(fitted) >= 3:
+            depth = [rank for rank, _ in enumerate(fitted)]
+            mean_x = sum(depth) / len(depth)
+            mean_y = sum(y for _, y in fitted) / len(fitted)
+            sxx = sum((x - mean_x) ** 2 for x in depth)
+            slope = sum((x - mean_x) * (y - mean_y) for x, (_, y) in zip(depth, fitted)) / sxx
+        rel = [v for _, v in values]
+        out[step] = _Gradients(_quantile(rel, 0.9), statistics.median(rel), _quantile(rel, 0.1),
+                               statistics.median(weights) if weights else 0.0, slope, len(fitted))  # fmt: skip
+    return out

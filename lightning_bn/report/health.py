@@ -10,7 +10,9 @@ from lightning_bn import checks
 __all__ = ["ADVICE", "FLAGS", "UNKNOWN_BASELINE", "Flag", "LayerHealth", "RunHealth", "Thresholds"]
 
 #: Every problem the report can flag, in the order it lists them.
-FLAGS = ("saturated", "dead", "nonfinite", "vanishing", "exploding", "vanishing_gradient", "stalled")
+FLAGS = (
+    "saturated", "dead", "nonfinite", "vanishing", "exploding", "vanishing_gradient", "exploding_gradient", "stalled"
+)  # fmt: skip
 
 #: The saturation baseline of a layer whose activation kind is unknown (no layers table, or a table without it):
 #: a ReLU's, the highest of the common kinds, so that no healthy layer is flagged for want of its kind.
@@ -31,7 +33,10 @@ ADVICE: dict[str, str] = {
     "gradient clipping",
     "vanishing_gradient": "almost no gradient reaches this layer: look for saturated activations or a detached path "
     "after it, or add residual connections / normalization",
-    "stalled": "the weights barely move: raise the learning rate (for this parameter group), or check weight decay and "
+    "exploding_gradient": "gradients grow towards the input, layer after layer: the init is in the chaotic phase "
+    "for this activation (lower the weight scale: lightning_bn.prepare), add normalization, or clip gradients",
+    "stalled": "the weights barely move and the loss does not improve: converged, or starved; if the loss is still "
+    "high, raise the learning rate (for this parameter group), or check weight decay and "
     "the optimizer's state",
 }
 
@@ -62,11 +67,26 @@ class Thresholds:
         max_update_ratio: also ``exploding`` when one optimizer step moves a layer's parameters by more than this
             times their norm (``update_ratio``; ~1e-3 is healthy, a zero-initialized layer reads exactly 1 once).
         min_grad_ratio: ``vanishing_gradient`` when a layer's relative gradient ``||g|| / ||w||`` (over its
-            parameters) is below this times the median layer's at the same step, or its gradient is exactly 0 while
-            its weights are not. Relative, because healthy layers of real models differ in gradient norm by 1e-4 to
-            1e-6 (ConvNeXt's LayerScale branches, Swin, BERT's attention) but in relative gradient by under 1e-2.
+            parameters) is below this times the top decile (P90) of the layers at the same step, or its gradient is
+            exactly 0 while its weights are not. Relative, because healthy layers of real models differ in gradient
+            norm by 1e-4 to 1e-6 (ConvNeXt's LayerScale branches, Swin, BERT's attention) but in relative gradient by
+            under 1e-2; against the top decile, not the median, because when most of a deep stack is starved the
+            median layer is starved too.
+        max_gradient_decades: the depth rule: ``log10(||g|| / ||w||)`` is fitted against forward depth over the
+            layers; when the fit spans more than this many decades over the stack, gradients vanish (or explode)
+            layer after layer, with the per-layer factor on gradient power ``chi = 10^(-2 slope)`` in the message
+            (mean-field theory's chi_1: 1 at criticality; Schoenholz et al. 2017) ...
+        trend_grad_ratio: ... and then a layer below this times the top decile is ``vanishing_gradient`` (above the
+            bottom decile divided by this: ``exploding_gradient``).
+        max_weight_ratio: a starved layer whose weight norm is above this times the median layer's is said to be
+            starved by its weight scale (``||g|| / ||w||`` is small because ``||w||`` is huge), not by saturation.
         min_update_ratio: ``stalled`` when ``update_ratio`` stays below this (~1e-3 is healthy) ...
-        stalled_steps: ... on at least this many consecutive logged steps.
+        stalled_steps: ... on at least this many consecutive logged steps ...
+        min_loss_improvement: ... while the training loss (``GradientMonitor`` logs it, tag
+            :data:`lightning_bn.tags.LOSS_TAG`) falls by less than this fraction of itself ...
+        converged_loss: ... and stays above this: a net at a loss this low has converged (its updates are small
+            because its gradients are). Without a logged loss, the update ratio alone decides and the report says it
+            could not tell converged from starved.
 
     Example::
 
@@ -84,17 +104,27 @@ class Thresholds:
     max_std_ratio: float = 100.0
     max_update_ratio: float = 1.0
     min_grad_ratio: float = 1e-4
+    max_gradient_decades: float = 4.0
+    trend_grad_ratio: float = 1e-2
+    max_weight_ratio: float = 1e3
     min_update_ratio: float = 1e-5
     stalled_steps: int = 5
+    min_loss_improvement: float = 0.01
+    converged_loss: float = 1e-3
 
     def __post_init__(self) -> None:
         for name in ("saturation_margin", "max_dead"):
             object.__setattr__(self, name, checks.fraction(name, getattr(self, name)))
         if self.max_saturation is not None:
             object.__setattr__(self, "max_saturation", checks.fraction("max_saturation", self.max_saturation))
-        for name in ("min_std_ratio", "max_std_ratio", "max_update_ratio", "min_grad_ratio", "min_update_ratio"):
+        for name in ("min_std_ratio", "max_std_ratio", "max_update_ratio", "min_grad_ratio", "min_update_ratio",
+                     "max_gradient_decades", "trend_grad_ratio", "max_weight_ratio"):  # fmt: skip
             object.__setattr__(self, name, checks.number(name, getattr(self, name)))
         checks.integer("stalled_steps", self.stalled_steps)
+        object.__setattr__(self, "min_loss_improvement", checks.fraction("min_loss_improvement",
+                                                                         self.min_loss_improvement))  # fmt: skip
+        object.__setattr__(self, "converged_loss", checks.number("converged_loss", self.converged_loss, 0.0,
+                                                                 strict=False))  # fmt: skip
 
     def saturation_limit(self, healthy: float | None) -> float:
         """The saturation above which a layer whose kind saturates ``healthy`` at a N(0, 1) input is flagged."""
