@@ -25,23 +25,24 @@ from typing import Any
 import torch
 from run import MODELS, Config, fit, ours  # the script's directory is on sys.path
 
-import lightning_bn.callbacks.activation_monitor as activation_monitor
-import lightning_bn.callbacks.gradient_monitor as gradient_monitor
 import lightning_bn.monitoring.activation as probe
+import lightning_bn.monitoring.engine as engine
+import lightning_bn.monitoring.gradients as gradients
 from lightning_bn import writers
 from lightning_bn.monitoring.rows import COMPILE_SECONDS
 
 #: phase -> (module, attribute) of the function that does it
 PHASES: dict[str, tuple[Any, str]] = {
     "fused reductions (activation hooks)": (probe, "fused_row"),
-    "collect + one transfer (activations)": (probe.ActivationProbe, "collect"),
-    "histograms (activations, on device)": (probe.stats, "histogram"),
-    "gradient norms + parameter copies": (gradient_monitor.GradientMonitor, "_measure_gradients"),
-    "gradient flush + one transfer": (gradient_monitor.GradientMonitor, "_flush"),
-    "non-finite gradient watch": (gradient_monitor.GradientMonitor, "_watch_nonfinite"),
-    "logger writes (scalars)": (writers, "log_scalars"),
+    "histograms (activations, on device)": (probe, "histogram"),
+    "hook glue (activation hooks)": (probe.ActivationProbe, "_measure"),
+    "gather (activations)": (probe.ActivationProbe, "gather"),
+    "gradient norms + parameter copies": (gradients.GradientProbe, "measure"),
+    "gather (gradients)": (gradients.GradientProbe, "gather"),
+    "non-finite gradient watch": (engine.MonitorEngine, "watch_nonfinite"),
+    "end: one transfer + parse + history": (engine.MonitorEngine, "end"),
+    "logger writes (scalars)": (writers, "write_scalars"),
     "logger writes (histograms)": (writers, "log_histograms"),
-    "heatmap image": (activation_monitor.ActivationMonitor, "_write_heatmap"),
 }
 
 

@@ -175,6 +175,10 @@ def _summary_eager(
     finite (it is then 0), and the bounds are used as Python numbers (clamping to tensors is ~7x slower there).
     """
     v = (y if y.dtype in (torch.float32, torch.float64) else y.float()).reshape(-1)
+    if v.device.type == "cpu" and v.numel() < 1 << 24:
+        found = _summary_cpu(v, x, low_bound, high_bound, zero_tol, unit_dim, judge)
+        if found is not None:
+            return found
     n = v.numel()
     on_cpu = v.device.type == "cpu"
     c = v.mean()
@@ -212,6 +216,59 @@ def _summary_eager(
         ]
     )
     return row, (alive if judge else row.new_zeros(0))
+
+
+def _summary_cpu(
+    v: Tensor, x: Tensor, low_bound: Tensor, high_bound: Tensor, zero_tol: float, unit_dim: int, judge: bool
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`_summary_eager` on CPU for finite data (``None`` otherwise: the caller takes the general path), in
+    fewer, mostly read-only passes: reading a value is no device synchronization there, so the scalars are read once
+    and the row is assembled on the host (a dozen 0-d tensor operations fewer), near-zero elements are counted with
+    one ``hardshrink`` (``|v| <= tol`` becomes 0) and, for a bound that is infinite on one side (ReLU, GELU, ELU, ...),
+    saturation and liveness come from one shifted copy and one per-unit ``amax`` (``amin``)."""
+    n = v.numel()
+    c = v.mean()
+    d = v - c
+    d2 = d * d
+    found = torch.stack([d.sum(), d2.sum(), torch.dot(d2, d), torch.dot(d2, d2), *torch.aminmax(v), c])
+    del d, d2
+    s1, s2, s3, s4, low, high, mean = found.tolist()
+    if not math.isfinite(s2):  # an inf or NaN somewhere: the general path counts them
+        return None
+    row = [float(n), *_shift_back_host(mean, (s1, s2, s3, s4), n), low, high]
+    beyond = torch.nn.functional.hardshrink(v, zero_tol).sign_()  # +-1 where |v| > tol, else 0 (count_nonzero is slow)
+    row.append(n - torch.dot(beyond, beyond).item())  # exact: integers below 2^24 in float32
+    row.append(0.0)  # nonfinite
+    if not judge:
+        return torch.tensor([*row, 0.0, 0.0, 0.0], dtype=torch.float64), v.new_zeros(0, dtype=torch.float64)
+    u = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    lo, hi = float(low_bound), float(high_bound)
+    one_sided = (hi == math.inf) != (lo == -math.inf)
+    same = u.data_ptr() == v.data_ptr() and u.numel() == n and u.dtype == v.dtype  # judged on the values: finite
+    if not one_sided or not (same or math.isfinite(u.sum().item())):
+        return None  # two finite bounds, or a judged tensor with inf/NaN (or too large to sum): the general path
+    w = u.reshape(1) if u.ndim == 0 else u
+    units = w.shape[unit_dim]
+    dims = [i for i in range(w.ndim) if i != unit_dim % w.ndim]
+    # finite w is unsaturated exactly when it is beyond the finite bound: w - lo > 0 (or hi - w > 0), exact in floats
+    if hi == math.inf:
+        gap = w - lo if lo != 0 else w
+        extreme = w.amax(dim=dims) if dims else w
+        alive = extreme > lo
+    else:
+        gap = hi - w
+        extreme = w.amin(dim=dims) if dims else w
+        alive = extreme < hi
+    unsaturated = torch.nn.functional.threshold(gap, 0.0, 0.0).sign_().sum().item()
+    row += [float(w.numel() - unsaturated), float(units), 0.0]
+    return torch.tensor(row, dtype=torch.float64), alive.reshape(units).double()
+
+
+def _shift_back_host(c: float, centered: tuple[float, ...], n: int) -> list[float]:
+    """:func:`_shift_back` on host floats (float64)."""
+    return [
+        n * c**k + sum(math.comb(k, j) * c ** (k - j) * centered[j - 1] for j in range(1, k + 1)) for k in range(1, 5)
+    ]
 
 
 def _saturation_eager(
