@@ -90,7 +90,10 @@ class MonitorCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**{k: repr(v) for k, v in vars(self.options).items()})
+        # Lightning reads it at every hook call (its profiler's names): made once, the options are frozen
+        if getattr(self, "_state_key", None) is None:
+            self._state_key = self._generate_state_key(**{k: repr(v) for k, v in vars(self.options).items()})
+        return self._state_key
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -38,6 +38,7 @@ from lightning_bn.tags import (
     ACT_SATURATION,
     ACTIVATION_HISTOGRAMS,
     ACTIVATION_SECTION,
+    GRAD_NORM,
     GRADIENT_HISTOGRAMS,
     GRADIENT_SECTION,
     LAYOUT_STATISTICS,
@@ -417,14 +418,9 @@ class MonitorEngine:
         gradient and the first parameter in forward order that has one; read with the next logging transfer."""
         if self._gradients is None or self.warned_nonfinite or not _is_rank_zero():
             return  # DDP: gradients are identical on every rank; sharded: rank zero's shards
-        if not (self.options.nonfinite_every_step or self._pending is not None):
-            return
-        if not self._watched:
-            order = self._order_names or (self._order.names if self._order is not None else None)
-            order = order or (self.model_map.order if self.model_map is not None else [])
-            rank = {self._plain(name): i for i, name in enumerate(order)}
-            named = sorted(self._gradients.names.items(), key=lambda item: rank.get(_module_of(item[1]), len(rank)))
-            self._watched = [p for p, _ in named]
+        if not self.options.nonfinite_every_step or self._pending is not None:
+            return  # a logging step: its gradient norms tell (read with the step's transfer, in _take_gradients)
+        self._watch_order()
         present = tuple(i for i, p in enumerate(self._watched) if p.grad is not None and not p.grad.is_sparse)
         if not present:
             return
@@ -438,6 +434,16 @@ class MonitorEngine:
         if self._bad is None:
             self._bad = torch.full((3,), -1, dtype=torch.long, device=found.device)
         self._bad = torch.where((self._bad[0] < 0) & bad.any(), here, self._bad)
+
+    def _watch_order(self) -> None:
+        """The parameters in forward order of their layers (once): the first non-finite one is named."""
+        if self._watched:
+            return
+        order = self._order_names or (self._order.names if self._order is not None else None)
+        order = order or (self.model_map.order if self.model_map is not None else [])
+        rank = {self._plain(name): i for i, name in enumerate(order)}
+        named = sorted(self._gradients.names.items(), key=lambda item: rank.get(_module_of(item[1]), len(rank)))
+        self._watched = [p for p, _ in named]
 
     def measure_gradients(self, step: int, params: Sequence[Tensor] | None = None) -> None:
         """On a logging step, once the gradients are there: their norms (and the weights' copy for the update ratio,
@@ -504,7 +510,14 @@ class MonitorEngine:
         if found.histograms:
             result.histograms.append((GRADIENT_HISTOGRAMS, found.histograms))
         if watch:
-            self._report_nonfinite([int(v) for v in found.extra[-3:]])
+            self._report_nonfinite([int(v) for v in found.extra[-3:]])  # an earlier step first
+        if not self.warned_nonfinite and _is_rank_zero():
+            self._watch_order()
+            names = [self._gradients.names[p] for p in self._watched]
+            norms = [found.metrics.get(f"{GRAD_NORM}/{name}", 0.0) for name in names]
+            bad = [i for i, norm in enumerate(norms) if not math.isfinite(norm)]
+            if bad:
+                self._report_nonfinite([result.step, bad[0], len(bad)])
 
     def check_nonfinite(self) -> None:
         """Read the non-finite watch now (one small transfer; an epoch's end)."""

@@ -203,12 +203,13 @@ class GradientProbe:
             return empty, lambda host: GradientResult(step, {}, [], host)
         grad = torch.cat(pending["grad"])
         device = grad.device
-        parts = [grad, self._powers([local(p) for p in params])]
         strides = pending["strides"]
+        weights = [local(p) for p in params]
         if strides:
-            after = [_sample(local(p), k) for p, k in zip(params, strides)]
+            after = [_sample(w, k) for w, k in zip(weights, strides)]
             torch._foreach_sub_(pending["before"], after)  # in place: Δw on the same sample
-            parts += [self._powers(pending["before"]), self._powers(after)]
+            weights += pending["before"] + after
+        parts = [grad, self._powers(weights)]  # weights, Δw and w on the sample: one fused call
         sums = torch.cat([t.to(device) for t in parts])
         dist = torch.distributed
         if self.sharded and distributed and dist.is_available() and dist.is_initialized():
@@ -218,7 +219,7 @@ class GradientProbe:
                 dist.all_reduce(sums, op=dist.ReduceOp.MAX)
             else:
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-                sums = sums / copies.repeat(len(parts))
+                sums = sums / copies.repeat(len(sums) // n)
         p_norm = self.norm_type
         norms = sums if math.isinf(p_norm) else sums.pow(1.0 / p_norm)
         grad_norms = norms[:n]
@@ -227,7 +228,7 @@ class GradientProbe:
         payload += [torch.cat([h[3], h[4]]) for h in pending["hists"]]
         payload += [t.to(device) for t in extra]
         names = [self.names[p] for p in params]
-        width, hists, bins = len(parts), pending["hists"], self.histogram_bins
+        width, hists, bins = len(sums) // n, pending["hists"], self.histogram_bins
 
         def parse(host: list[float]) -> GradientResult:
             metrics = {f"grad_norm/{name}": host[i] for i, name in enumerate(names)}
