@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--all", action="store_true", help="list every layer, not only the flagged ones")
     threshold_options = [
+        ("--min-transmission", _number, "saturated below this gradient transmission (mean f'(x)^2 relative to a "
+         "healthy N(0, 1) input)"),
         ("--saturation-margin", _number, "saturated above the activation kind's healthy saturation (at a N(0, 1) "
          "input: 0.5 for ReLU, ~0 for tanh/sigmoid) plus this"),
         ("--max-saturation", _number, "an absolute saturation limit for every kind instead of the per-kind rule"),

@@ -17,6 +17,7 @@ __all__ = [
     "ACT_NONFINITE",
     "ACT_SATURATION",
     "ACT_STD",
+    "ACT_TRANSMISSION",
     "GRAD_NORM",
     "UPDATE_RATIO",
     "WEIGHT_NORM",
@@ -50,9 +51,11 @@ ACTIVATION_STATISTICS: dict[str, str] = {
     "saturation": "act_saturation",
     "dead": "act_dead",
     "nonfinite": "act_nonfinite",
+    "transmission": "act_transmission",
 }
-ACT_STD, ACT_SATURATION, ACT_DEAD, ACT_NONFINITE = (ACTIVATION_STATISTICS[k] for k in ("std", "saturation", "dead",
-                                                                                    "nonfinite"))  # fmt: skip
+ACT_STD, ACT_SATURATION, ACT_DEAD, ACT_NONFINITE, ACT_TRANSMISSION = (
+    ACTIVATION_STATISTICS[k] for k in ("std", "saturation", "dead", "nonfinite", "transmission")
+)
 #: the statistics of a parameter
 GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM = "grad_norm", "update_ratio", "weight_norm"
 GRADIENT_STATISTICS: tuple[str, ...] = (GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM)
@@ -71,7 +74,8 @@ LOSS_TAG = "lightning_bn/loss"
 ACTIVATION_SECTION, GRADIENT_SECTION = "lightning-bn: activations", "lightning-bn: gradients"
 LAYOUT_STATISTICS: dict[str, tuple[str, ...]] = {
     ACTIVATION_SECTION: tuple(
-        ACTIVATION_STATISTICS[k] for k in ("std", "mean", "saturation", "dead", "zero", "max", "min", "nonfinite")
+        ACTIVATION_STATISTICS[k]
+        for k in ("std", "mean", "transmission", "saturation", "dead", "zero", "max", "min", "nonfinite")
     ),
     GRADIENT_SECTION: GRADIENT_STATISTICS,
 }

@@ -60,22 +60,23 @@ def test_healthy_run_is_not_stopped_and_stays_quiet(tmp_path):
     assert not [w for w in caught if "HealthCheck" in str(w.message)]
 
 
-def test_saturated_sigmoid_stops_with_kind_aware_rule(tmp_path):
-    """A 6-layer sigmoid net with N(0, 1) weights is stopped as saturated; with an absolute limit of 0.9 it is not."""
+def test_saturated_sigmoid_stops_on_its_transmission(tmp_path):
+    """A 6-layer sigmoid net of width 1024 with N(0, 1) weights passes back ~0.07 of a healthy layer's gradient
+    power: stopped as saturated at the first logging step; with min_transmission=0.01 it is not."""
 
     def sigmoid_normal():
         torch.manual_seed(0)
-        net = mlp(6, 128, nn.Sigmoid)
+        net = mlp(6, 1024, nn.Sigmoid)
         for layer in net:
             if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, 0.0, 1.0)
         return net
 
     check = HealthCheck(stop_on="saturated", summary=False)
-    with pytest.warns(RuntimeWarning, match=r"is saturated \(saturation 0\.\d+ > 0\.2"):
+    with pytest.warns(RuntimeWarning, match=r"is saturated \(transmission 0\.0\d+ < 0\.1"):
         t = _fit(tmp_path / "a", sigmoid_normal(), [*_monitors(), check], steps=8)
     assert t.global_step == 1
-    lenient = HealthCheck(stop_on="saturated", summary=False, thresholds=Thresholds(max_saturation=0.9))
+    lenient = HealthCheck(stop_on="saturated", summary=False, thresholds=Thresholds(min_transmission=0.01))
     t = _fit(tmp_path / "b", sigmoid_normal(), [*_monitors(), lenient], steps=4)
     assert t.global_step == 4 and lenient.stopped is None
 

@@ -147,3 +147,44 @@ def test_a_jump_is_no_slope_of_a_kind_found_by_behaviour():
     assert site.activation.max_derivative == pytest.approx(1.0, abs=1e-3)
     phi = 0.5 * (1 + math.erf(0.1 / math.sqrt(2)))
     assert site.activation.healthy_saturation == pytest.approx(phi, abs=0.02)
+
+
+@pytest.mark.slow
+def test_glorot_top_sigmoid_layer_is_flagged_by_its_transmission(digits):
+    """Glorot & Bengio (2010), Fig. 2: 5 x 1000 sigmoid, standard init U[-1/sqrt(n), 1/sqrt(n)] (PyTorch's Linear
+    default), SGD lr 0.1, batch 10, 800 steps: the top layer is driven towards 0 (mean 0.5 -> ~0.05) and passes back
+    ever less gradient. No element comes within 1% of sigma's maximum slope (act_saturation reads 0 throughout), but its
+    transmission falls below 0.1: flagged saturated, the reason saying which figure the flag rests on."""
+    torch.manual_seed(0)
+    net = _mlp(5, 1000, nn.Sigmoid)
+    run, _ = _train(net, digits, 801, torch.optim.SGD(net.parameters(), lr=0.1), every=200, batch=10)
+    top = next(layer for layer in run.layers if layer.name == "9")
+    assert top.saturation == 0.0 and top.transmission < 0.1
+    assert "transmission" in top.flags["saturated"].reason and top.flags["saturated"].active
+    first = next(layer for layer in run.layers if layer.name == "1")
+    assert "saturated" not in first.flags and first.transmission > 1  # small inputs: sigma's steep middle
+
+
+@pytest.mark.parametrize(
+    ("act", "init", "width"),
+    [
+        (nn.ReLU, lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"), 256),
+        (nn.Tanh, nn.init.xavier_normal_, 256),
+        (nn.Sigmoid, lambda w: nn.init.normal_(w, 0.0, 1.0), 128),
+    ],
+    ids=["he-relu", "xavier-tanh", "normal-sigmoid-128"],
+)
+def test_healthy_or_slow_nets_are_not_flagged_saturated(digits, act, init, width):
+    """He-ReLU and Xavier-tanh (transmission ~1), and a N(0, 1)-weight sigmoid net of width 128 (~45% of elements on
+    the flat ends, yet transmission ~0.2: it trains, slowly), are not flagged saturated."""
+    torch.manual_seed(0)
+    net = _mlp(6, width, act, init)
+    run, _ = _train(net, digits, 3, torch.optim.SGD(net.parameters(), lr=0.05))
+    activations = [layer for layer in run.layers if layer.transmission is not None]
+    assert len(activations) == 6
+    assert not [layer.name for layer in activations if "saturated" in layer.flags]
+    if act is nn.Sigmoid:
+        assert all(0.1 < layer.transmission < 0.35 for layer in activations[1:])
+        assert all(layer.saturation > 0.3 for layer in activations[1:])
+    else:
+        assert all(0.5 < layer.transmission < 2.0 for layer in activations)

@@ -189,6 +189,28 @@ class Activation:
         return _numeric_constants(self)[1]
 
     @property
+    def gradient_power(self) -> float:
+        """``E[f'(z)^2]`` for ``z ~ N(0, 1)`` by Gauss-Hermite quadrature (once per kind and parameters): what a
+        healthy unit-variance layer passes back of the gradient's power, the denominator of ``act_transmission``
+        (1/2 for ReLU; mean-field theory's chi_1 is ``sigma_w^2`` times it at unit pre-activation variance)."""
+        key = (id(self.kind), self.params, "gradient_power")
+        if key not in _SATURATION:
+            _SATURATION[key] = self._mean_square_slope(1.0)
+        return _SATURATION[key]
+
+    def _mean_square_slope(self, std: float) -> float:
+        """``E[f'(std z)^2]``, ``z ~ N(0, 1)``, on a dense grid (kinks and jumps of f' defeat Gauss-Hermite)."""
+        z = torch.linspace(-12.0, 12.0, 24001, dtype=torch.float64)
+        density = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * (z[1] - z[0])
+        slope = self.derivative(z * std).double().nan_to_num(0.0)
+        return float((density * slope * slope).sum())
+
+    def transmission(self, std: float) -> float:
+        """``E[f'(s z)^2] / E[f'(z)^2]``: the gradient transmission of a layer whose pre-activation is
+        ``N(0, std^2)`` (1 at std 1 by definition; for tanh it falls as the input spreads onto the flat ends)."""
+        return self._mean_square_slope(std) / self.gradient_power
+
+    @property
     def gain(self) -> float:
         """Numeric init gain ``g = 1 / sqrt(E[f(z)^2])``, ``z ~ N(0, 1)`` (exact √2 for ReLU)."""
         return 1.0 / math.sqrt(self.second_moment)

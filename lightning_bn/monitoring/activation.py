@@ -20,6 +20,7 @@ from lightning_bn.activations import Activation
 from lightning_bn.monitoring.rows import (
     DEFAULT_ZERO_TOL,
     FIELDS,
+    TRANSMISSION,
     Backend,
     backend,
     combine,
@@ -30,6 +31,7 @@ from lightning_bn.monitoring.rows import (
     histogram_record,
     reduce_across_processes,
     saturation,
+    transmission_sum,
     unit_dim_of,
 )
 from lightning_bn.monitoring.select import WatchTarget, _as_target, select_modules  # noqa: F401  (doctest)
@@ -183,6 +185,8 @@ class ActivationProbe(HookSet):
             with self.quiet() if self.quiet is not None else contextlib.nullcontext():
                 found = saturation(args[0], target.activation, target.spec.unit_dim)
                 self._record_saturation(target, found, tuple(args[0].shape))
+                target.pending = torch.cat([target.pending, transmission_sum(args[0], target.activation, args[0])
+                                            .reshape(1)])  # fmt: skip
 
         return hook
 
@@ -190,7 +194,7 @@ class ActivationProbe(HookSet):
     def _record_saturation(target: _Target, found: tuple[Tensor, Tensor, Tensor], shape: tuple[int, ...]) -> None:
         """Per call shape (all dims but the batch): one module used at two places keeps two sets of units."""
         saturated, units, alive = found
-        target.pending = torch.stack([saturated, units, units.new_zeros(())])
+        target.pending = torch.stack([saturated, units, units.new_zeros(())])  # transmission follows (pre-hook)
         if target.alive is None:
             target.alive, target.units = {}, {}
         key = shape[1:]
@@ -237,6 +241,7 @@ class ActivationProbe(HookSet):
             x, bounds = judged
             unit_dim = unit_dim_of(x) if spec.unit_dim is None else spec.unit_dim
             row, alive = fused_row(output, self.zero_tol, x=x, bounds=bounds, unit_dim=unit_dim, path=self._path)
+            row[TRANSMISSION] = transmission_sum(output, spec.activation, x)
             if alive.numel():
                 self._record_saturation(target, (row[_sat], row[_units], alive), tuple(x.shape))
         else:
@@ -307,7 +312,9 @@ class ActivationProbe(HookSet):
                 counts = payload[offset + i * bins : offset + (i + 1) * bins]
                 if bins and row[0] and has_hist[i]:
                     low, high = row[self._min], row[self._max]
-                    result.histograms.append(histogram_record(name, low, high, counts, sum(counts), row[1], row[2]))
+                    n, mean, m2 = row[0], row[1], row[2]  # TensorBoard wants the plain sum and sum of squares
+                    result.histograms.append(histogram_record(name, low, high, counts, sum(counts), n * mean,
+                                                              m2 + n * mean * mean))  # fmt: skip
             return result
 
         return torch.cat([rows.reshape(-1), *hists]), parse

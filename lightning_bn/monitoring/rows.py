@@ -51,16 +51,21 @@ __all__ = [
     "saturation",
     "summarize",
     "total_norm",
+    "transmission_sum",
+    "TRANSMISSION",
     "unit_dim_of",
 ]
 
-#: The row layout. ``units`` / ``dead_units`` count features (or channels); ``saturated`` counts elements.
+#: The row layout: ``count`` elements, their ``mean`` and centred moments ``m2..m4`` (``m_k = sum (x - mean)^k``,
+#: float64, filled by the fused pass around the tensor's own mean, never via raw power sums), ``min`` / ``max``,
+#: counts of near-zero and non-finite elements; for an activation, ``saturated`` elements, ``units`` / ``dead_units``
+#: (features or channels) and ``transmission``, the sum of ``f'(x)^2`` over its finite elements.
 FIELDS: tuple[str, ...] = (
     "count",
-    "sum",
-    "sum_sq",
-    "sum_cube",
-    "sum_fourth",
+    "mean",
+    "m2",
+    "m3",
+    "m4",
     "min",
     "max",
     "near_zero",
@@ -68,9 +73,16 @@ FIELDS: tuple[str, ...] = (
     "saturated",
     "units",
     "dead_units",
+    "transmission",
 )
-#: How each field combines across calls and processes.
-REDUCTIONS: dict[str, Literal["sum", "min", "max"]] = {f: "sum" for f in FIELDS} | {
+#: How each field combines across calls and processes (``moments``: Chan et al. 1979 / Pébay 2008, see
+#: :func:`combine`).
+REDUCTIONS: dict[str, Literal["sum", "min", "max", "moments"]] = {f: "sum" for f in FIELDS} | {
+    "count": "moments",
+    "mean": "moments",
+    "m2": "moments",
+    "m3": "moments",
+    "m4": "moments",
     "min": "min",
     "max": "max",
     "units": "max",  # the same layer has the same units on every call and every rank
@@ -79,6 +91,9 @@ _INDEX = {name: i for i, name in enumerate(FIELDS)}
 _MIN = _INDEX["min"]
 _SUM_COLUMNS = [i for i, f in enumerate(FIELDS) if REDUCTIONS[f] == "sum"]
 _MAX_COLUMNS = [i for i, f in enumerate(FIELDS) if REDUCTIONS[f] == "max"]
+TRANSMISSION = _INDEX["transmission"]
+#: elements per chunk of the higher sums: float32 dot products over at most this many, then added in float64
+_CHUNK = 1 << 18
 
 #: Absolute value below which an element counts as "near zero".
 DEFAULT_ZERO_TOL = 1e-6
@@ -109,55 +124,70 @@ def _summary(
         return _summary_eager(y, x, low_bound, high_bound, zero_tol, unit_dim, judge)
     v = (y if y.dtype in (torch.float32, torch.float64) else y.float()).reshape(-1)
     n = v.numel()
-    c = v.sum() / n
-    d = v - c
-    d2 = d * d
-    s1, s2 = d.sum().double(), d2.sum().double()
-    s3, s4 = torch.dot(d2, d).double(), torch.dot(d2, d2).double()
-    c = c.double()
     low, high = torch.aminmax(v)
+    c = (v.sum(dtype=torch.float64) / n).to(v.dtype)
+    scale = _scale(c, low, high)
+    e = (v - c) / scale
+    e2 = e * e
+    sums = torch.stack([e.sum(dtype=torch.float64), e2.sum(dtype=torch.float64), (e2 * e).sum(dtype=torch.float64),
+                        (e2 * e2).sum(dtype=torch.float64)])  # fmt: skip
     nonfinite = (n - torch.count_nonzero(torch.isfinite(v))).double()
     near = torch.count_nonzero(v.abs() <= zero_tol).double()
     count = torch.full((), float(n), dtype=torch.float64, device=v.device)
-    raw = torch.stack(
-        [
-            count,
-            s1 + n * c,
-            s2 + 2 * c * s1 + n * c * c,
-            s3 + 3 * c * s2 + 3 * c * c * s1 + n * c**3,
-            s4 + 4 * c * s3 + 6 * c * c * s2 + 4 * c**3 * s1 + n * c**4,
-            low.double(),
-            high.double(),
-            near,
-            nonfinite,
-        ]
-    )
+    raw = torch.cat([count.reshape(1), _moments(n, c, scale, sums, low, high),
+                     torch.stack([low.double(), high.double(), near, nonfinite])])  # fmt: skip
     if not judge:
-        zero = torch.zeros(3, dtype=torch.float64, device=v.device)
+        zero = torch.zeros(4, dtype=torch.float64, device=v.device)
         return torch.cat([raw, zero]), torch.zeros(0, dtype=torch.float64, device=v.device)
     u = x if x.dtype in (torch.float32, torch.float64) else x.float()
     saturated, units, alive = saturation_counts(u, low_bound, high_bound, unit_dim)
-    extra = torch.stack([saturated, units, torch.zeros((), dtype=torch.float64, device=v.device)])
+    zero = torch.zeros((), dtype=torch.float64, device=v.device)
+    extra = torch.stack([saturated, units, zero, zero])
     return torch.cat([raw, extra]), alive
 
 
-#: ``_SHIFT[device]``: binomial coefficients and exponents that move power sums around ``c`` back to raw ones
-_SHIFT: dict[torch.device, tuple[Tensor, Tensor]] = {}
+def _scale(c: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """``max |x - c|`` from the min and max (1 where that is 0 or not finite): the centred values are divided by it
+    before their powers are summed, so ``sum (x - c)^4`` cannot overflow float32 (``randn * 1e9`` reads finite)."""
+    s = torch.maximum(high - c, c - low)
+    return torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
 
 
-def _shift_back(c: Tensor, centered: Tensor, n: int) -> Tensor:
-    """Raw power sums 1..4 from sums of ``(v - c)^j``, j = 1..4, in four small operations:
-    ``sum v^k = n c^k + sum_j C(k, j) c^(k-j) sum (v - c)^j``."""
-    table = _SHIFT.get(c.device)
-    if table is None:
-        binom = torch.tensor(
-            [[math.comb(k, j) if j <= k else 0 for j in range(1, 5)] for k in range(1, 5)], dtype=torch.float64
-        )
-        exps = torch.tensor([[max(k - j, 0) for j in range(1, 5)] for k in range(1, 5)] + [[1, 2, 3, 4]])
-        table = _SHIFT[c.device] = (binom.to(c.device), exps.to(c.device))
-    binom, exps = table
-    powers = c.pow(exps)  # (5, 4): c^(k-j) per entry, and c^1..c^4 in the last row
-    return torch.addmv(powers[4] * n, binom * powers[:4], centered)
+def _moments(n: int, c: Tensor, scale: Tensor, sums: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """``(mean, m2, m3, m4)`` in float64 from the sums of ``e^k``, ``e = (x - c) / scale``, k = 1..4, around a ``c``
+    near the mean: the shift to the exact mean moves by ``a = sum e / n``, a fraction of the spread, so nothing
+    cancels (the raw-sum formulas lost everything at ``|mean| / std`` above ~1e4). A constant tensor has m2 = 0."""
+    s1, s2, s3, s4 = sums.unbind()
+    a = s1 / n
+    m2 = s2 - n * a * a
+    m3 = s3 - 3 * a * s2 + 2 * n * a**3
+    m4 = s4 - 4 * a * s3 + 6 * a * a * s2 - 3 * n * a**4
+    k = scale.double()
+    flat = (high == low) & torch.isfinite(low)
+    moments = torch.stack([c.double() + k * a, m2.clamp_min(0) * k**2, m3 * k**3, m4.clamp_min(0) * k**4])
+    return torch.where(flat, torch.stack([low.double(), *([torch.zeros_like(a)] * 3)]), moments)
+
+
+def _moments_host(n: int, c: float, scale: float, sums: tuple[float, ...], low: float, high: float) -> list[float]:
+    """:func:`_moments` on host floats (float64)."""
+    if high == low and math.isfinite(low):
+        return [low, 0.0, 0.0, 0.0]
+    s1, s2, s3, s4 = sums
+    a = s1 / n
+    return [
+        c + scale * a,
+        max(s2 - n * a * a, 0.0) * scale**2,
+        (s3 - 3 * a * s2 + 2 * n * a**3) * scale**3,
+        max(s4 - 4 * a * s3 + 6 * a * a * s2 - 3 * n * a**4, 0.0) * scale**4,
+    ]
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``a . b`` in float64 from float32 dot products over chunks of :data:`_CHUNK` elements (one dot over 1e8
+    elements biased a kurtosis by -0.9%)."""
+    if a.numel() <= _CHUNK:
+        return torch.dot(a, b).double()
+    return torch.stack([torch.dot(x, y) for x, y in zip(a.split(_CHUNK), b.split(_CHUNK))]).double().sum()
 
 
 def _count(t: Tensor) -> Tensor:
@@ -181,15 +211,17 @@ def _summary_eager(
             return found
     n = v.numel()
     on_cpu = v.device.type == "cpu"
+    low, high = torch.aminmax(v)
     c = v.mean()
-    d = v - c
-    d2 = d * d
-    parts = [d.sum(), d2.sum(), torch.dot(d2, d), torch.dot(d2, d2)]
-    del d, d2  # at most two tensor-sized temporaries alive at once
-    parts += torch.aminmax(v)
+    scale = _scale(c, low, high)
+    e = (v - c).div_(scale)
+    e2 = e * e
+    parts = [e.sum(dtype=torch.float64), e2.sum(dtype=torch.float64), _dot(e2, e), _dot(e2, e2)]
+    del e, e2  # at most two tensor-sized temporaries alive at once
+    parts += [low, high]
     # inf and NaN leave abs() as inf/NaN: nan_to_num_ makes both "large", so neither is near zero
     parts.append(_count(torch.nn.functional.threshold(v.abs().nan_to_num_(nan=math.inf), zero_tol, 0.0).sign_()))
-    clean = on_cpu and math.isfinite(parts[1].item())  # any inf/NaN makes the centred square sum inf/NaN
+    clean = on_cpu and math.isfinite(low.item()) and math.isfinite(high.item())  # min/max: inf, or NaN (any NaN)
     nonfinite = None if clean else _count((v * 0).nan_to_num_(nan=1.0))  # inf * 0 and NaN * 0 are NaN, the rest 0
     if nonfinite is not None:
         parts.append(nonfinite)
@@ -200,8 +232,8 @@ def _summary_eager(
         finite = (n - nonfinite if nonfinite is not None else v.new_full((), float(n))) if same else None
         saturated, units, alive = _saturation_eager(u, *bounds, unit_dim, finite, assume_finite=clean and same)
         parts.append(saturated)
-    scalars = torch.stack([p.to(v.dtype) for p in parts]).double()
-    moments = _shift_back(c.double(), scalars[:4], n)
+    scalars = torch.stack([p.double() for p in parts])  # float64: counts above 2^24 stay exact
+    moments = _moments(n, c, scale, scalars[:4], low, high)
     zero = scalars.new_zeros(1)
     row = torch.cat(
         [
@@ -212,6 +244,7 @@ def _summary_eager(
             scalars[7:8] if nonfinite is not None else zero,
             scalars[-1:] if judge else zero,
             units.reshape(1) if judge else zero,
+            zero,
             zero,
         ]
     )
@@ -227,20 +260,23 @@ def _summary_cpu(
     one ``hardshrink`` (``|v| <= tol`` becomes 0) and, for a bound that is infinite on one side (ReLU, GELU, ELU, ...),
     saturation and liveness come from one shifted copy and one per-unit ``amax`` (``amin``)."""
     n = v.numel()
-    c = v.mean()
-    d = v - c
-    d2 = d * d
-    found = torch.stack([d.sum(), d2.sum(), torch.dot(d2, d), torch.dot(d2, d2), *torch.aminmax(v), c])
-    del d, d2
-    s1, s2, s3, s4, low, high, mean = found.tolist()
-    if not math.isfinite(s2):  # an inf or NaN somewhere: the general path counts them
+    low, high = (t.item() for t in torch.aminmax(v))
+    if not (math.isfinite(low) and math.isfinite(high)):  # an inf or NaN somewhere: the general path counts them
         return None
-    row = [float(n), *_shift_back_host(mean, (s1, s2, s3, s4), n), low, high]
+    c = v.mean()
+    mean = c.item()
+    scale = max(high - mean, mean - low)
+    scale = scale if scale > 0 and math.isfinite(scale) else 1.0
+    e = (v - c).mul_(1.0 / scale)
+    e2 = e * e
+    s1, s2, s3, s4 = torch.stack([e.sum(), e2.sum(), _dot(e2, e), _dot(e2, e2)]).tolist()
+    del e, e2
+    row = [float(n), *_moments_host(n, mean, scale, (s1, s2, s3, s4), low, high), low, high]
     beyond = torch.nn.functional.hardshrink(v, zero_tol).sign_()  # +-1 where |v| > tol, else 0 (count_nonzero is slow)
     row.append(n - torch.dot(beyond, beyond).item())  # exact: integers below 2^24 in float32
     row.append(0.0)  # nonfinite
     if not judge:
-        return torch.tensor([*row, 0.0, 0.0, 0.0], dtype=torch.float64), v.new_zeros(0, dtype=torch.float64)
+        return torch.tensor([*row, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64), v.new_zeros(0, dtype=torch.float64)
     u = x if x.dtype in (torch.float32, torch.float64) else x.float()
     lo, hi = float(low_bound), float(high_bound)
     one_sided = (hi == math.inf) != (lo == -math.inf)
@@ -260,15 +296,8 @@ def _summary_cpu(
         extreme = w.amin(dim=dims) if dims else w
         alive = extreme < hi
     unsaturated = torch.nn.functional.threshold(gap, 0.0, 0.0).sign_().sum().item()
-    row += [float(w.numel() - unsaturated), float(units), 0.0]
+    row += [float(w.numel() - unsaturated), float(units), 0.0, 0.0]
     return torch.tensor(row, dtype=torch.float64), alive.reshape(units).double()
-
-
-def _shift_back_host(c: float, centered: tuple[float, ...], n: int) -> list[float]:
-    """:func:`_shift_back` on host floats (float64)."""
-    return [
-        n * c**k + sum(math.comb(k, j) * c ** (k - j) * centered[j - 1] for j in range(1, k + 1)) for k in range(1, 5)
-    ]
 
 
 def _saturation_eager(
@@ -377,9 +406,7 @@ def fused_row(
     global _compiled, _compile_failed
     judge = x is not None and bounds is not None and y.numel() > 0
     if y.numel() == 0:  # the row of nothing: zero counts, min +inf, max -inf (empty_row)
-        row = torch.zeros(12, dtype=torch.float64, device=y.device)
-        row[5], row[6] = float("inf"), float("-inf")
-        return row, torch.zeros(0, dtype=torch.float64, device=y.device)
+        return empty_row(y.device), torch.zeros(0, dtype=torch.float64, device=y.device)
     if x is None or not judge:
         x, low, high, unit_dim = y, y.new_zeros((), dtype=torch.float32), y.new_zeros((), dtype=torch.float32), 0
     else:
@@ -447,13 +474,35 @@ def summarize(
     """
     row = value_stats(t, zero_tol)
     if activation is None:
-        return torch.cat([row, row.new_zeros(3)])
+        return torch.cat([row, row.new_zeros(4)])
     if pre_activation is None or activation.kind.output_derivative is not None:
         saturated, units, alive = saturation(t, activation, from_output=True)
     else:
         saturated, units, alive = saturation(pre_activation, activation)
     dead = units - alive.sum(dtype=torch.float64)
-    return torch.cat([row, torch.stack([saturated, units, dead])])
+    return torch.cat([row, torch.stack([saturated, units, dead, transmission_sum(t, activation, pre_activation)])])
+
+
+def transmission_sum(y: Tensor, activation: Activation, x: Tensor | None = None) -> Tensor:
+    """``sum f'(x)^2 / E[f'(z)^2]`` over the finite elements, float64 on the device: divided by the count, the layer's
+    gradient transmission ``act_transmission`` (1 for a healthy unit-variance layer of any kind; the local part of
+    mean-field chi_1). ``y`` is the activation's output, ``x`` its input; monotone kinds take ``f'`` from ``y``.
+
+    Example::
+
+        >>> from lightning_bn.activations import get_activation
+        >>> x = torch.tensor([-1.0, 2.0, 3.0, -4.0])
+        >>> round(transmission_sum(torch.relu(x), get_activation("relu"), x).item() / 4, 2)  # half the units pass
+        1.0
+    """
+    if activation.kind.output_derivative is not None:
+        slope = activation.derivative_from_output(_float(y).reshape(-1))
+    elif x is not None:
+        slope = activation.derivative(_float(x).reshape(-1))
+    else:
+        return torch.full((), math.nan, dtype=torch.float64, device=y.device)
+    slope = torch.nan_to_num(_float(slope), nan=0.0, posinf=0.0, neginf=0.0)
+    return _dot(slope, slope) / activation.gradient_power
 
 
 def _float(t: Tensor) -> Tensor:
@@ -500,33 +549,60 @@ def empty_row(device: torch.device | str = "cpu") -> Tensor:
 
 
 def combine(a: Tensor, b: Tensor) -> Tensor:
-    """Combine two rows (or two stacks of rows) field by field: sums add, min/max reduce."""
+    """Combine two rows (or two stacks of rows) field by field: counts and sums add, min/max reduce, and the centred
+    moments merge exactly (Chan et al. 1979; Pébay 2008): with ``d = mean_b - mean_a`` and ``n = n_a + n_b``,
+    ``mean = mean_a + d n_b / n``, ``m2 = m2_a + m2_b + d^2 n_a n_b / n``, and likewise ``m3``, ``m4``.
+
+    Example::
+
+        >>> x = torch.randn(1000, dtype=torch.float64) + 1e4
+        >>> both = combine(summarize(x[:300]), summarize(x[300:]))
+        >>> m2 = ((x - x.mean()) ** 2).sum().item()
+        >>> abs(both[1].item() - x.mean().item()) < 1e-9, abs(both[2].item() / m2 - 1) < 1e-9
+        (True, True)
+    """
     out = a + b
     out[..., _MIN] = torch.minimum(a[..., _MIN], b[..., _MIN])
     out[..., _MAX_COLUMNS] = torch.maximum(a[..., _MAX_COLUMNS], b[..., _MAX_COLUMNS])
+    out[..., 1:5] = _merge_moments(a[..., :5], b[..., :5])[..., 1:]
     return out
 
 
-def reduce_across_processes(rows: Tensor, alive: Tensor, group: object | None = None) -> tuple[Tensor, Tensor]:
-    """All-reduce a ``(M, len(FIELDS))`` stack of rows and the concatenated alive flags, in two collectives.
+def _merge_moments(a: Tensor, b: Tensor) -> Tensor:
+    """Pébay's pairwise update of ``(n, mean, m2, m3, m4)`` (stacks along the last dimension); an empty side (n = 0)
+    leaves the other as it is."""
+    na, ma, a2, a3, a4 = a.unbind(-1)
+    nb, mb, b2, b3, b4 = b.unbind(-1)
+    n = na + nb
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    d = torch.where((na > 0) & (nb > 0), mb - ma, torch.zeros_like(ma))  # inf - inf of two empty means: not NaN
+    mean = torch.where(na > 0, ma, mb) + torch.where(na > 0, d * nb / safe, torch.zeros_like(d))
+    m2 = a2 + b2 + d * d * na * nb / safe
+    m3 = a3 + b3 + d**3 * na * nb * (na - nb) / safe**2 + 3 * d * (na * b2 - nb * a2) / safe
+    m4 = (a4 + b4 + d**4 * na * nb * (na * na - na * nb + nb * nb) / safe**3
+          + 6 * d * d * (na * na * b2 + nb * nb * a2) / safe**2 + 4 * d * (na * b3 - nb * a3) / safe)  # fmt: skip
+    return torch.stack([n, mean, m2, m3, m4], dim=-1)
 
-    One ``SUM`` for the summed fields; one ``MAX`` for the max-reduced fields, the negated min and the alive flags.
+
+def reduce_across_processes(rows: Tensor, alive: Tensor, group: object | None = None) -> tuple[Tensor, Tensor]:
+    """Combine a ``(M, len(FIELDS))`` stack of rows and the concatenated alive flags over the processes, in two
+    collectives: one all-gather of the rows, folded in rank order with :func:`combine` identically on every rank
+    (the centred moments merge pairwise, so they cannot be summed), and one ``MAX`` of the alive flags.
     A no-op when ``torch.distributed`` is not initialized.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return rows, alive
     dist = torch.distributed
-    summed = rows[:, _SUM_COLUMNS].contiguous()
-    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-    maxed_columns = rows[:, _MAX_COLUMNS]
-    maxed = torch.cat([maxed_columns.reshape(-1), -rows[:, _MIN], alive])
-    dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
-    m, k = maxed_columns.shape
-    out = rows.clone()
-    out[:, _SUM_COLUMNS] = summed
-    out[:, _MAX_COLUMNS] = maxed[: m * k].reshape(m, k)
-    out[:, _MIN] = -maxed[m * k : m * k + m]
-    return out, maxed[m * k + m :]
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(rows) for _ in range(world)]
+    dist.all_gather(gathered, rows.contiguous(), group=group)
+    out = gathered[0]
+    for other in gathered[1:]:
+        out = combine(out, other)
+    alive = alive.clone()
+    if alive.numel():
+        dist.all_reduce(alive, op=dist.ReduceOp.MAX, group=group)
+    return out, alive
 
 
 #: Histograms are taken over at most this many evenly strided elements of a tensor (a faithful picture, cheaply).
@@ -587,37 +663,35 @@ def histogram_record(
 
 
 def figures(row: list[float] | tuple[float, ...]) -> dict[str, float]:
-    """Turn one host-side row into named figures: mean, std (unbiased), min, max, zero/saturation/dead fractions.
+    """Turn one host-side row into named figures: mean, std, kurtosis, min, max, zero/saturation/dead fractions, and
+    for an activation its gradient transmission sum.
 
-    ``saturation`` and ``dead`` are present only for rows that carry an activation (``units > 0``).
+    ``std`` is the sample standard deviation ``sqrt(m2 / (n - 1))`` (as ``torch.std``); ``kurtosis`` is Pearson's
+    ``n m4 / m2^2`` (3 for a Gaussian, >= 1 always). Both are NaN where the tensor holds inf/NaN (``nonfinite``
+    counts them) or has fewer than 2 elements; kurtosis also where ``m2 = 0`` (a constant). ``saturation`` and
+    ``dead`` are present only for rows that carry an activation (``units > 0``), with ``transmission``, the mean of
+    ``f'(x)^2`` relative to a healthy N(0, 1) input (:func:`transmission_sum`).
     """
     r = dict(zip(FIELDS, row))
-    finite = r["count"] - r["nonfinite"]
-    mean = r["sum"] / finite if finite else math.nan
-    var = (r["sum_sq"] - r["sum"] * mean) / (finite - 1) if finite > 1 else math.nan
+    n, nonfinite = r["count"], r["nonfinite"]
+    clean = n > 0 and nonfinite == 0
+    mean = r["mean"] if clean else math.nan
+    var = r["m2"] / (n - 1) if clean and n > 1 else math.nan
     out = {
         "mean": mean,
         "std": math.sqrt(max(var, 0.0)) if not math.isnan(var) else math.nan,
-        "kurtosis": _kurtosis(r, finite),
+        "kurtosis": n * r["m4"] / (r["m2"] * r["m2"]) if clean and n > 1 and r["m2"] > 0 else math.nan,
         "min": r["min"],
         "max": r["max"],
-        "zero": r["near_zero"] / r["count"] if r["count"] else math.nan,
-        "nonfinite": r["nonfinite"],
+        "zero": r["near_zero"] / n if n else math.nan,
+        "nonfinite": nonfinite,
     }
     if r["units"] > 0:
+        finite = n - nonfinite
         out["saturation"] = r["saturated"] / finite if finite else math.nan
         out["dead"] = r["dead_units"] / r["units"]
+        out["transmission"] = r["transmission"] / finite if finite else math.nan
     return out
-
-
-def _kurtosis(r: dict[str, float], n: float) -> float:
-    """Pearson's kurtosis E[(x-mu)^4] / var^2 from raw power sums (3 for a Gaussian; outlier features are far above)."""
-    if n < 2 or not all(math.isfinite(r[k]) for k in ("sum", "sum_sq", "sum_cube", "sum_fourth")):
-        return math.nan
-    mu = r["sum"] / n
-    m2 = r["sum_sq"] / n - mu * mu
-    m4 = r["sum_fourth"] / n - 4 * mu * r["sum_cube"] / n + 6 * mu * mu * r["sum_sq"] / n - 3 * mu**4
-    return m4 / (m2 * m2) if m2 > 0 else math.nan
 
 
 def parameter_norms(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:

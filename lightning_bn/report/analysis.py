@@ -15,6 +15,7 @@ from lightning_bn.tags import (
     ACT_NONFINITE,
     ACT_SATURATION,
     ACT_STD,
+    ACT_TRANSMISSION,
     ACTIVATION_STATISTICS,
     GRAD_NORM,
     LOSS_TAG,
@@ -212,6 +213,8 @@ def analyze(
                 layer,
                 depth,
                 kind,
+                transmission=_latest(act.get(ACT_TRANSMISSION)),
+                worst_transmission=_lowest(act.get(ACT_TRANSMISSION)),
                 saturation=_latest(act.get(ACT_SATURATION)),
                 worst_saturation=_worst(act.get(ACT_SATURATION)),
                 dead=_latest(act.get(ACT_DEAD)),
@@ -321,6 +324,14 @@ def _latest(series: Mapping[int, float] | None) -> float | None:
     return series[max(series)] if series else None
 
 
+def _lowest(series: Mapping[int, float] | None) -> float | None:
+    """The smallest value; NaN only when every value is NaN."""
+    if not series:
+        return None
+    finite = [v for v in series.values() if not math.isnan(v)]
+    return min(finite) if finite else math.nan
+
+
 def _worst(series: Mapping[int, float] | None) -> float | None:
     """The largest value; NaN only when every value is NaN."""
     if not series:
@@ -390,9 +401,17 @@ def _flags(
         _, rel, _, ctx = value
         return f"gradient {rel:.2g} x its weights, {rel / ctx.p10:.2g} x the bottom decile; over depth {ctx.describe()}"
 
+    saturation = act.get(ACT_SATURATION, {})
+    transmission = act.get(ACT_TRANSMISSION)
+    if transmission:  # the flag rests on the gradient the layer passes back; act_saturation is shown beside it
+        saturated = ("saturated", transmission, lambda v, s: v < t.min_transmission,
+                     lambda v: f"transmission {v:.2g} < {t.min_transmission:.2g} of a healthy layer's gradient power"
+                     + (f" (per-element saturation {saturation[max(saturation)]:.2f})" if saturation else ""))
+    else:  # a run logged before act_transmission existed
+        saturated = ("saturated", saturation, lambda v, s: v > saturation_limit,
+                     lambda v: f"saturation {v:.3g} > {saturation_limit:.3g}")  # fmt: skip
     checks: list[tuple[str, Mapping[int, Any], Callable[[Any, int], bool], Callable[[Any], str]]] = [
-        ("saturated", act.get(ACT_SATURATION, {}), lambda v, s: v > saturation_limit,
-         lambda v: f"saturation {v:.3g} > {saturation_limit:.3g}"),
+        saturated,
         ("dead", act.get(ACT_DEAD, {}), lambda v, s: v > t.max_dead, "dead fraction {:.3g}".format),
         ("nonfinite", nonfinite, lambda v, s: v > 0, "{:.0f} non-finite activations".format),
         ("nonfinite", grad, lambda v, s: not math.isfinite(v), "gradient norm {}".format),

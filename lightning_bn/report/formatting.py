@@ -15,6 +15,7 @@ _ZERO_INIT_NOTE = "zero-init (deliberate)"
 _COLUMNS = (
     "layer",
     "type",
+    "transm.",
     "saturation",
     "worst sat.",
     "dead",
@@ -74,13 +75,17 @@ def _legend(t: Thresholds) -> str:
         else f"saturation > the kind's healthy saturation at a N(0, 1) input + {t.saturation_margin:g}"
     )
     return (
-        f"rules: saturated ({saturation}), dead (dead fraction > {t.max_dead:g}), nonfinite (inf/NaN activation or "
+        f"rules: saturated (gradient transmission < {t.min_transmission:g} of a healthy layer's; in runs without "
+        f"it, {saturation}), dead (dead fraction > {t.max_dead:g}), nonfinite (inf/NaN activation or "
         f"gradient), vanishing / exploding (std/first < {t.min_std_ratio:g} / > {t.max_std_ratio:g}; first = the "
         "first layer of the same type), exploding (update ratio > "
         f"{t.max_update_ratio:g}), vanishing_gradient (||g||/||w|| < {t.min_grad_ratio:g} x the median "
-        f"layer's, or a gradient of 0 with non-zero weights), stalled (update ratio < {t.min_update_ratio:g} for "
-        f"{t.stalled_steps} logged steps in a row); {_ZERO_INIT_NOTE}: weights (or a norm's output) exactly 0 at the "
-        f"first logged step, not flagged vanishing until std/first reaches {t.min_std_ratio:g}"
+        f"layer's, a gradient of 0 with non-zero weights, or over {t.max_gradient_decades:g} decades of "
+        f"||g||/||w|| along depth: < {t.trend_grad_ratio:g} x the top decile), exploding_gradient (the same, growing "
+        f"towards the input), stalled (update ratio < {t.min_update_ratio:g} for {t.stalled_steps} logged steps in a "
+        f"row while the loss does not improve by {t.min_loss_improvement:g} and stays above {t.converged_loss:g}); "
+        f"{_ZERO_INIT_NOTE}: weights (or a norm's output) exactly 0 at the first logged step, not flagged vanishing "
+        f"until std/first reaches {t.min_std_ratio:g}"
     )
 
 
@@ -134,6 +139,7 @@ def _row(layer: Any) -> tuple[str, ...]:
     return (
         layer.name,
         layer.layer_type,
+        _number(layer.transmission, ".2g"),
         _number(layer.saturation, ".2f"),
         _number(layer.worst_saturation, ".2f"),
         _number(layer.dead, ".2f"),

@@ -47,7 +47,14 @@ class Thresholds:
     fit-end summary and fail-fast (:class:`lightning_bn.HealthCheck`), in one place.
 
     Args:
-        saturation_margin: ``saturated`` when ``act_saturation`` exceeds what is healthy *for the layer's activation
+        min_transmission: ``saturated`` when the layer's gradient transmission ``act_transmission`` (the mean of
+            ``f'(x)^2`` over its inputs, relative to a healthy N(0, 1) input: the factor it puts on the gradient's
+            power going back, the local part of mean-field chi_1) falls below this. It catches Glorot & Bengio's top
+            sigmoid layer at mean 0.03 (transmission ~0.02, while no element is within 1% of sigma's maximum slope:
+            ``act_saturation`` reads 0) and leaves a N(0, 1)-weight sigmoid net of width 128 alone (~0.15: it trains,
+            slowly). Runs that did not log ``act_transmission`` are judged by ``act_saturation`` below.
+        saturation_margin: (runs without ``act_transmission``) ``saturated`` when ``act_saturation`` exceeds what is
+            healthy *for the layer's activation
             kind* by more than this. The healthy value is the fraction a unit-variance input ``N(0, 1)`` saturates
             (:attr:`lightning_bn.activations.Activation.healthy_saturation`, written by ``ActivationMonitor`` into the
             run's layers table): 0.5 for ReLU (its negative half has zero slope by construction), ~0.003 for tanh and
@@ -97,6 +104,7 @@ class Thresholds:
         0.9
     """
 
+    min_transmission: float = 0.1
     saturation_margin: float = 0.2
     max_saturation: float | None = None
     max_dead: float = 0.5
@@ -113,7 +121,7 @@ class Thresholds:
     converged_loss: float = 1e-3
 
     def __post_init__(self) -> None:
-        for name in ("saturation_margin", "max_dead"):
+        for name in ("min_transmission", "saturation_margin", "max_dead"):
             object.__setattr__(self, name, checks.fraction(name, getattr(self, name)))
         if self.max_saturation is not None:
             object.__setattr__(self, "max_saturation", checks.fraction("max_saturation", self.max_saturation))
@@ -188,6 +196,8 @@ class LayerHealth:
     activation: str | None = None
     healthy_saturation: float | None = None
     saturation_limit: float | None = None
+    transmission: float | None = None
+    worst_transmission: float | None = None
 
     @property
     def layer_type(self) -> str:
@@ -210,6 +220,7 @@ class LayerHealth:
                 "limit": self.saturation_limit,
             },
             "dead": {"latest": self.dead, "worst": self.worst_dead},
+            "transmission": {"latest": self.transmission, "worst": self.worst_transmission},
             "std": self.std,
             "std_ratio": self.std_ratio,
             "std_reference": self.std_reference,
