@@ -6,8 +6,9 @@
 
 For every built-in kind, at its default parameters: the recommended init and its gain, the output range, where the
 input counts as saturated, and what the monitors read at a healthy input (pre-activation ``z ~ N(0, 1)``):
-``act_saturation``, ``act_zero``, ``act_mean``, ``act_std``, ``act_kurtosis``; and where the report's default
-``saturated`` rule starts.
+``act_saturation``, ``act_zero``, ``act_mean``, ``act_std``, ``act_kurtosis``; where the per-element ``saturated``
+rule of runs without ``act_transmission`` starts; and ``act_transmission`` when the pre-activation std is 0.5 or 2
+instead of 1 (1 at std 1 by definition: the healthy range of a layer within a factor 2 of unit scale).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ COLUMNS = (
     "`act_mean`",
     "`act_std`",
     "`act_kurtosis`",
+    "`act_transmission` at std 0.5 / 2",
     "init gain",
 )
 
@@ -128,6 +130,7 @@ def table() -> str:
                 _number(figures["mean"]),
                 _number(figures["std"]),
                 _number(figures["kurtosis"]),
+                f"{_number(act.transmission(0.5))} / {_number(act.transmission(2.0))}",
                 _number(act.gain),
             )
         )
