@@ -5,7 +5,7 @@ whether it is summed, min-reduced or max-reduced — so rows from several calls,
 same figures as one pass over all the data. Nothing here calls ``.item()`` or moves data to the host; only
 :func:`figures` works on host values, after the one transfer.
 
-One fused pass per watched tensor: every figure of a row (power sums up to the fourth, min/max, near-zero,
+One fused pass per watched tensor: every figure of a row (mean and centred moments to the fourth, min/max, near-zero,
 non-finite, saturated count and per-unit liveness) from a single function, compiled where a compiler is available.
 
 The same Python function runs either eagerly or through ``torch.compile(dynamic=True)`` (inductor: C++ on CPU, Triton
