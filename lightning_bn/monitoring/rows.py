@@ -1,9 +1,9 @@
 """On-device summaries of a tensor: the functional core of the monitors (pure torch, no hooks, no Lightning).
 
 A tensor is summarized into a small float64 *row* on its own device. Rows combine exactly — every field declares
-whether it is summed, min-reduced or max-reduced — so rows from several calls, or several DDP ranks, give the
-same figures as one pass over all the data. Nothing here calls ``.item()`` or moves data to the host; only
-:func:`figures` works on host values, after the one transfer.
+whether it is summed, min- or max-reduced, or merged with the pairwise formulas of centred moments — so rows from
+several calls, or several DDP ranks, give the same figures as one pass over all the data. On CUDA nothing here reads
+a value on the host; :func:`figures` works on host values, after the one transfer.
 
 One fused pass per watched tensor: every figure of a row (mean and centred moments to the fourth, min/max, near-zero,
 non-finite, saturated count and per-unit liveness) from a single function, compiled where a compiler is available.
