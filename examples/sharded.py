@@ -108,7 +108,8 @@ def main() -> None:
             print(proc.stdout.strip())
     single = read_scalars(args.out / "logs" / "single")
     sharded = read_scalars(args.out / "logs" / "fsdp2")
-    tags = sorted(t for t in single if "/" in t and not t.startswith(("train", "epoch")))
+    # every figure of the global batch; not the training loss GradientMonitor logs for `stalled` (rank zero's own)
+    tags = sorted(t for t in single if "/" in t and not t.startswith(("train", "epoch", "lightning_bn/")))
     worst, where = 0.0, ""
     for tag in tags:
         for (step, a), (step_b, b) in zip(single[tag], sharded.get(tag, [])):
