@@ -205,6 +205,19 @@ class Activation:
         slope = self.derivative(z * std).double().nan_to_num(0.0)
         return float((density * slope * slope).sum())
 
+    @property
+    def slope_is_indicator(self) -> bool:
+        """``f'^2`` is 1 off the asymptotes and 0 on them (ReLU, ReLU6, hardtanh, identity): then the sum of ``f'^2``
+        over a tensor is its count of unsaturated elements, which the monitors already have (checked on a grid once
+        per kind and parameters, away from the bounds themselves)."""
+        key = (id(self.kind), self.params, "indicator")
+        if key not in _SATURATION:
+            low, high = self.asymptotes
+            x = _GRID[((_GRID - low).abs() > 1e-3) & ((_GRID - high).abs() > 1e-3)]
+            square = self.derivative(x).double() ** 2
+            _SATURATION[key] = bool(torch.allclose(square, (~self.saturated(x)).double(), atol=1e-9))
+        return _SATURATION[key]
+
     def transmission(self, std: float) -> float:
         """``E[f'(s z)^2] / E[f'(z)^2]``: the gradient transmission of a layer whose pre-activation is
         ``N(0, std^2)`` (1 at std 1 by definition; for tanh it falls as the input spreads onto the flat ends)."""

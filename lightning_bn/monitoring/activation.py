@@ -185,8 +185,10 @@ class ActivationProbe(HookSet):
             with self.quiet() if self.quiet is not None else contextlib.nullcontext():
                 found = saturation(args[0], target.activation, target.spec.unit_dim)
                 self._record_saturation(target, found, tuple(args[0].shape))
-                target.pending = torch.cat([target.pending, transmission_sum(args[0], target.activation, args[0])
-                                            .reshape(1)])  # fmt: skip
+                x = args[0]
+                unsaturated = x.numel() - found[0]  # (inf/NaN count as unsaturated: only for indicator kinds' bound)
+                transmission = transmission_sum(x, target.activation, x, unsaturated)
+                target.pending = torch.cat([target.pending, transmission.reshape(1)])
 
         return hook
 
@@ -227,7 +229,7 @@ class ActivationProbe(HookSet):
     def _measure(self, target: _Target, output: Tensor) -> None:
         """Fold one call's output into the target's row (and saturation, alive units, histogram)."""
         spec = target.spec
-        _sat, _units = FIELDS.index("saturated"), FIELDS.index("units")
+        _sat, _units, _nonfinite = FIELDS.index("saturated"), FIELDS.index("units"), FIELDS.index("nonfinite")
         judged = None
         if spec.hook == "input":  # the output feeds a functional activation: judge its input, sum its output
             x = output.detach()
@@ -241,7 +243,8 @@ class ActivationProbe(HookSet):
             x, bounds = judged
             unit_dim = unit_dim_of(x) if spec.unit_dim is None else spec.unit_dim
             row, alive = fused_row(output, self.zero_tol, x=x, bounds=bounds, unit_dim=unit_dim, path=self._path)
-            row[TRANSMISSION] = transmission_sum(output, spec.activation, x)
+            unsaturated = (row[0] - row[_nonfinite]) - row[_sat]
+            row[TRANSMISSION] = transmission_sum(output, spec.activation, x, unsaturated)
             if alive.numel():
                 self._record_saturation(target, (row[_sat], row[_units], alive), tuple(x.shape))
         else:
