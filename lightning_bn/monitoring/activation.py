@@ -243,8 +243,14 @@ class ActivationProbe(HookSet):
             x, bounds = judged
             unit_dim = unit_dim_of(x) if spec.unit_dim is None else spec.unit_dim
             row, alive = fused_row(output, self.zero_tol, x=x, bounds=bounds, unit_dim=unit_dim, path=self._path)
-            unsaturated = (row[0] - row[_nonfinite]) - row[_sat]
-            row[TRANSMISSION] = transmission_sum(output, spec.activation, x, unsaturated)
+            act = spec.activation
+            if not act.slope_is_indicator:
+                row[TRANSMISSION] = transmission_sum(output, act, x)
+            elif row.device.type == "cpu":  # f'^2 is 1 exactly where unsaturated: the row has the count already
+                count, nonfinite, saturated = row[[0, _nonfinite, _sat]].tolist()
+                row[TRANSMISSION] = (count - nonfinite - saturated) / act.gradient_power
+            else:
+                row[TRANSMISSION] = transmission_sum(output, act, x, row[0] - row[_nonfinite] - row[_sat])
             if alive.numel():
                 self._record_saturation(target, (row[_sat], row[_units], alive), tuple(x.shape))
         else:
