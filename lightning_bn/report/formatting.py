@@ -102,6 +102,7 @@ def _healthy(run: RunHealth, bullet: str) -> list[str]:
         figures = [
             f"{label} {_span([getattr(layer, attribute) for layer in layers], spec)}"
             for label, attribute, spec in (
+                ("transmission", "transmission", ".2g"),
                 ("saturation", "saturation", ".2f"),
                 ("dead", "dead", ".2f"),
                 ("std", "std", ".3g"),
