@@ -42,6 +42,8 @@ class Monitor:
             ``modules``, ``histograms``, ``gradient_histograms``, ``histogram_bins``, ``heatmap``, ``zero_tol``,
             ``fused``, ``norm_type``, ``update_ratio``, ``update_ratio_budget``, ``nonfinite_every_step``), with
             the same defaults as the callbacks.
+        optimizer: the optimizer, when it is Adam-type, so that each parameter's per-element RMS gradient is logged
+            relative to its ``eps`` (``grad_rms_eps``, what the report's uniform-vanish rule reads).
 
     Raises:
         ValueError: naming the bad value (an option, a writer of no known kind, a ``modules`` entry that matches
@@ -86,12 +88,14 @@ class Monitor:
         update_ratio: bool | str = True,
         update_ratio_budget: float = 0.25,
         nonfinite_every_step: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         options = MonitorOptions(every_n_steps, activations, gradients, modules, histograms, gradient_histograms,
                                  histogram_bins, heatmap, zero_tol, fused, norm_type, update_ratio,
                                  update_ratio_budget, nonfinite_every_step)  # fmt: skip
         self._destination = Destination.of_writer(writer)
         self.engine = MonitorEngine(options, "Monitor", warn=self._warn)
+        self.optimizer = optimizer
         self.model = model
         self.every_n_steps = every_n_steps
         #: steps ended so far (the number of the next one)
@@ -142,7 +146,7 @@ class Monitor:
         engine._check_open()
         try:
             engine.watch_nonfinite(step)
-            engine.measure_gradients(step)
+            engine.measure_gradients(step, optimizer=self.optimizer)
             result = engine.end(loss)
             if result is not None and _is_rank_zero():
                 if not self._layers_written and engine.layers is not None:

@@ -19,6 +19,7 @@ __all__ = [
     "ACT_STD",
     "ACT_TRANSMISSION",
     "GRAD_NORM",
+    "GRAD_RMS_EPS",
     "UPDATE_RATIO",
     "WEIGHT_NORM",
     "ACTIVATION_HISTOGRAMS",
@@ -58,7 +59,9 @@ ACT_STD, ACT_SATURATION, ACT_DEAD, ACT_NONFINITE, ACT_TRANSMISSION = (
 )
 #: the statistics of a parameter
 GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM = "grad_norm", "update_ratio", "weight_norm"
-GRADIENT_STATISTICS: tuple[str, ...] = (GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM)
+#: a parameter's per-element RMS gradient over its Adam-type optimizer's eps (logged only for those)
+GRAD_RMS_EPS = "grad_rms_eps"
+GRADIENT_STATISTICS: tuple[str, ...] = (GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM, GRAD_RMS_EPS)
 #: the norm of every gradient together
 TOTAL_GRADIENT_TAG = f"{GRAD_NORM}/total"
 #: histogram tag prefixes

@@ -293,7 +293,8 @@ def test_real_architectures_raise_no_gradient_flags_as_built(arch):
     case = getattr(zoo, arch)()
     model = case.model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with Monitor(model, every_n_steps=1, example_input=case.example_input, histograms=False) as monitor:
+    with Monitor(model, every_n_steps=1, example_input=case.example_input, histograms=False,
+                 optimizer=optimizer) as monitor:  # fmt: skip  (grad_rms_eps: the uniform-vanish rule judges too)
         for _ in range(4):
             optimizer.zero_grad()
             zoo.main_output(zoo.run_model(model, case.example_input)).float().pow(2).mean().backward()
@@ -301,5 +302,6 @@ def test_real_architectures_raise_no_gradient_flags_as_built(arch):
             monitor.step()
     run = analyze({tag: list(series) for tag, series in monitor.figures.items()}, layers=monitor.layers)
     assert sum(layer.grad_norm is not None for layer in run.layers) > 10
+    assert any(tag.startswith("grad_rms_eps/") for tag in monitor.figures)
     problems = run.problems()
     assert not {"vanishing_gradient", "stalled", "exploding"} & set(problems), problems

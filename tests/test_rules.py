@@ -188,3 +188,40 @@ def test_healthy_or_slow_nets_are_not_flagged_saturated(digits, act, init, width
         assert all(layer.saturation > 0.3 for layer in activations[1:])
     else:
         assert all(0.5 < layer.transmission < 2.0 for layer in activations)
+
+
+def test_a_uniform_vanish_under_adam_is_caught_by_eps(digits):
+    """Every layer starved at once (the loss scaled by 1e-7): no comparison between layers sees it, but each
+    parameter's per-element RMS gradient falls below Adam's eps (1e-8), where Adam's step divides by eps instead of
+    the gradient's scale: flagged vanishing_gradient on every layer. The same net at the normal loss scale is not."""
+    x, y = digits
+    flagged = {}
+    for scale in (1.0, 1e-7):
+        torch.manual_seed(0)
+        net = _mlp(3, 64, nn.ReLU, lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"))
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        with Monitor(net, every_n_steps=1, example_input=x[:64], optimizer=optimizer) as monitor:
+            for i in range(3):
+                optimizer.zero_grad()
+                (scale * F.cross_entropy(net(x[64 * i : 64 * (i + 1)]), y[64 * i : 64 * (i + 1)])).backward()
+                optimizer.step()
+                monitor.step()
+        assert any(tag.startswith("grad_rms_eps/") for tag in monitor.figures)
+        run = analyze({tag: list(s) for tag, s in monitor.figures.items()}, layers=monitor.layers)
+        flagged[scale] = [layer for layer in run.layers if "vanishing_gradient" in layer.flags]
+    assert not flagged[1.0]
+    assert len(flagged[1e-7]) == 4 and all("Adam eps" in layer.flags["vanishing_gradient"].reason
+                                           for layer in flagged[1e-7])  # fmt: skip
+
+
+def test_gradient_monitor_logs_grad_rms_eps_under_adam(tmp_path):
+    """GradientMonitor reads eps from the Trainer's Adam-type optimizer; an SGD run logs no such figure."""
+    from lightning_bn import GradientMonitor
+    from tests.helpers import BoringClassifier, mlp, trainer
+
+    for optimizer, expected in (("adam", True), ("sgd", False)):
+        monitor = GradientMonitor(every_n_steps=1)
+        trainer(tmp_path / optimizer, max_steps=2, callbacks=[monitor], logger=False).fit(
+            BoringClassifier(mlp(1, 8, nn.ReLU), optimizer=optimizer)
+        )
+        assert any(tag.startswith("grad_rms_eps/") for tag in monitor.figures) is expected

@@ -135,7 +135,8 @@ class MonitorCallback(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: Optimizer) -> None:
         self.engine.watch_nonfinite(trainer.global_step)
-        self.engine.measure_gradients(trainer.global_step, [p for g in opt.param_groups for p in g["params"]])
+        self.engine.measure_gradients(trainer.global_step, [p for g in opt.param_groups for p in g["params"]],
+                                      getattr(opt, "optimizer", opt))  # fmt: skip  (Lightning's wrapper holds it)
 
     @override
     def on_train_batch_end(

@@ -39,6 +39,7 @@ from lightning_bn.tags import (
     ACTIVATION_HISTOGRAMS,
     ACTIVATION_SECTION,
     GRAD_NORM,
+    GRAD_RMS_EPS,
     GRADIENT_HISTOGRAMS,
     GRADIENT_SECTION,
     LAYOUT_STATISTICS,
@@ -212,6 +213,7 @@ class MonitorEngine:
         self._order_names: list[str] | None = None
         self._pending: int | None = None
         self._watched: list[Tensor] = []  # every parameter, in forward order: the non-finite watch
+        self._eps: dict[Tensor, float] = {}  # parameters of Adam-type optimizers: their eps
         self._bad: Tensor | None = None  # on the device: (first bad step, index in _watched, parameters affected)
         self._index: tuple[tuple[int, ...], Tensor] | None = None
         self._compile_reported = False
@@ -445,9 +447,18 @@ class MonitorEngine:
         named = sorted(self._gradients.names.items(), key=lambda item: rank.get(_module_of(item[1]), len(rank)))
         self._watched = [p for p, _ in named]
 
-    def measure_gradients(self, step: int, params: Sequence[Tensor] | None = None) -> None:
+    def measure_gradients(
+        self, step: int, params: Sequence[Tensor] | None = None, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
         """On a logging step, once the gradients are there: their norms (and the weights' copy for the update ratio,
-        unless :meth:`begin` took one); ``params``: one optimizer's parameters (call once per optimizer)."""
+        unless :meth:`begin` took one); ``params``: one optimizer's parameters (call once per optimizer). With the
+        ``optimizer`` (Adam-type: its groups have ``eps`` and ``betas``), each parameter's per-element RMS gradient
+        is also logged relative to ``eps`` (``grad_rms_eps``): below 1, Adam's step divides by ``eps`` rather than
+        by the gradient's scale — a vanish that no comparison between layers can see when it hits them all."""
+        if optimizer is not None and self._gradients is not None and self.options.norm_type == 2:
+            for group in optimizer.param_groups:
+                if "eps" in group and "betas" in group and group["eps"] > 0:
+                    self._eps.update({p: float(group["eps"]) for p in group["params"]})
         if self._gradients is None or self._pending is None:
             return  # several optimizers (manual optimization) may each have advanced the step count
         if not _is_rank_zero() and not self._gradients.sharded:
@@ -507,6 +518,11 @@ class MonitorEngine:
 
     def _take_gradients(self, found: Any, result: StepResult, watch: bool) -> None:
         result.metrics.update(found.metrics)
+        for p, eps in self._eps.items():  # host floats: ||g|| / sqrt(numel) is the per-element RMS gradient
+            name = self._gradients.names.get(p)
+            norm = found.metrics.get(f"{GRAD_NORM}/{name}") if name is not None else None
+            if norm is not None and p.numel():
+                result.metrics[f"{GRAD_RMS_EPS}/{name}"] = norm / math.sqrt(p.numel()) / eps
         if found.histograms:
             result.histograms.append((GRADIENT_HISTOGRAMS, found.histograms))
         if watch:

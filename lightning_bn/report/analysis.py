@@ -18,6 +18,7 @@ from lightning_bn.tags import (
     ACT_TRANSMISSION,
     ACTIVATION_STATISTICS,
     GRAD_NORM,
+    GRAD_RMS_EPS,
     LOSS_TAG,
     TOTAL_GRADIENT_TAG,
     UPDATE_RATIO,
@@ -183,6 +184,19 @@ def analyze(
     context = _gradient_context(
         order, relative, weight_norms, lambda layer, step: layer in zero_init or not judged(layer, step)
     )
+    # a vanish of every layer at once (a loss scaled far down) shows in no comparison between layers; under an
+    # Adam-type optimizer it shows against eps: judged where the median layer's per-element RMS gradient is below eps
+    # (single parameters below it are common and harmless: a key projection at init, a LayerScale branch, a BN gain)
+    eps_scales = {
+        layer: {step: value for step, value in _per_step(parameters.get(layer, {}), _smallest(GRAD_RMS_EPS)).items()
+                if judged(layer, step) and layer not in zero_init}  # gated by design: neither judged nor counted
+        for layer in order
+    }  # fmt: skip
+    eps_by_step: dict[int, list[float]] = {}
+    for series in eps_scales.values():
+        for step, value in series.items():
+            eps_by_step.setdefault(step, []).append(value)
+    eps_median = {step: statistics.median(values) for step, values in eps_by_step.items()}
     out = []
     for depth, layer in enumerate(order):
         act, params = activations.get(layer, {}), parameters.get(layer, {})
@@ -240,6 +254,7 @@ def analyze(
                     weights,
                     layer,
                     loss,
+                    {step: v for step, v in eps_scales[layer].items() if eps_median.get(step, math.inf) < 1},
                 ),
                 module_type=_module_type(entry),
                 std_reference=reference,
@@ -304,6 +319,16 @@ def _norm_of(statistic: str) -> Callable[[list[Mapping[str, Mapping[int, float]]
 _grad_norm, _weight_norm = _norm_of(GRAD_NORM), _norm_of(WEIGHT_NORM)
 
 
+def _smallest(statistic: str) -> Callable[[list[Mapping[str, Mapping[int, float]]], int], float | None]:
+    """The smallest value over the layer's parameters of a per-parameter statistic (``None`` where none logged it)."""
+
+    def combine(params: list[Mapping[str, Mapping[int, float]]], step: int) -> float | None:
+        values = [p[statistic][step] for p in params if step in p.get(statistic, {})]
+        return min(values) if values else None
+
+    return combine
+
+
 def _update_ratio(params: list[Mapping[str, Mapping[int, float]]], step: int) -> float | None:
     """``‖Δθ‖ / ‖θ‖`` over the layer's parameters, from each one's logged ratio and weight norm."""
     delta_sq = weight_sq = 0.0
@@ -353,6 +378,7 @@ def _flags(
     weights: Mapping[int, float],
     layer: str,
     loss: Mapping[int, float],
+    eps_scale: Mapping[int, float],
 ) -> dict[str, Flag]:
     """Evaluate every condition at every logged step; keep the first and last step where each held.
 
@@ -419,6 +445,9 @@ def _flags(
         ("exploding", std_ratio, lambda v, s: v > t.max_std_ratio, f"std {{:.3g}} x that of {reference}".format),
         ("exploding", update, lambda v, s: v > t.max_update_ratio, "update ratio {:.3g}".format),
         ("vanishing_gradient", gradient_share, starved, starved_reason),
+        ("vanishing_gradient", eps_scale, lambda v, s: v < 1,
+         lambda v: f"per-element RMS gradient {v:.2g} x its Adam eps, as for the median layer: the step divides by "
+         "eps, not by the gradient's scale (every layer starved at once: check the loss scale, or lower eps)"),
         ("exploding_gradient", gradient_share, exploded, exploded_reason),
     ]  # fmt: skip
     last_step = max(_steps({**act, "grad": grad, "update": update}), default=None)
