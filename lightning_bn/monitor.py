@@ -7,13 +7,14 @@ figures, tags and failures, driven by one call per optimizer step.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_bn.monitoring import ModuleFilter, MonitorEngine, MonitorOptions
+from lightning_bn.monitoring import ModuleFilter, MonitorEngine, MonitorOptions, is_rank_zero
 from lightning_bn.monitoring.rows import DEFAULT_ZERO_TOL
 from lightning_bn.report.plot import saturation_heatmap
 from lightning_bn.tags import HEATMAP_TAG
@@ -101,16 +102,14 @@ class Monitor:
         #: steps ended so far (the number of the next one)
         self.global_step = 0
         self.engine.start(model, example_input, tensorboard=bool(self._destination.tensorboard))
-        if _is_rank_zero():
+        if is_rank_zero():
             self._destination.register(self.engine.layout())
         self._layers_written = False
         self.engine.begin(0, snapshot=True)
 
     @staticmethod
     def _warn(message: str) -> None:
-        if _is_rank_zero():
-            import warnings
-
+        if is_rank_zero():
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     @property
@@ -148,7 +147,7 @@ class Monitor:
             engine.watch_nonfinite(step)
             engine.measure_gradients(step, optimizer=self.optimizer)
             result = engine.end(loss)
-            if result is not None and _is_rank_zero():
+            if result is not None and is_rank_zero():
                 if not self._layers_written and engine.layers is not None:
                     self._destination.write_layers(engine.layers)
                     self._layers_written = True
@@ -165,7 +164,7 @@ class Monitor:
             return
         self.engine.close()
         grid = self.engine.heatmap()
-        if grid is not None and self._destination.tensorboard and _is_rank_zero():
+        if grid is not None and self._destination.tensorboard and is_rank_zero():
             self._destination.image(HEATMAP_TAG, saturation_heatmap(*grid), grid[1][-1])
 
     def __enter__(self) -> Monitor:
@@ -174,7 +173,3 @@ class Monitor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _is_rank_zero() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -8,7 +8,7 @@ non-finite watch, history, layout, the heatmap grid) under one validated :class:
 """
 
 from lightning_bn.monitoring.activation import ActivationProbe, ProbeResult, layer_entry
-from lightning_bn.monitoring.engine import MonitorEngine, MonitorOptions, StepResult
+from lightning_bn.monitoring.engine import MonitorEngine, MonitorOptions, StepResult, is_rank_zero
 from lightning_bn.monitoring.gradients import GradientProbe, GradientResult
 from lightning_bn.monitoring.rows import figures, summarize
 from lightning_bn.monitoring.select import (
@@ -35,6 +35,7 @@ __all__ = [
     "WatchTarget",
     "default_module_filter",
     "figures",
+    "is_rank_zero",
     "layer_entry",
     "plain_names",
     "select_modules",

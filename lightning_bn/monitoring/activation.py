@@ -40,6 +40,8 @@ from lightning_bn.tracing import HookSet
 
 __all__ = ["ActivationProbe", "ProbeResult", "layer_entry"]
 
+_SATURATED, _UNITS, _NONFINITE = (FIELDS.index(name) for name in ("saturated", "units", "nonfinite"))
+
 def layer_entry(target: WatchTarget) -> dict[str, Any]:
     """What the report needs to know of a watched layer: name, module type, activation, how it is watched and, for
     an activation, the fraction its kind saturates at a healthy N(0, 1) input.
@@ -229,7 +231,6 @@ class ActivationProbe(HookSet):
     def _measure(self, target: _Target, output: Tensor) -> None:
         """Fold one call's output into the target's row (and saturation, alive units, histogram)."""
         spec = target.spec
-        _sat, _units, _nonfinite = FIELDS.index("saturated"), FIELDS.index("units"), FIELDS.index("nonfinite")
         judged = None
         if spec.hook == "input":  # the output feeds a functional activation: judge its input, sum its output
             x = output.detach()
@@ -247,16 +248,16 @@ class ActivationProbe(HookSet):
             if not act.slope_is_indicator:
                 row[TRANSMISSION] = transmission_sum(output, act, x)
             elif row.device.type == "cpu":  # f'^2 is 1 exactly where unsaturated: the row has the count already
-                count, nonfinite, saturated = row[[0, _nonfinite, _sat]].tolist()
+                count, nonfinite, saturated = row[[0, _NONFINITE, _SATURATED]].tolist()
                 row[TRANSMISSION] = (count - nonfinite - saturated) / act.gradient_power
             else:
-                row[TRANSMISSION] = transmission_sum(output, act, x, row[0] - row[_nonfinite] - row[_sat])
+                row[TRANSMISSION] = transmission_sum(output, act, x, row[0] - row[_NONFINITE] - row[_SATURATED])
             if alive.numel():
-                self._record_saturation(target, (row[_sat], row[_units], alive), tuple(x.shape))
+                self._record_saturation(target, (row[_SATURATED], row[_UNITS], alive), tuple(x.shape))
         else:
             row, _ = fused_row(output, self.zero_tol, path=self._path)
             if target.pending is not None:  # judged on the input by the pre-hook
-                row = torch.cat([row[:_sat], target.pending])
+                row = torch.cat([row[:_SATURATED], target.pending])
         target.pending = None
         if self.histogram_bins and target.row is None:
             target.hist = histogram(output, row[self._min], row[self._max], self.histogram_bins)
@@ -272,10 +273,10 @@ class ActivationProbe(HookSet):
         target = self._extra.setdefault(spec.name, _Target(spec))
         self._measure(target, output)
 
-    def adopt(self, other: ActivationProbe) -> None:
-        r"""Take over what ``other`` measured so far (its hooked targets and :meth:`record`\ ed sites), by name: the
-        first logging step of a model traced on its first call, measured before this probe existed."""
-        found = {t.name: t for t in [*other._targets, *other._extra.values()] if t.row is not None}
+    def adopt(self, *others: ActivationProbe) -> None:
+        r"""Take over what ``others`` measured so far (their hooked targets and :meth:`record`\ ed sites), by name:
+        the first logging step of a model traced on its first call, measured before this probe existed."""
+        found = {t.name: t for o in others for t in [*o._targets, *o._extra.values()] if t.row is not None}
         for target in self._targets:
             seen = found.get(target.name)
             if seen is not None and target.row is None:

@@ -44,11 +44,12 @@ from lightning_bn.tags import (
     GRADIENT_SECTION,
     LAYOUT_STATISTICS,
     LOSS_TAG,
+    TOTAL_GRADIENT_TAG,
     layer_order,
 )
 from lightning_bn.tracing import ActivationSite, ModelMap, trace_call, trace_model
 
-__all__ = ["HISTORY", "MonitorEngine", "MonitorOptions", "StepResult"]
+__all__ = ["HISTORY", "MonitorEngine", "MonitorOptions", "StepResult", "is_rank_zero"]
 
 #: logged steps of each figure the engine keeps on the host (for HealthCheck, the heatmap, ``Monitor.figures``)
 HISTORY = 1000
@@ -140,7 +141,8 @@ class StepResult:
     histograms: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
+    """Whether this process is rank zero of the default process group (or there is none)."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -208,7 +210,6 @@ class MonitorEngine:
         self._gradients: GradientProbe | None = None
         self._histogram_bins = 0
         self._entries: dict[str, tuple[nn.Module, Any]] = {}  # first-call traces not run yet: name -> (module, saved)
-        self._context: Callable[[], AbstractContextManager] = nullcontext
         self._order: ForwardOrder | None = None
         self._order_names: list[str] | None = None
         self._pending: int | None = None
@@ -242,7 +243,6 @@ class MonitorEngine:
         self._model = model
         inner = unwrap(model)
         self._plain = plain_names(model)
-        self._context = context
         opts = self.options
         self._histogram_bins = opts.histogram_bins if tensorboard else 0
         compiled = [self._plain(n) or type(model).__name__ for n, m in model.named_modules() if _is_compiled(m)]
@@ -306,8 +306,8 @@ class MonitorEngine:
             target.name = self._plain(target.name)
         return targets
 
-    def _build(self, found: ModelMap | None, keep: ActivationProbe | None = None) -> None:
-        """The probe of the map ``found`` (``None``: activation modules only); ``keep``: a probe whose rows of this
+    def _build(self, found: ModelMap | None, keep: Sequence[ActivationProbe] = ()) -> None:
+        """The probe of the map ``found`` (``None``: activation modules only); ``keep``: probes whose rows of this
         step it takes over."""
         self.model_map = found
         opts = self.options
@@ -317,8 +317,7 @@ class MonitorEngine:
         if was is not None and was.attached:
             was.detach()
             probe.attach()
-        if keep is not None:
-            probe.adopt(keep)
+        probe.adopt(*keep)
         self.layers = [layer_entry(t) for t in probe.targets]
 
     def _traced_forward(self, name: str, module: nn.Module) -> Callable[..., Any]:
@@ -348,14 +347,13 @@ class MonitorEngine:
         """Run the first call of ``module`` once, traced as it runs; this very call is measured when it is part of
         a logging step (the probe's hooks see the modules, the trace the functional activations in between)."""
         measuring = self._pending is not None
-        seen = ActivationProbe([], 0, self.options.zero_tol, self.options.fused, True)
-        if measuring and self._probe is not None:
-            seen.histogram_bins = self._probe.histogram_bins
+        seen = ActivationProbe([], self._histogram_bins, self.options.zero_tol, self.options.fused, True)
+        prefix = self._plain(self._name_of(module))
 
         def observe(site: ActivationSite, output: Tensor) -> None:
-            if measuring:
-                seen.record(WatchTarget(site.name, site.module, site.activation, site.hook, site.layout.unit_dim),
-                            output)  # fmt: skip
+            if measuring:  # named as the probe built from the map will name it
+                name = self._plain(f"{prefix}.{site.name}" if prefix else site.name)
+                seen.record(WatchTarget(name, site.module, site.activation, site.hook, site.layout.unit_dim), output)
 
         probe = self._probe
         if probe is not None:
@@ -369,17 +367,11 @@ class MonitorEngine:
         if failed is not None or found is None:
             self._trace_failed("its first call", failed)
             return output
-        prefix = self._plain(self._name_of(module))
         if prefix:
             found = found.prefixed(prefix)
-            seen._extra = {f"{prefix}.{k}": v for k, v in seen._extra.items()}
-            for target in seen._extra.values():
-                target.spec.name = f"{prefix}.{target.spec.name}"
             if self.model_map is not None:
                 found = self.model_map.merged(found)
-        merged = ActivationProbe([], 0)
-        merged._extra = {**{t.name: t for t in probe._targets}, **seen._extra} if probe is not None else seen._extra
-        self._build(found, keep=merged)
+        self._build(found, keep=[p for p in (probe, seen) if p is not None])
         return output
 
     def _name_of(self, module: nn.Module) -> str:
@@ -418,7 +410,7 @@ class MonitorEngine:
     def watch_nonfinite(self, step: int) -> None:
         """Every step (or on logging steps only), on the device, no host sync: keep the first step with a non-finite
         gradient and the first parameter in forward order that has one; read with the next logging transfer."""
-        if self._gradients is None or self.warned_nonfinite or not _is_rank_zero():
+        if self._gradients is None or self.warned_nonfinite or not is_rank_zero():
             return  # DDP: gradients are identical on every rank; sharded: rank zero's shards
         if not self.options.nonfinite_every_step or self._pending is not None:
             return  # a logging step: its gradient norms tell (read with the step's transfer, in _take_gradients)
@@ -455,13 +447,13 @@ class MonitorEngine:
         ``optimizer`` (Adam-type: its groups have ``eps`` and ``betas``), each parameter's per-element RMS gradient
         is also logged relative to ``eps`` (``grad_rms_eps``): below 1, Adam's step divides by ``eps`` rather than
         by the gradient's scale — a vanish that no comparison between layers can see when it hits them all."""
-        if optimizer is not None and self._gradients is not None and self.options.norm_type == 2:
+        if self._gradients is None or self._pending is None:
+            return  # several optimizers (manual optimization) may each have advanced the step count
+        if optimizer is not None and self.options.norm_type == 2:
             for group in optimizer.param_groups:
                 if "eps" in group and "betas" in group and group["eps"] > 0:
                     self._eps.update({p: float(group["eps"]) for p in group["params"]})
-        if self._gradients is None or self._pending is None:
-            return  # several optimizers (manual optimization) may each have advanced the step count
-        if not _is_rank_zero() and not self._gradients.sharded:
+        if not is_rank_zero() and not self._gradients.sharded:
             return  # plain parameters are identical on every rank after DDP's all-reduce: rank zero measures
         self._gradients.measure(self._pending, params)
 
@@ -484,7 +476,7 @@ class MonitorEngine:
             self._order.detach()
             self._order_names, self._order = [self._plain(n) for n in self._order.names], None
         self._restore_entries()
-        watch = self._bad is not None and _is_rank_zero() and not self.warned_nonfinite
+        watch = self._bad is not None and is_rank_zero() and not self.warned_nonfinite
         if self._gradients is not None:
             gathered = self._gradients.gather([self._bad] if watch else [])
             if gathered is not None:
@@ -527,7 +519,8 @@ class MonitorEngine:
             result.histograms.append((GRADIENT_HISTOGRAMS, found.histograms))
         if watch:
             self._report_nonfinite([int(v) for v in found.extra[-3:]])  # an earlier step first
-        if not self.warned_nonfinite and _is_rank_zero():
+        total = found.metrics.get(TOTAL_GRADIENT_TAG, 0.0)
+        if not self.warned_nonfinite and not math.isfinite(total) and is_rank_zero():  # some gradient is: which
             self._watch_order()
             names = [self._gradients.names[p] for p in self._watched]
             norms = [found.metrics.get(f"{GRAD_NORM}/{name}", 0.0) for name in names]
@@ -537,7 +530,7 @@ class MonitorEngine:
 
     def check_nonfinite(self) -> None:
         """Read the non-finite watch now (one small transfer; an epoch's end)."""
-        if self._bad is not None and not self.warned_nonfinite and _is_rank_zero():
+        if self._bad is not None and not self.warned_nonfinite and is_rank_zero():
             self._report_nonfinite(self._bad.tolist())
 
     def _report_nonfinite(self, bad: list[int]) -> None:
