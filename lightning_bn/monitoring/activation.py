@@ -285,7 +285,8 @@ class ActivationProbe(HookSet):
     def gather(self, distributed: bool = True) -> tuple[Tensor, Callable[[list[float]], ProbeResult]]:
         """The step's rows on the device, all-reduced across processes (when ``distributed`` and a process group
         exists: two collectives), flattened with the histograms, and the function that turns their host copy into a
-        :class:`ProbeResult`. Modules that did not run report an empty row (count 0). Resets the accumulators."""
+        :class:`ProbeResult`. Modules that did not run are left out of the result (an empty row would read mean NaN,
+        min +inf: a T5 ``shared`` embedding whose calls go through a tied copy). Resets the accumulators."""
         device = next((t.row.device for t in self._targets if t.row is not None), torch.device("cpu"))
         empty = empty_row(device)
         width = len(FIELDS)
@@ -317,7 +318,8 @@ class ActivationProbe(HookSet):
         def parse(payload: list[float]) -> ProbeResult:
             host_rows = [payload[i * width : (i + 1) * width] for i in range(len(names))]
             offset = len(names) * width
-            result = ProbeResult(list(names), [figures(r) for r in host_rows])
+            ran = [i for i, row in enumerate(host_rows) if row[0] > 0]  # a module that did not run has no figures
+            result = ProbeResult([names[i] for i in ran], [figures(host_rows[i]) for i in ran])
             for i, (name, row) in enumerate(zip(names, host_rows)):
                 counts = payload[offset + i * bins : offset + (i + 1) * bins]
                 if bins and row[0] and has_hist[i]:
