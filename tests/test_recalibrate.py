@@ -152,17 +152,24 @@ class AccuracyBeforeRecalibration(Callback):
         pl_module.train()
 
 
-def test_recalibration_restores_accuracy_after_high_momentum_training(tmp_path):
-    """Digits, BatchNorm momentum 0.9 (running stats ~ the last batch): accuracy after recalibration >= before."""
+@pytest.mark.parametrize("momentum", [0.9, 0.1])
+def test_recalibration_accuracy_before_and_after_at_high_and_default_momentum(tmp_path, momentum):
+    """Digits, 150 SGD steps at batch 16, validation accuracy before -> after recalibration over 50 batches (seeds
+    0, 1, 2; 360 validation samples, one is 0.0028). BatchNorm momentum 0.9 (running statistics ~ the last batch):
+    0.922 / 0.922 / 0.925 -> 0.950 / 0.953 / 0.950. PyTorch's default momentum 0.1: 0.947 / 0.950 / 0.953 -> 0.950 /
+    0.953 / 0.950, i.e. no gain beyond one sample either way. This test runs seed 0."""
     torch.manual_seed(0)
     train, val = digits_data()
-    model = BoringClassifier(bn_net(momentum=0.9), lr=0.2, batch_size=16, data=train, val_data=val)
+    model = BoringClassifier(bn_net(momentum=momentum), lr=0.2, batch_size=16, data=train, val_data=val)
     spy = AccuracyBeforeRecalibration(val)
     recalibration = BatchNormRecalibration(num_batches=50)
     t = trainer(tmp_path, callbacks=[spy, recalibration], max_steps=150, max_epochs=None)
     t.fit(model)
     after = accuracy(model, val)
-    assert after >= spy.accuracy
+    if momentum == 0.9:
+        assert after >= spy.accuracy + 0.02, (spy.accuracy, after)
+    else:
+        assert abs(after - spy.accuracy) <= 1.5 / len(val), (spy.accuracy, after)
     assert after > 0.9
     assert recalibration.shifts["net.1"]["count"] == 50 * 16
     logged = read_scalars(tmp_path)

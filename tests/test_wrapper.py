@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -89,14 +90,15 @@ def test_prepare_holds_the_signal_at_depth(kind, start):
 
 
 def test_auto_picks_the_scheme_from_the_registry_and_says_so():
-    """Scheme per layer: Xavier for tanh and logits, He for ReLU, LeCun for SELU, numeric + rescaling for GELU."""
+    """Scheme per layer: critical for a tanh chain, He for ReLU, LeCun for SELU, numeric + rescaling for GELU, Xavier
+    for the logits."""
     net = nn.Sequential(
         nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.SELU(),
         nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4),
     )  # fmt: skip
     report = prepare(net, torch.randn(64, 16))
     assert [(r.activation, r.how, r.scheme, r.corrected) for r in report.layers] == [
-        ("tanh", "module", "xavier", False),
+        ("tanh", "module", "critical", False),
         ("relu", "module", "kaiming", False),
         ("selu", "module", "lecun", False),
         ("gelu(approximate=none)", "module", "numeric", True),
@@ -104,7 +106,9 @@ def test_auto_picks_the_scheme_from_the_registry_and_says_so():
     ]
     assert report.layers[1].gain == pytest.approx(2**0.5)
     assert any("gelu" in change and "rescaled 1 layer " in change for change in report.changes)
-    assert net[0].bias.abs().max().item() == 0.0
+    # the critical init draws the tanh layer's biases from N(0, 0.151) (zeroed elsewhere)
+    assert 0.2 < net[0].bias.std().item() < 0.6 and net[2].bias.abs().max().item() == 0.0
+    assert any("critical init" in change and "σ_b² 0.151" in change for change in report.changes)
 
 
 def _rebuild(data: dict) -> Report:
@@ -141,7 +145,7 @@ def test_report_prints_a_table_and_converts_to_a_dict():
     assert cells == [
         ["layer", "type", "output shape", "activation (found by)", "scheme", "gain", "std before -> after"],
         ["0", "Linear", "32x16", "relu (module)", "kaiming", "1.414", f"{before['0']:.3g} -> {after['0']:.3g}"],
-        ["3", "Linear", "32x16", "tanh (module)", "xavier", "1.593", f"{before['3']:.3g} -> {after['3']:.3g}"],
+        ["3", "Linear", "32x16", "tanh (module)", "critical", "1.467", f"{before['3']:.3g} -> {after['3']:.3g}"],
     ]
     assert len(report.kept) == 1 and report.changes
     assert lines[3:] == [
@@ -154,9 +158,9 @@ def test_report_prints_a_table_and_converts_to_a_dict():
     rows = [(r["layer"], r["type"], r["shape"], r["activation"], r["how"], r["scheme"]) for r in data["layers"]]
     assert rows == [
         ("0", "Linear", (32, 16), "relu", "module", "kaiming"),
-        ("3", "Linear", (32, 16), "tanh", "module", "xavier"),
+        ("3", "Linear", (32, 16), "tanh", "module", "critical"),
     ]
-    assert [r["gain"] for r in data["layers"]] == pytest.approx([2**0.5, get_activation("tanh").gain], rel=1e-9)
+    assert [r["gain"] for r in data["layers"]] == pytest.approx([2**0.5, 2.1533**0.5], rel=1e-4)
     for row in data["layers"]:
         assert row["std_before"] == pytest.approx(before[row["layer"]], rel=1e-5)
         assert row["std_after"] == pytest.approx(after[row["layer"]], rel=1e-5)
@@ -289,22 +293,45 @@ class LossRecorder(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _fit_digits(tmp_path, callbacks, steps: int = 60) -> list[float]:
+def _fit_digits(tmp_path, callbacks, steps: int = 60, seed: int = 0, xavier_tanh: bool = False) -> list[float]:
+    """Train the 20-layer, 64-wide tanh MLP on digits (SGD lr 0.05, batch 64); the training losses of every step.
+
+    ``xavier_tanh``: Xavier normal with PyTorch's tanh gain 5/3 and zero biases, drawn from a generator of its own so
+    the global RNG (and so the batches) is the same as in the other arms."""
     train, val = digits_data()
-    torch.manual_seed(0)
-    module = BoringClassifier(mlp(20, 64, nn.Tanh), lr=0.05, batch_size=64, data=train, val_data=val)
+    torch.manual_seed(seed)
+    net = mlp(20, 64, nn.Tanh)
+    if xavier_tanh:
+        generator = torch.Generator().manual_seed(seed)
+        for layer in net:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain("tanh"), generator=generator)
+                nn.init.zeros_(layer.bias)
+    module = BoringClassifier(net, lr=0.05, batch_size=64, data=train, val_data=val)
     recorder = LossRecorder()
     trainer(tmp_path, max_steps=steps, callbacks=[*callbacks, recorder], logger=False).fit(module)
     return recorder.losses
 
 
 def test_autoinit_trains_a_deep_tanh_mlp_to_a_lower_loss(tmp_path):
-    """20-layer tanh MLP on digits, same seed and steps: AutoInit ends at a clearly lower loss than PyTorch's init."""
-    plain = _fit_digits(tmp_path / "plain", [])
-    auto = _fit_digits(tmp_path / "auto", [AutoInit(seed=0)])
-    plain_end, auto_end = sum(plain[-10:]) / 10, sum(auto[-10:]) / 10
-    assert len(plain) == len(auto) == 60
-    assert auto_end < 0.75 * plain_end, f"AutoInit {auto_end:.3f} vs default {plain_end:.3f}"
+    """20-layer tanh MLP on digits, 60 steps, seeds 0-2, mean of the last 10 losses: PyTorch's default init stays at
+    ln 10 (2.30) while AutoInit trains (0.75 / 0.53 / 0.64) — and so does the control that matters, Xavier with the
+    tanh gain 5/3 (0.70 / 0.57 / 0.66): AutoInit is as good as Xavier(5/3) within the seed spread, not better."""
+    ends: dict[str, list[float]] = {"default": [], "xavier_5/3": [], "auto": []}
+    for seed in range(3):
+        runs = {
+            "default": _fit_digits(tmp_path / f"plain{seed}", [], seed=seed),
+            "xavier_5/3": _fit_digits(tmp_path / f"xavier{seed}", [], seed=seed, xavier_tanh=True),
+            "auto": _fit_digits(tmp_path / f"auto{seed}", [AutoInit(seed=seed)], seed=seed),
+        }
+        for arm, losses in runs.items():
+            assert len(losses) == 60, arm
+            ends[arm].append(sum(losses[-10:]) / 10)
+    assert all(abs(end - math.log(10)) < 0.05 for end in ends["default"]), ends
+    assert all(auto < 0.75 * plain for auto, plain in zip(ends["auto"], ends["default"])), ends
+    assert all(xavier < 0.75 * plain for xavier, plain in zip(ends["xavier_5/3"], ends["default"])), ends
+    mean = {arm: sum(values) / len(values) for arm, values in ends.items()}
+    assert mean["auto"] <= mean["xavier_5/3"] + 0.1, ends  # at least as good as Xavier(5/3), within the seed spread
 
 
 def test_autoinit_logs_the_report_to_tensorboard(tmp_path):

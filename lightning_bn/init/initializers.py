@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_bn.activations import Activation, get_activation
+from lightning_bn.activations.meanfield import critical_point
 from lightning_bn.init.sharded import local_tensor, unsharded_params
 from lightning_bn.layers import available_layers, get_layer_kind, layer_fans, scheme_std
 from lightning_bn.tracing import LAYER_TYPES, LayerTrace
@@ -25,9 +26,9 @@ from lightning_bn.tracing import LAYER_TYPES, LayerTrace
 __all__ = ["LAYER_TYPES", "SCHEMES", "init_layer_", "layer_fans", "zero_init_residual_"]
 
 #: Initialization schemes understood by :func:`init_layer_`.
-SCHEMES = ("xavier", "kaiming", "lecun", "orthogonal", "numeric")
+SCHEMES = ("xavier", "kaiming", "lecun", "orthogonal", "numeric", "critical")
 
-Scheme = Literal["xavier", "kaiming", "lecun", "orthogonal", "numeric"]
+Scheme = Literal["xavier", "kaiming", "lecun", "orthogonal", "numeric", "critical"]
 Distribution = Literal["normal", "uniform", "truncated_normal"]
 FanMode = Literal["fan_in", "fan_out"]
 
@@ -86,7 +87,11 @@ def init_layer_(
     - ``"xavier"`` (Glorot & Bengio 2010): ``v = g² · 2 / (fan_in + fan_out)``;
     - ``"kaiming"`` (He et al. 2015) and ``"numeric"``: ``v = g² / fan`` (``fan`` per ``mode``);
     - ``"lecun"``: ``v = 1 / fan`` (the self-normalizing init for SELU), ``g`` only if given explicitly;
-    - ``"orthogonal"`` (Saxe et al. 2014): a random orthogonal matrix scaled to ``v = g² / fan``.
+    - ``"orthogonal"`` (Saxe et al. 2014): a random orthogonal matrix scaled to ``v = g² / fan``;
+    - ``"critical"`` (Poole et al. 2016; Schoenholz et al. 2017): the mean-field critical point of the activation
+      (:func:`lightning_bn.activations.meanfield.critical_point`): ``v = σ_w² / fan`` and biases drawn from
+      ``N(0, σ_b²)`` instead of zeroed, so that ``χ₁ = σ_w² E[φ′(√q* z)²] = 1``: gradients neither vanish nor explode
+      with depth (tanh: σ_w² 2.153, σ_b² 0.151; sigmoid: σ_w² 103, σ_b 0). ``gain`` is ignored.
 
     ``g`` is ``gain`` if given, else ``activation.gain`` = ``1 / sqrt(E[f(z)²])``, ``z ~ N(0, 1)``, by quadrature
     (√2 for ReLU as in ``torch.nn.init.calculate_gain``; ≈ 1.59 for tanh where PyTorch uses 5/3, and ≈ 1.0 for SELU
@@ -111,7 +116,8 @@ def init_layer_(
         the gain used.
 
     Raises:
-        ValueError: for an unknown scheme, distribution or mode.
+        ValueError: for an unknown scheme, distribution or mode; for ``"critical"`` with an activation whose critical
+            point is unstable (GELU, SiLU, Mish) or does not exist (softplus), with the reason.
         TypeError: for a module that is no registered layer.
 
     Example::
@@ -134,6 +140,13 @@ def init_layer_(
         )
     if kind.recurrent:
         activation = get_activation(getattr(module, "nonlinearity", None))
+    bias_std = 0.0
+    if scheme == "critical":
+        point = critical_point(activation or get_activation(None))
+        if not point.stable:
+            raise ValueError(f"Expected an activation with a stable critical point for `scheme='critical'` but got "
+                             f"{point.activation.describe()}: {point.reason}")  # fmt: skip
+        gain, bias_std = point.gain, math.sqrt(point.bias_variance)
     if gain is None:
         gain = 1.0 if scheme == "lecun" or activation is None else activation.gain
     with torch.no_grad(), unsharded_params(module):
@@ -149,7 +162,10 @@ def init_layer_(
                 module.weight[module.padding_idx].zero_()
         for name, param in module.named_parameters():
             if name in kind.bias_names or ("." not in name and name.startswith("bias")):
-                param.zero_()
+                if bias_std > 0:
+                    _fill_(param, bias_std, "normal", generator)
+                else:
+                    param.zero_()
     return gain
 
 

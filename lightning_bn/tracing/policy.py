@@ -26,14 +26,20 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lightning_bn.activations import Activation, get_activation
+from lightning_bn.activations import Activation, activation_of_module, get_activation
+from lightning_bn.activations.meanfield import CriticalPoint, critical_point
 from lightning_bn.layers import get_layer_kind
 from lightning_bn.tracing.model_map import LayerTrace, ModelMap
 from lightning_bn.tracing.types import NORM_TYPES
 
-__all__ = ["Kept", "LayerPlan", "Skipped", "plan_layers"]
+__all__ = ["BOUNDED_CHAIN_KINDS", "Kept", "LayerPlan", "Skipped", "plan_layers"]
 
-_FOUND = ("module", "function", "method", "numeric", "behaviour", "output")
+_FOUND = ("module", "function", "method", "numeric", "behaviour", "output", "composite")
+
+#: Bounded activations for which ``init="auto"`` uses the mean-field critical init when they form a chain (their output
+#: feeds the next layer; no norm in between; not a gate): the forward-preserving gain puts tanh in the chaotic phase
+#: (χ₁ 1.18) and sigmoid deep in the ordered one (χ₁ 0.15).
+BOUNDED_CHAIN_KINDS = frozenset({"tanh", "sigmoid", "hardtanh", "softsign", "hardsigmoid"})
 
 
 class Skipped(NamedTuple):
@@ -62,8 +68,11 @@ class LayerPlan:
     lsuv: bool = False
     correct: bool = False
     gain: float = math.nan
-    target_std: float | None = None  # rescale the output to this std (a forced attention query/key layer)
+    target_std: float | None = None  # rescale the output to this std (attention query/key, critical, gated value)
     aliases: list[str] = field(default_factory=list)
+    critical: CriticalPoint | None = None  # the mean-field point drawn from (scheme "critical")
+    role: str = ""  # why this rule: "chain" (auto's critical init), "gate", "value" (of a gated unit), "unknown"
+    note: str | None = None  # what the report says about a rule that differs from the one asked for
 
 
 def _init_activation(trace: LayerTrace) -> Activation:
@@ -73,14 +82,60 @@ def _init_activation(trace: LayerTrace) -> Activation:
     return trace.activation
 
 
-def _choose(choice: str, activation: Activation) -> tuple[str, bool, bool]:
-    """``(scheme, lsuv, correct)`` for one layer."""
+def _auto(activation: Activation) -> tuple[str, bool, bool]:
+    scheme = activation.kind.init
+    return scheme, False, scheme == "numeric" and not activation.kind.homogeneous
+
+
+def is_chain(trace: LayerTrace) -> bool:
+    """The layer's bounded activation feeds the next layer as a signal (not a gate, not the model's output, no norm
+    before it): where the critical init applies."""
+    return (
+        trace.activation.name in BOUNDED_CHAIN_KINDS
+        and not getattr(trace, "gate", False)
+        and not trace.final
+        and trace.norm_after is None
+        and not isinstance(trace.module, nn.RNNBase)
+    )
+
+
+def _plan(name: str, trace: LayerTrace, choice: str, aliases: list[str], model_map: ModelMap) -> LayerPlan:
+    """The rule for one layer the policy does not keep."""
+    gated_by = getattr(trace, "gated_by", None)
+    activation = _init_activation(trace)
+    plan = LayerPlan(name, trace.module, trace, "", activation, aliases=aliases)
+    recurrent = isinstance(trace.module, nn.RNNBase)
     if choice == "lsuv":
-        return "orthogonal", True, False
-    if choice == "auto":
-        scheme = activation.kind.init
-        return scheme, False, scheme == "numeric" and not activation.kind.homogeneous
-    return choice, False, False
+        plan.scheme, plan.lsuv = "orthogonal", not recurrent
+    elif choice == "auto" and gated_by in model_map.layers and gated_by != name and trace.activation.is_identity:
+        # the value branch b of a gated unit φ(a)·b: E[(φ(a)·b)²] = E[φ(a)²]·E[b²] is 1 when b's std is
+        # 1/√E[φ(z)²] (the gate's pre-activation a at unit variance)
+        plan.activation, plan.role = get_activation(None), "value"
+        plan.scheme = "lecun"
+        plan.target_std = model_map.layers[gated_by].activation.gain
+    elif choice == "auto" and is_chain(trace):
+        plan.scheme, plan.role = "critical", "chain"
+    elif choice == "auto":
+        plan.scheme, plan.lsuv, plan.correct = _auto(activation)
+        plan.role = "gate" if getattr(trace, "gate", False) else ""
+    elif choice == "critical" and recurrent:
+        plan.scheme, plan.note = activation.kind.init, "recurrent: its recurrence is no feed-forward chain"
+    elif choice == "critical":
+        point = critical_point(activation)
+        if point.stable:
+            plan.scheme = "critical"
+        else:
+            plan.scheme, plan.lsuv, plan.correct = _auto(activation)
+            plan.note = point.reason
+    elif choice == "kaiming" and trace.how == "none" and activation.is_identity:
+        plan.scheme, plan.activation, plan.role = "kaiming", get_activation("relu"), "unknown"
+        plan.note = "feeds no known activation: the ReLU gain √2 (torch's kaiming_normal_ default)"
+    else:
+        plan.scheme = choice
+    if plan.scheme == "critical":
+        plan.critical = critical_point(plan.activation)
+        plan.target_std = math.sqrt(plan.critical.q)
+    return plan
 
 
 def _aliases(model: nn.Module) -> dict[int, list[str]]:
@@ -117,6 +172,8 @@ def _why_keep(trace: LayerTrace, weight: torch.Tensor, aliases: list[str], atten
         return None
     if trace.how in _FOUND or trace.final or trace.norm_after is not None or trace.residual:
         return None
+    if getattr(trace, "gated_by", None) is not None:
+        return None  # the value branch of a gated unit: scaled for the gate (see _plan)
     return "feeds no known activation, norm or residual: no well-founded rule"
 
 
@@ -157,13 +214,9 @@ def plan_layers(
             if reason is not None:
                 kept.append(Kept(name, reason))
                 continue
-        activation = _init_activation(trace)
-        scheme, lsuv, correct = _choose(choice, activation)
-        if lsuv and isinstance(trace.module, nn.RNNBase):
-            lsuv = False
-        plan = LayerPlan(name, trace.module, trace, scheme, activation, lsuv=lsuv, correct=correct, aliases=names)
+        plan = _plan(name, trace, choice, names, model_map)
         if name in attention and math.isfinite(trace.output_std) and trace.output_std > 0:
-            plan.target_std, plan.lsuv, plan.correct = trace.output_std, False, False
+            plan.target_std, plan.lsuv, plan.correct, plan.role = trace.output_std, False, False, "attention"
         plans.append(plan)
     covered = done
     for n, m in layers:
@@ -180,6 +233,7 @@ def plan_layers(
 def _gains(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[Kept]:
     """Constant parameters outside layers and norms (LayerScale-like gains): never touched, listed for the record."""
     owned = {id(p) for _, m in layers for p in m.parameters()}
+    owned |= {id(p) for m in model.modules() if activation_of_module(m) is not None for p in m.parameters()}  # PReLU
     norms = [m for m in model.modules() if isinstance(m, NORM_TYPES) or "norm" in type(m).__name__.lower()]
     owned |= {id(p) for m in norms for p in m.parameters()}  # incl. T5LayerNorm, LlamaRMSNorm
     found = []
