@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from lightning_bn import checks
+from lightning_bn.activations import Activation
+from lightning_bn.activations.meanfield import chi1, fixed_point
 from lightning_bn.init import (
     SCHEMES,
     LayerStep,
@@ -31,8 +33,6 @@ from lightning_bn.init import (
     unsharded_params,
     zero_init_residual_,
 )
-from lightning_bn.activations import Activation
-from lightning_bn.activations.meanfield import chi1, fixed_point
 from lightning_bn.layers import get_layer_kind
 from lightning_bn.norms import POSITIONS, NormInsertion, get_norm_layer, plan_insertions
 from lightning_bn.tracing import LayerTrace, trace_model

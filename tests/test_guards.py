@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import lightning_bn
 from lightning_bn import guards
 from lightning_bn.callbacks.norm_guard import BatchNormGuard
 from lightning_bn.guards import BatchNormWarning, guard, init_mismatches
@@ -197,27 +198,43 @@ def test_batch_size_recorder_counts_samples_for_images_and_values_for_features()
 
 
 def test_init_mismatch_fires_for_xavier_under_relu_at_depth_30():
-    """Xavier under ReLU: every weight is within 3x, but the std falls > 10x over 30 layers (measured ~5e-5)."""
+    """Xavier under ReLU: every weight is within 3x, but the std falls > 10x over 30 layers (measured ~5e-5), and so
+    does the gradient toward the input (mean-field chi_1 = 1 * E[relu'(z)^2] = 1/2 per layer)."""
     torch.manual_seed(0)
     findings = init_mismatches(he_mlp(30, init="xavier"), torch.randn(32, 64))
-    assert [f.problem for f in findings] == ["vanishing"]
-    assert findings[0].value < 1e-3
-    assert findings[0].name == "0 -> 58"
+    found = {f.problem: f for f in findings}
+    assert sorted(found) == ["gradient_vanishing", "vanishing"]
+    assert found["vanishing"].value < 1e-3 and found["gradient_vanishing"].value < 1e-3
+    assert found["vanishing"].name == found["gradient_vanishing"].name == "0 -> 58"
+    assert 0.45 < found["gradient_vanishing"].value ** (2 / 29) < 0.55  # chi_1 = 1/2
 
 
-def test_init_mismatch_fires_for_standard_normal_sigmoid_net():
-    """10 sigmoid layers with N(0, 1) weights (256 wide): the pre-activations are ~10x too wide and >50% saturated."""
+def test_init_mismatch_fires_for_a_saturating_sigmoid_net():
+    """10 sigmoid layers with N(0, 3²) weights (256 wide): the pre-activations are ~50x too wide, ~80% saturated and
+    pass back < 0.1 of a healthy layer's gradient power. N(0, 1) weights (std ~11 in: 55% saturated) still pass back
+    ~0.15 (the run report leaves that net alone too: it trains, slowly), and prepare()'s critical init (std 6.75, 40%
+    saturated, chi_1 = 1) gives no finding at all."""
+    for std, expected in ((3.0, 10), (1.0, 0)):
+        torch.manual_seed(0)
+        net = mlp(10, 256, nn.Sigmoid, in_features=64)
+        for module in net:
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+        findings = init_mismatches(net, torch.randn(64, 64))
+        saturating = [f for f in findings if f.problem == "saturating"]
+        assert len(saturating) == expected and all(f.value > 0.75 for f in saturating)
+        assert all("healthy: 0%" in f.detail and "gradient power" in f.detail for f in saturating)
     torch.manual_seed(0)
-    net = mlp(10, 256, nn.Sigmoid, in_features=64)
-    for module in net:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight)
-    findings = init_mismatches(net, torch.randn(64, 64))
-    saturating = [f for f in findings if f.problem == "saturating"]
-    assert len(saturating) == 10 and all(f.value > 0.4 for f in saturating)
-    assert "healthy: 0%" in saturating[0].detail
-    xavier = mlp(10, 256, nn.Sigmoid, in_features=64)  # PyTorch's default init: well within range
-    assert [f.problem for f in init_mismatches(xavier, torch.randn(64, 64))] == []
+    net, x = mlp(10, 256, nn.Sigmoid, in_features=64), torch.randn(256, 64)
+    lightning_bn.prepare(net, x, seed=0)
+    assert init_mismatches(net, x) == []
+    # PyTorch's default init: weights well within range and the forward signal too, but the gradients vanish toward
+    # the input (sigma_w^2 = 1/3: mean-field chi_1 = sigma_w^2 E[sigmoid'(z)^2] ~ 0.02 per layer; Glorot & Bengio 2010)
+    xavier = mlp(10, 256, nn.Sigmoid, in_features=64)
+    findings = init_mismatches(xavier, torch.randn(64, 64))
+    assert [f.problem for f in findings] == ["gradient_vanishing"]
+    assert findings[0].value < 1e-6
+    assert 0.015 < findings[0].value ** (2 / 9) < 0.025  # measured 0.0199
 
 
 def test_init_mismatch_silent_for_he_under_relu():

@@ -14,7 +14,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_bn.activations import get_activation
 from lightning_bn.callbacks.auto_init import REPORT_TAG, AutoInit
 from lightning_bn.norms import NormInsertion
 from lightning_bn.prepare import Kept, LayerReport, Report, Skipped, prepare

@@ -135,8 +135,8 @@ def critical_point(activation: Activation) -> CriticalPoint:
 def _solve(activation: Activation) -> CriticalPoint:
     slope_power = mean_square_slope(activation, 1.0)
     if not slope_power > 0:
-        return CriticalPoint(activation, math.nan, math.nan, math.nan, math.nan, math.nan, False,
-                             f"{activation.describe()} has no slope (E[φ′(z)²] = 0): no signal passes back")  # fmt: skip
+        why = f"{activation.describe()} has no slope (E[φ′(z)²] = 0): no signal passes back"
+        return CriticalPoint(activation, math.nan, math.nan, math.nan, math.nan, math.nan, False, why)
     weight_variance = 1.0 / slope_power
     bias_variance = 1.0 - mean_square(activation, 1.0) * weight_variance
     q = 1.0

@@ -65,17 +65,23 @@ class BatchNormGuard(Callback):
       ``min_values_per_channel`` values per channel (batch × spatial) on this device; suggests GroupNorm/LayerNorm,
       or SyncBatchNorm with the global figure under DDP (Wu & He 2018).
     - ``check_calibration``: when evaluation starts (not the sanity check), running statistics never estimated.
-    - ``check_init``: at fit start, :func:`~lightning_bn.guards.init_mismatches` on ``example_input_array``: inf/NaN
-      in the first forward pass, activations pinned in saturation, a pre-activation signal that vanishes/explodes by
-      more than ``depth_ratio`` with depth, or a weight more than ``init_factor`` from what ``prepare()`` would draw
-      (layers it keeps on purpose — embeddings, tied, zero-init, attention — are never flagged).
+    - ``check_init``: at fit start, :func:`~lightning_bn.guards.init_mismatches` on ``example_input_array`` (one
+      forward pass, then one forward and backward pass of a random projection of the output; parameters' ``.grad``,
+      buffers, modes and RNG state restored): inf/NaN in the first forward pass, activations pinned in saturation,
+      gradients that grow or vanish toward the input by more than 10x between the first and the last layer feeding
+      an activation (``gradient_exploding`` / ``gradient_vanishing``: the mean-field chaotic / ordered phase, e.g.
+      tanh at its forward-preserving gain), a pre-activation signal that vanishes/explodes by more than
+      ``depth_ratio`` with depth while the gradients do too (both tolerances widened by the spread finite width
+      alone gives), or a weight more than ``init_factor`` from what ``prepare()`` would draw (layers it keeps on
+      purpose — embeddings, tied, zero-init, attention — are never flagged).
 
     Under sharding (``docs/distributed.md``) every check works as under DDP and judges this rank's modules (rank zero
     warns): under ``ModelParallelStrategy`` the layers built in ``configure_model`` are looked at when they exist
     (fit start, the first training steps, each evaluation); the init check reads FSDP2 / tensor-parallel (DTensor)
     and FSDP1 weights whole (:func:`~lightning_bn.guards.full_parameters`: every rank gathers each weight once, into
-    host memory, at fit start; ``check_init=False`` skips that) and runs the forward through FSDPStrategy's wrapper;
-    the tiny-batch check counts the data-parallel replicas and says how to get SyncBatchNorm where
+    host memory, at fit start; ``check_init=False`` skips that) and runs the forward through FSDPStrategy's wrapper
+    (its backward pass, the gradient findings, is skipped for sharded models: FSDP's gradient hooks expect a full
+    backward); the tiny-batch check counts the data-parallel replicas and says how to get SyncBatchNorm where
     ``Trainer(sync_batchnorm=True)`` is ignored (``ModelParallelStrategy``; there the guard also warns at fit start
     when that flag is set).
 
@@ -88,7 +94,8 @@ class BatchNormGuard(Callback):
         min_values_per_channel: fewer values per channel than this is a tiny batch.
         check_steps: how many first training steps the batch-size check watches.
         init_factor: allowed factor between a weight's std and the one ``prepare()`` would draw.
-        depth_ratio: allowed factor between the input std of the last and the first activation.
+        depth_ratio: allowed factor between the input std of the last and the first activation (before the
+            finite-width widening, :func:`~lightning_bn.guards.width_spread`).
 
     Raises:
         MisconfigurationException: for a non-boolean switch, a non-positive count, or a factor not above 1.

@@ -8,7 +8,8 @@
   (values per channel = batch × spatial).
 - *uncalibrated running statistics* (:mod:`~lightning_bn.guards.calibration`): :func:`uncalibrated_norms`.
 - *init mismatch* (:mod:`~lightning_bn.guards.init_check`): :func:`init_mismatches` (weight scale vs. what the
-  activation needs, and the consequence in one forward pass: inf/NaN, vanishing or exploding signal).
+  activation needs, and the consequence in one forward and one backward pass: inf/NaN, gradients that explode or
+  vanish toward the input, a vanishing or exploding signal).
 
 Every warning has the category :class:`BatchNormWarning` and is one line: what is wrong, where, what to do.
 Sharded models (FSDP2 ``fully_shard``, FSDP1, tensor parallelism) are read through :func:`full_parameters`; names
@@ -45,15 +46,18 @@ from lightning_bn.guards.eval_mode import (
 )
 from lightning_bn.guards.init_check import (
     DEFAULT_DEPTH_RATIO,
+    DEFAULT_GRADIENT_RATIO,
     DEFAULT_INIT_FACTOR,
     DEFAULT_SATURATION_MARGIN,
     InitFinding,
     init_messages,
     init_mismatches,
+    width_spread,
 )
 
 __all__ = [
     "DEFAULT_DEPTH_RATIO",
+    "DEFAULT_GRADIENT_RATIO",
     "DEFAULT_INIT_FACTOR",
     "DEFAULT_SATURATION_MARGIN",
     "DEFAULT_MIN_VALUES_PER_CHANNEL",
@@ -79,4 +83,5 @@ __all__ = [
     "uncalibrated_message",
     "uncalibrated_norms",
     "values_per_channel",
+    "width_spread",
 ]
