@@ -179,3 +179,169 @@ def test_a_10_layer_sigmoid_net_trains_after_prepare():
     auto = [_train_sigmoid(seed, "auto") for seed in range(3)]
     assert min(auto) >= 0.85, auto
     assert _train_sigmoid(0, "xavier") < 0.2
+
+
+class LSTMCellNet(nn.Module):
+    """A written-out LSTM cell: one Linear makes the four gates of cat(x, h), unrolled over the sequence."""
+
+    def __init__(self, inputs: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.gates = nn.Linear(inputs + hidden, 4 * hidden)
+        self.head = nn.Linear(hidden, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], self.hidden)
+        c = torch.zeros_like(h)
+        for t in range(x.shape[1]):
+            i, f, g, o = self.gates(torch.cat([x[:, t], h], -1)).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        return self.head(h)
+
+
+def _first_output_std(model: nn.Module, name: str, example) -> float:
+    seen: list[float] = []
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not seen:
+            seen.append(output.detach().float().std().item())
+
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(**example) if isinstance(example, dict) else model(example)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+# The gates' pre-activation std after prepare(seed=0) before the critical init existed (commit 0398e15, measured with
+# the same models and inputs): a gate keeps a gate's rule, it must not become a chain's (sigma_w^2 103 would make it
+# 0 or 1: std ~7).
+_GATES_BEFORE = {
+    ("efficientnet", "encoder.blocks.0.squeeze_excite.expand"): 1.354,
+    ("regnet", "encoder.stages.0.layers.0.layer.2.attention.2"): 0.708,
+    ("llama", "model.layers.0.mlp.gate_proj"): 1.0,
+}
+
+
+@pytest.mark.parametrize(("case", "layer"), list(_GATES_BEFORE))
+def test_gates_keep_their_scale(case, layer):
+    from tests.zoo import ZOO
+
+    built = ZOO[case]()
+    report = prepare(built.model, built.example_input, seed=0)
+    row = next(r for r in report.layers if r.layer == layer)
+    assert row.scheme != "critical"
+    assert 0.5 <= _first_output_std(built.model, layer, built.example_input) / _GATES_BEFORE[case, layer] <= 2
+
+
+def test_a_written_out_lstm_cell_and_nn_lstm_keep_their_gates():
+    torch.manual_seed(0)
+    net, x = LSTMCellNet(), torch.randn(64, 6, 16)
+    report = prepare(net, x, seed=0)
+    assert report.layers[0].scheme == "xavier" and report.layers[0].activation == "sigmoid"
+    assert 0.5 <= _first_output_std(net, "gates", x) / 0.8025 <= 2  # 0.8025 before (commit 0398e15)
+    from tests.zoo import ZOO
+
+    case = ZOO["lstm_classifier"]()
+    prepare(case.model, case.example_input, seed=0)
+    lstm = next(m for m in case.model.modules() if isinstance(m, nn.LSTM))
+    embedding = next(m for m in case.model.modules() if isinstance(m, nn.Embedding))
+    with torch.no_grad():
+        gates = embedding(case.example_input) @ lstm.weight_ih_l0.T + lstm.bias_ih_l0 + lstm.bias_hh_l0
+    assert 0.5 <= gates.std().item() / 1.1145 <= 2  # first step's gate pre-activations; 1.1145 before
+
+
+def test_the_value_branch_of_a_gated_unit_is_scaled_for_its_gate():
+    """Llama's SwiGLU: silu(gate_proj(x)) * up_proj(x). up_proj was kept (std 0.165 at 0.02-normal weights: the
+    product ~0.1); now its output std is 1/sqrt(E[silu(z)^2]) = 1.68, so the product has unit second moment."""
+    from tests.zoo import ZOO
+
+    built = ZOO["llama"]()
+    report = prepare(built.model, built.example_input, seed=0)
+    up = "model.layers.0.mlp.up_proj"
+    assert up not in {k.layer for k in report.kept}
+    expected = get_activation("silu").gain
+    assert _first_output_std(built.model, up, built.example_input) == pytest.approx(expected, rel=0.1)
+    assert any("value side of a gated unit" in change for change in report.changes)
+
+
+def test_explicit_kaiming_on_an_unknown_activation_uses_the_relu_gain_and_says_so():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.b(torch.softmax(self.a(x), -1))  # softmax mixes units: no element-wise activation
+
+    report = prepare(Net(), torch.randn(32, 8), init="kaiming")
+    row = report.layers[0]
+    assert (row.layer, row.how, row.scheme) == ("a", "none", "kaiming") and row.gain == pytest.approx(2**0.5)
+    assert report.layers[1].gain == pytest.approx(1.0)  # the logits: identity, found at the output
+    assert any("feeds no known activation: the ReLU gain √2" in change for change in report.changes)
+
+
+class _DeepWritten(nn.Module):
+    """20 Linear layers, each followed by an activation written out in ``forward`` (or a learnable-swish module)."""
+
+    def __init__(self, formula, width: int = 64, depth: int = 20) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(32 if i == 0 else width, width) for i in range(depth))
+        self.head, self.formula = nn.Linear(width, 4), formula
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = self.formula(layer(x))
+        return self.head(x)
+
+
+class _Swish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.beta * x)
+
+
+def _gelu_new(h: torch.Tensor) -> torch.Tensor:
+    return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+
+
+_WRITTEN = {
+    "swish": (lambda h: h * torch.sigmoid(h), "silu"),
+    "quick_gelu": (lambda h: h * torch.sigmoid(1.702 * h), "quick_gelu"),
+    "gelu_new": (_gelu_new, "gelu"),
+    "gelu_erf": (lambda h: 0.5 * h * (1 + torch.erf(h / math.sqrt(2))), "gelu"),
+    "mish": (lambda h: h * torch.tanh(torch.nn.functional.softplus(h)), "mish"),
+    "learnable_swish": (_Swish(), "silu"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_WRITTEN))
+def test_composite_activations_get_their_own_init_at_depth_20(case):
+    """Read as their inner sigmoid/tanh, these got Xavier with sigmoid's gain: the pre-activation std went 1.84 ->
+    144 over 20 layers. Found as what they are, every layer's pre-activation std after prepare() is in [0.5, 2]."""
+    formula, kind = _WRITTEN[case]
+    torch.manual_seed(0)
+    net, x = _DeepWritten(formula), torch.randn(256, 32)
+    report = prepare(net, x, seed=0)
+    assert {r.activation.split("(")[0] for r in report.layers[:-1]} == {kind}
+    stds = [_first_output_std(net, f"layers.{i}", x) for i in range(20)]
+    assert 0.5 <= min(stds) and max(stds) <= 2, stds
+
+
+def test_prelu_gets_the_he_gain_for_its_slope():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.PReLU(init=0.25), nn.Linear(64, 64), nn.PReLU(64, init=0.5),
+                        nn.Linear(64, 4))  # fmt: skip
+    report = prepare(net, torch.randn(256, 32), seed=0)
+    assert [(r.activation.split("(")[0], r.scheme) for r in report.layers] == [("prelu", "kaiming"),
+                                                                               ("prelu", "kaiming"),
+                                                                               ("identity", "xavier")]  # fmt: skip
+    assert [r.gain for r in report.layers[:2]] == pytest.approx([(2 / 1.0625) ** 0.5, (2 / 1.25) ** 0.5], rel=1e-6)
+    assert not [k for k in report.kept if "weight" in k.layer]  # the slopes are no "LayerScale-like gain"

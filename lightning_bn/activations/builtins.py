@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_bn.activations.registry import ActivationKind, register_activation
+from lightning_bn.activations.registry import SATURATION_THRESHOLD, ActivationKind, register_activation
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _SELU_ALPHA = 1.6732632423543772
@@ -66,6 +66,30 @@ def _hardswish_derivative(x: Tensor) -> Tensor:
     return torch.where(x <= -3, torch.zeros_like(x), torch.where(x >= 3, torch.ones_like(x), middle))
 
 
+def _mean_slope(params: dict) -> dict:
+    """PReLU's slope read from a module or a call is its weight tensor: the mean slope stands for it (gain, derivative,
+    transmission); saturation is judged per channel from :func:`_prelu_bounds`."""
+    slope = params.get("negative_slope")
+    if isinstance(slope, Tensor):
+        params = {**params, "negative_slope": round(float(slope.detach().float().mean()), 6)}
+    return params
+
+
+def _prelu_bounds(module: nn.Module, ndim: int) -> tuple[Tensor, Tensor]:
+    """Per-channel asymptotes of a PReLU from its current weight: a channel whose learned slope ``a`` is below 1% of
+    its largest slope ``max(1, |a|)`` is saturated at or below 0 (a ReLU there: it can die); the side of slope 1 is
+    saturated only where ``|a| > 100``. Shaped like ``F.prelu`` applies the weight: along dim 1 (dim 0 of a 1-D input).
+    """
+    slope = module.weight.detach().float().reshape(-1)
+    peak = slope.abs().clamp_min(1.0)
+    zero, inf = torch.zeros_like(slope), torch.full_like(slope, math.inf)
+    low = torch.where(slope.abs() < SATURATION_THRESHOLD * peak, zero, -inf)
+    high = torch.where(1.0 < SATURATION_THRESHOLD * peak, zero, inf)
+    shape = [1] * max(ndim, 1)
+    shape[1 if ndim >= 2 else 0] = -1
+    return low.reshape(shape), high.reshape(shape)
+
+
 _T = torch.Tensor
 _BUILTINS = [
     ActivationKind(
@@ -117,6 +141,21 @@ _BUILTINS = [
         call_params={"negative_slope": (1, "negative_slope")},
         homogeneous=True,
         output_derivative=lambda y, negative_slope=0.01: _positive(y) * (1 - negative_slope) + negative_slope,
+    ),
+    ActivationKind(
+        "prelu",  # a learned slope per channel (He et al. 2015): Kaiming gain sqrt(2 / (1 + a^2)) at the mean slope a
+        lambda x, negative_slope=0.25: F.leaky_relu(x, negative_slope),
+        lambda x, negative_slope=0.25: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, negative_slope)),
+        modules=(nn.PReLU,),
+        functions=(torch.prelu, _T.prelu),
+        init="kaiming",
+        defaults={"negative_slope": 0.25},
+        module_params={"negative_slope": "weight"},
+        call_params={"negative_slope": (1, "weight")},
+        homogeneous=True,
+        output_derivative=lambda y, negative_slope=0.25: _positive(y) * (1 - negative_slope) + negative_slope,
+        param_values=_mean_slope,
+        unit_asymptotes=_prelu_bounds,
     ),
     ActivationKind(
         "relu6",

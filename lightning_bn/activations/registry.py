@@ -68,6 +68,12 @@ class ActivationKind:
         homogeneous: positively homogeneous (``f(ax) = a f(x)`` for ``a > 0``): a fixed gain is exact at any depth.
         output_derivative: ``f'`` written as a function of the output ``y = f(x)``, where that is possible (monotone
             kinds); lets monitors judge saturation from the output alone, which is cheaper.
+        param_values: turns the raw values read by ``module_params`` / ``call_params`` into the plain, hashable
+            parameters of an :class:`Activation` (PReLU: its learned slope tensor -> the mean slope).
+        unit_asymptotes: for kinds with a learned parameter per unit (PReLU: one slope per channel), the asymptote
+            bounds ``(low, high)`` of every unit from a module's *current* parameters, shaped to broadcast against an
+            input of the given rank (``-inf`` / ``inf`` where a unit has no flat side). Monitors read them on each
+            logging step, since the parameters change during training; they hold on the output too (``f(0) = 0``).
 
     Example::
 
@@ -88,6 +94,8 @@ class ActivationKind:
     call_params: dict[str, tuple[int, str]] = field(default_factory=dict)
     homogeneous: bool = False
     output_derivative: Callable[..., Tensor] | None = None
+    param_values: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    unit_asymptotes: Callable[[nn.Module, int], tuple[Tensor, Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,23 @@ class Activation:
         low, high = self.asymptotes
         ends = self(torch.tensor([low, high], dtype=torch.float64).clamp(-1e30, 1e30)).tolist()
         return (ends[0] if math.isfinite(low) else -math.inf, ends[1] if math.isfinite(high) else math.inf)
+
+    def unit_asymptotes(self, module: nn.Module, ndim: int) -> tuple[Tensor, Tensor] | None:
+        """Per-unit asymptote bounds from ``module``'s current parameters, shaped for an input of rank ``ndim``
+        (kinds with learned per-unit parameters, e.g. PReLU); ``None`` for every other kind.
+
+        Example::
+
+            >>> prelu = nn.PReLU(3)
+            >>> with torch.no_grad():
+            ...     prelu.weight[0] = 0.0
+            >>> low, high = get_activation(prelu).unit_asymptotes(prelu, 2)
+            >>> low.tolist(), high.tolist()
+            ([[0.0, -inf, -inf]], [[inf, inf, inf]])
+        """
+        if self.kind.unit_asymptotes is None:
+            return None
+        return self.kind.unit_asymptotes(module, ndim)
 
     def saturated(self, x: Tensor) -> Tensor:
         """Boolean mask of inputs on an asymptote (see :attr:`asymptotes`); False for NaN."""
@@ -313,6 +338,8 @@ def available_activations() -> list[str]:
 
 
 def _from_kind(kind: ActivationKind, **params: Any) -> Activation:
+    if kind.param_values is not None and params:
+        params = kind.param_values(params)
     merged = {**kind.defaults, **params}
     return Activation(kind, tuple(sorted(merged.items())))
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_bn.activations import Activation
+from lightning_bn.activations import Activation, activation_of_module
 from lightning_bn.monitoring.rows import (
     DEFAULT_ZERO_TOL,
     FIELDS,
@@ -90,6 +90,7 @@ class _Target:
     pending: Tensor | None = None
     bounds: tuple[Any, tuple[Tensor, Tensor]] | None = None
     hist: Tensor | None = None
+    per_unit: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] | None = None  # learned per-unit bounds (PReLU)
 
     @property
     def name(self) -> str:
@@ -173,8 +174,37 @@ class ActivationProbe(HookSet):
         """The watched targets, in order."""
         return [t.spec for t in self._targets]
 
+    @staticmethod
+    def _learned(target: _Target) -> bool:
+        """Whether the target is a module whose kind learns a parameter per unit (PReLU's slopes)."""
+        act = target.spec.activation
+        return act is not None and act.kind.unit_asymptotes is not None and target.spec.hook == "module"
+
+    @staticmethod
+    def _refresh(target: _Target) -> None:
+        """The module's parameters as they are in the forward pass being measured (read at its first call in a
+        logging step, not at the trace): the activation's parameters (PReLU's mean slope: one host read) and,
+        lazily, its per-unit bounds."""
+        spec = target.spec
+        fresh = activation_of_module(spec.module)
+        if fresh is not None and fresh.kind is spec.activation.kind:
+            spec.activation = fresh
+        target.bounds, target.per_unit = None, {}
+
+    @staticmethod
+    def _unit_bounds(target: _Target, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The per-unit asymptote bounds of the watched module, shaped to broadcast against ``x``."""
+        key = (x.ndim, x.device)
+        if key not in target.per_unit:
+            found = target.activation.unit_asymptotes(target.spec.module, x.ndim)
+            if found is None:
+                return None
+            target.per_unit[key] = tuple(b.to(x.device) for b in found)
+        return target.per_unit[key]
+
     def _register(self) -> Iterator[RemovableHandle]:
         for target, (pre_hook, hook) in zip(self._targets, self._hooks):
+            target.per_unit = None  # parameters learned per unit are read again at the step's first call
             target.row = target.alive = target.units = target.pending = target.hist = None
             if pre_hook is not None:
                 yield target.spec.module.register_forward_pre_hook(pre_hook)
@@ -231,6 +261,8 @@ class ActivationProbe(HookSet):
     def _measure(self, target: _Target, output: Tensor) -> None:
         """Fold one call's output into the target's row (and saturation, alive units, histogram)."""
         spec = target.spec
+        if target.per_unit is None and self._learned(target):
+            self._refresh(target)
         judged = None
         if spec.hook == "input":  # the output feeds a functional activation: judge its input, sum its output
             x = output.detach()
@@ -242,6 +274,8 @@ class ActivationProbe(HookSet):
             judged = (output, self._bounds(target, output.device, from_output=True))
         if judged is not None:
             x, bounds = judged
+            if target.per_unit is not None:  # PReLU: judged per channel from its slopes now
+                bounds = self._unit_bounds(target, x) or bounds
             unit_dim = unit_dim_of(x) if spec.unit_dim is None else spec.unit_dim
             row, alive = fused_row(output, self.zero_tol, x=x, bounds=bounds, unit_dim=unit_dim, path=self._path)
             act = spec.activation

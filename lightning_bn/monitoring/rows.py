@@ -99,6 +99,9 @@ _CHUNK = 1 << 18
 #: over up to 2^24 elements, stay far inside float32); outside it they are scaled by a power of two
 _UNSCALED = (2.0**-20, 2.0**20)
 
+#: where :func:`_saturation_eager` puts an infinite asymptote bound (no flat side): beyond any finite activation
+_FAR = 1e30
+
 #: Absolute value below which an element counts as "near zero".
 DEFAULT_ZERO_TOL = 1e-6
 
@@ -232,7 +235,8 @@ def _summary_eager(
     if judge:
         u = x if x.dtype in (torch.float32, torch.float64) else x.float()
         same = u.shape == y.shape and u.data_ptr() == y.data_ptr() and u.dtype == v.dtype
-        bounds = (low_bound.item(), high_bound.item()) if on_cpu else (low_bound, high_bound)
+        scalar = low_bound.numel() == 1 and high_bound.numel() == 1  # else per-unit bounds (PReLU), broadcast
+        bounds = (low_bound.item(), high_bound.item()) if on_cpu and scalar else (low_bound, high_bound)
         finite = (n - nonfinite if nonfinite is not None else v.new_full((), float(n))) if same else None
         saturated, units, alive = _saturation_eager(u, *bounds, unit_dim, finite, assume_finite=clean and same)
         parts.append(saturated)
@@ -286,6 +290,8 @@ def _summary_cpu(
     if not judge:
         return torch.tensor([*row, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64), v.new_zeros(0, dtype=torch.float64)
     u = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if low_bound.numel() != 1 or high_bound.numel() != 1:
+        return None  # per-unit bounds (PReLU): the general path broadcasts them
     lo, hi = float(low_bound), float(high_bound)
     one_sided = (hi == math.inf) != (lo == -math.inf)
     same = u.data_ptr() == v.data_ptr() and u.numel() == n and u.dtype == v.dtype  # judged on the values: finite
@@ -317,8 +323,12 @@ def _saturation_eager(
     assume_finite: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`saturation_counts` in float passes: an element's distance to the nearer bound, after clamping into the
-    bounds, is > 0 exactly when it is finite and unsaturated (inf and NaN come out NaN, then 0). ``finite``: the
-    finite-element count when the caller has it; ``assume_finite``: the caller knows there is no inf/NaN."""
+    bounds, is > 0 exactly when it is finite and unsaturated (inf and NaN come out NaN or 0, then 0). An infinite
+    bound (no asymptote on that side: leaky ReLU, PReLU, a kind by behaviour) stands at ±1e30, so a finite element's
+    distance to it is finite (it read +inf, then 0: every element saturated). ``finite``: the finite-element count
+    when the caller has it; ``assume_finite``: the caller knows there is no inf/NaN."""
+    low = low.clamp_min(-_FAR) if isinstance(low, Tensor) else max(low, -_FAR)
+    high = high.clamp_max(_FAR) if isinstance(high, Tensor) else min(high, _FAR)
     units = u.shape[unit_dim] if u.ndim else 1
     w = u.reshape(1) if u.ndim == 0 else u
     inside = torch.clamp(w, low, high)
@@ -399,7 +409,9 @@ def fused_row(
         zero_tol: ``|y|`` at or below this is near zero.
         x: where saturation is judged (the activation's input, or its output for monotone kinds); ``None``: no
             saturation (a layer's output).
-        bounds: ``(low, high)`` asymptote bounds as 0-d tensors on ``x``'s device (input or output bounds).
+        bounds: ``(low, high)`` asymptote bounds as 0-d tensors on ``x``'s device (input or output bounds), or
+            per-unit bounds broadcasting against ``x`` (PReLU's learned slopes; ``-inf`` / ``inf`` where a unit has
+            no flat side).
         unit_dim: the dimension of ``x`` indexing units.
         path: ``"compiled"``, ``"eager"`` or ``"auto"`` (by ``y``'s device, see :func:`backend`); a failed
             compilation falls back to eager for the rest of the process, with one warning.

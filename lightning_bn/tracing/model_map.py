@@ -66,11 +66,15 @@ class LayerTrace:
         name: qualified module name.
         module: the layer.
         activation: the first nonlinearity consuming the output (identity for logits and for outputs consumed by
-            no nonlinearity).
+            no nonlinearity); for a composite written in ``forward`` (``h * torch.sigmoid(h)``), the whole
+            element-wise function, never its inner call.
         how: ``"module"`` (an activation module), ``"function"`` (``F.silu``, ``torch.tanh``), ``"method"``
             (``x.relu()``), ``"numeric"`` (a module recognized by what it computes, e.g. transformers'
             ``NewGELUActivation``), ``"behaviour"`` (an element-wise nonlinearity no registered kind matches),
-            ``"output"`` (reaches the model output without one) or ``"none"`` (consumed by something else).
+            ``"composite"`` (an element-wise sub-graph of calls from the output to a merge of it with a nonlinear
+            function of it, recognized as one function: ``h * torch.sigmoid(h)`` is SiLU; a kind "by behaviour"
+            where none matches), ``"output"`` (reaches the model output without one) or ``"none"`` (consumed by
+            something else).
         output_shape: shape of the layer's output on the example input (first call).
         through: steps looked through on the way, e.g. ``["BatchNorm1d", "Dropout", "add"]``.
         consumer: qualified name of the activation module, when found as a module.
@@ -82,6 +86,17 @@ class LayerTrace:
         final: the output reaches the model's output with no other layer in between (logits, ``sigmoid(head(x))``).
         nonfinite: inf/NaN elements in the output on the example input (first call).
         residual: the output is on the deeper operand of a residual addition (a residual branch).
+        gate: the activation after this layer makes a *gate*: its output multiplies a tensor that is not computed
+            element-wise from this layer's own output (squeeze-excite's ``x * sigmoid(fc2(s))``, an LSTM gate
+            ``sigmoid(xi(x) + hi(h)) * c``, SwiGLU's ``silu(gate_proj(x)) * up_proj(x)``, ``F.glu`` / ``nn.GLU``,
+            ``a * sigmoid(b)`` of ``proj(x).chunk(2, -1)``). A composite (``h * sigmoid(h)``) is no gate. Where
+            both factors are activations of different layers, a broadcast factor is the gate (squeeze-excite), else
+            one with values in [0, 1] (the LSTM's ``i * tanh(g)``: only ``i``), else both.
+        gated_by: the layer whose gate multiplies this layer's output, when that output reaches the product through
+            looked-through steps only (no nonlinearity) and with the same shape as the gate (no broadcast): SwiGLU's
+            ``up_proj.gated_by == "gate_proj"``; for ``F.glu(proj(x))`` and the chunked form the layer gates itself
+            (``proj.gated_by == "proj"``, ``proj.gate``). ``None`` otherwise (squeeze-excite scales a feature map by
+            broadcasting: its gate's layer has ``gate``, the feature map's layer no ``gated_by``).
     """
 
     name: str
@@ -98,6 +113,8 @@ class LayerTrace:
     final: bool = False
     nonfinite: int = 0
     residual: bool = False
+    gate: bool = False
+    gated_by: str | None = None
 
 
 SiteHook = Literal["module", "input", "output"]
@@ -111,7 +128,8 @@ class ActivationSite:
         name: stable, readable site name: the activation module's qualified name, or for a functional activation the
             producing layer's name plus the kind (``"fc1.relu"``).
         activation: what it computes.
-        how: ``"module"``, ``"numeric"``, ``"behaviour"`` (modules), ``"function"`` / ``"method"`` (calls).
+        how: ``"module"``, ``"numeric"``, ``"behaviour"`` (modules), ``"function"`` / ``"method"`` (calls),
+            ``"composite"`` (an element-wise sub-graph written in ``forward``, recognized as one function).
         module: the module to hook: the activation module itself; for a call, the module whose output is the
             call's input (``hook="input"``) or whose output is the call's output (``hook="output"``).
         module_name: qualified name of ``module``.
@@ -190,7 +208,7 @@ class ModelMap:
 
         layers = {
             name(n): replace(t, name=name(n), consumer=name(t.consumer), norm_after=name(t.norm_after),
-                             residual_norm=name(t.residual_norm))
+                             residual_norm=name(t.residual_norm), gated_by=name(t.gated_by))
             for n, t in self.layers.items()
         }  # fmt: skip
         sites = [
@@ -218,7 +236,7 @@ class ModelMap:
         """One line per layer and per site: a readable dump for debugging a detection."""
         lines = [
             f"layer {n}: {type(t.module).__name__} {tuple(t.output_shape)} {t.layout} -> {t.activation.describe()} "
-            f"({t.how})"
+            f"({t.how}){' gate' if t.gate else ''}{f' gated by {t.gated_by}' if t.gated_by else ''}"
             for n, t in self.layers.items()
         ]
         lines += [f"site {s.name}: {s.activation.describe()} ({s.how}) via {s.hook} of {s.module_name!r}, {s.layout}"

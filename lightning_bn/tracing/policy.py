@@ -92,7 +92,7 @@ def is_chain(trace: LayerTrace) -> bool:
     before it): where the critical init applies."""
     return (
         trace.activation.name in BOUNDED_CHAIN_KINDS
-        and not getattr(trace, "gate", False)
+        and not trace.gate
         and not trace.final
         and trace.norm_after is None
         and not isinstance(trace.module, nn.RNNBase)
@@ -101,7 +101,7 @@ def is_chain(trace: LayerTrace) -> bool:
 
 def _plan(name: str, trace: LayerTrace, choice: str, aliases: list[str], model_map: ModelMap) -> LayerPlan:
     """The rule for one layer the policy does not keep."""
-    gated_by = getattr(trace, "gated_by", None)
+    gated_by = trace.gated_by
     activation = _init_activation(trace)
     plan = LayerPlan(name, trace.module, trace, "", activation, aliases=aliases)
     recurrent = isinstance(trace.module, nn.RNNBase)
@@ -117,7 +117,7 @@ def _plan(name: str, trace: LayerTrace, choice: str, aliases: list[str], model_m
         plan.scheme, plan.role = "critical", "chain"
     elif choice == "auto":
         plan.scheme, plan.lsuv, plan.correct = _auto(activation)
-        plan.role = "gate" if getattr(trace, "gate", False) else ""
+        plan.role = "gate" if trace.gate else ""
     elif choice == "critical" and recurrent:
         plan.scheme, plan.note = activation.kind.init, "recurrent: its recurrence is no feed-forward chain"
     elif choice == "critical":
@@ -172,7 +172,7 @@ def _why_keep(trace: LayerTrace, weight: torch.Tensor, aliases: list[str], atten
         return None
     if trace.how in _FOUND or trace.final or trace.norm_after is not None or trace.residual:
         return None
-    if getattr(trace, "gated_by", None) is not None:
+    if trace.gated_by is not None:
         return None  # the value branch of a gated unit: scaled for the gate (see _plan)
     return "feeds no known activation, norm or residual: no well-founded rule"
 

@@ -58,6 +58,28 @@ _SAME_VALUES = frozenset("contiguous clone detach to float double half bfloat16 
 _ALIASES = {"iadd": "add", "radd": "add", "isub": "sub", "rsub": "sub", "imul": "mul", "rmul": "mul"}
 _ALIASES |= {"truediv": "div", "itruediv": "div", "idiv": "div", "concat": "cat", "concatenate": "cat"}
 _SCALE_OPS = frozenset({"mul", "div"})
+# element-wise calls: each output element depends only on the same element of each operand (and on scalars, or on
+# constants broadcast along it); what the trace follows from a layer's output to find a composite activation
+_ELEMENTWISE = frozenset(
+    "add sub mul div neg pos abs exp exp2 expm1 log log2 log10 log1p sqrt rsqrt square reciprocal sigmoid tanh sin "
+    "cos tan atan asin acos sinh cosh asinh acosh atanh erf erfc erfinv sign sgn floor ceil round trunc frac clamp "
+    "clip clampmin clampmax nantonum logsigmoid softplus softsign relu relu6 gelu silu mish elu selu celu leakyrelu "
+    "hardtanh hardswish hardsigmoid hardshrink softshrink tanhshrink threshold logit pow rpow floatpower rdiv "
+    "rtruediv maximum minimum fmax fmin where gt lt ge le eq ne greater less greaterequal lessequal logicalnot "
+    "logicaland logicalor atan2 hypot copysign lerp xlogy sinc prelu contiguous clone detach to float double half "
+    "bfloat16".split()
+)
+# element-wise calls affine in whatever operands they get (``mul`` and ``div`` are affine only with one operand that
+# varies, and it divided): no nonlinearity on the way
+_AFFINE = frozenset("add sub neg pos contiguous clone detach to float double half bfloat16".split())
+# calls that keep values and only rearrange, broadcast, select or cast them: an activation's output stays one
+# (a gate reshaped to broadcast, ``y.view(b, c, 1, 1)``, ``y.expand_as(x)``)
+_REARRANGE = frozenset(
+    "view reshape flatten unflatten permute transpose t contiguous squeeze unsqueeze expand expandas viewas "
+    "reshapeas movedim swapaxes swapdims clone detach to float double half bfloat16 repeat getitem".split()
+)
+_SHAPE_FROM_SECOND = frozenset("expandas viewas reshapeas typeas".split())  # the second operand gives no values
+_IN_PLACE = frozenset("__iadd__ __isub__ __imul__ __itruediv__ __idiv__ __ipow__".split())
 # calls that carry attention scores (q·kᵀ) on to the softmax: scaling, masks and position biases, casts
 _SCORE_OPS = frozenset("mul div add sub maskedfill where float to typeas contiguous clone".split())
 
