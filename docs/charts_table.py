@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 from lightning_bn.activations import Activation, ActivationKind, get_activation, registered_kinds
+from lightning_bn.activations.meanfield import critical_point
 from lightning_bn.monitoring.rows import DEFAULT_ZERO_TOL
 from lightning_bn.report import Thresholds
+from lightning_bn.tracing.policy import BOUNDED_CHAIN_KINDS
 
 PAGE = Path(__file__).resolve().parent / "reading-the-charts.md"
 START, END = "<!-- kinds:start -->", "<!-- kinds:end -->"
@@ -45,6 +47,7 @@ COLUMNS = (
     "`act_kurtosis`",
     "`act_transmission` at std 0.5 / 2",
     "init gain",
+    "critical σ_w², σ_b² (q*)",
 )
 
 
@@ -111,6 +114,15 @@ def healthy_figures(act: Activation) -> dict[str, float]:
     }
 
 
+def _critical(act: Activation) -> str:
+    """The mean-field critical point, or why there is none."""
+    point = critical_point(act)
+    if not math.isfinite(point.weight_variance):
+        return "none"
+    text = f"{point.weight_variance:.4g}, {point.bias_variance:.3g} ({point.q:.3g})"
+    return text if point.stable else f"unstable: {text}"
+
+
 def table() -> str:
     """The Markdown table of every built-in kind."""
     margin = Thresholds().saturation_margin
@@ -121,7 +133,7 @@ def table() -> str:
         rows.append(
             (
                 f"`{act.describe()}`",
-                kind.init,
+                f"critical in a chain, {kind.init} as a gate" if kind.name in BOUNDED_CHAIN_KINDS else kind.init,
                 _output_range(act),
                 _saturated_input(act),
                 _number(act.healthy_saturation),
@@ -132,6 +144,7 @@ def table() -> str:
                 _number(figures["kurtosis"]),
                 f"{_number(act.transmission(0.5))} / {_number(act.transmission(2.0))}",
                 _number(act.gain),
+                _critical(act),
             )
         )
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)

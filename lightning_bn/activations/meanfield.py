@@ -91,7 +91,8 @@ class CriticalPoint:
         q: the pre-activation variance ``q*`` the stack settles at.
         chi1: ``χ₁`` there (1 up to the solver's precision).
         slope: the slope of the variance map at ``q*`` (``χ₁ + σ_w² E[φφ″]``).
-        stable: whether ``q*`` attracts (slope < 1, or exactly 1 for a positively homogeneous kind).
+        stable: whether ``q*`` attracts (slope < 1) or is neutral (slope 1 within 1e-3: a positively homogeneous kind,
+            whose every ``q`` is a fixed point).
         reason: why the point is not usable, in words (``None`` when it is).
     """
 
@@ -148,12 +149,11 @@ def _solve(activation: Activation) -> CriticalPoint:
         if not math.isfinite(weight_variance):
             return CriticalPoint(activation, math.nan, math.nan, math.nan, math.nan, math.nan, False,
                                  f"{activation.describe()}: no σ_w² gives χ₁ = 1 at σ_b = 0")  # fmt: skip
-    bias_variance = max(bias_variance, 0.0)
+    bias_variance = bias_variance if bias_variance > 1e-6 else 0.0
     chi = chi1(activation, weight_variance, q)
     step = 1e-3 * q
     slope = weight_variance * (mean_square(activation, q + step) - mean_square(activation, q - step)) / (2 * step)
-    homogeneous = activation.kind.homogeneous
-    stable = slope < 1.0 - 1e-6 or (homogeneous and slope < 1.0 + 1e-3)
+    stable = slope < 1.0 + 1e-3  # slope 1 (ReLU, leaky ReLU, ReLU6 at q* = 1): neutral, every nearby q stays put
     reason = None
     if not stable:
         reason = (
