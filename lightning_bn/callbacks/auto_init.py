@@ -61,8 +61,8 @@ class AutoInit(Callback):
     out.
 
     Args:
-        init: ``"auto"``, ``"lsuv"`` or a scheme (``"xavier"``, ``"kaiming"``, ``"lecun"``, ``"orthogonal"``,
-            ``"numeric"``).
+        init: ``"auto"``, ``"lsuv"``, ``"critical"`` (the mean-field critical point, χ₁ = 1) or a scheme
+            (``"xavier"``, ``"kaiming"``, ``"lecun"``, ``"orthogonal"``, ``"numeric"``).
         norm: ``None`` (no insertion), ``"auto"``, ``"batch"``, ``"layer"``, ``"group"``, ``"rms"``, ``"instance"``,
             ``"sync_batch"``, a registered name, a norm class or a ``functools.partial``.
         example_input: a Tensor, tuple of args or dict of kwargs for ``forward``; default: ``example_input_array``.
