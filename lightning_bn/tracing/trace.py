@@ -6,18 +6,14 @@ pooling, reshapes, scaling by a constant and additions), which module's output i
 units, and which layers lie upstream of it. Activations are found as registered modules, as functional calls
 (``F.gelu``, ``torch.tanh``, ``x.relu()``), as unregistered modules recognized by what they compute
 (:func:`~lightning_bn.tracing.recognize`, learnable element-wise modules included), inside norm subclasses that apply
-one (timm's norm-act layers), and as *composites* written in ``forward``: element-wise calls from a layer's output to
-a merge of it with a nonlinear function of it (``h * torch.sigmoid(h)``, written-out GELU and Mish) are one function,
-replayed on a grid and recognized, and it replaces the inner call (``sigmoid``) as the layer's activation. Products of
-an activation's output with another layer's output mark *gates* (:attr:`LayerTrace.gate`, :attr:`LayerTrace.gated_by`).
-
-Cost: each tensor computed element-wise from a layer's output carries a fixed sample of 4096 of its values (and the
-root's values there); no activation-sized copy is kept.
+one (timm's norm-act layers), and as *composites* written in ``forward`` (``h * torch.sigmoid(h)`` is SiLU, not its
+sigmoid). Composites and *gates* (:attr:`LayerTrace.gate`, :attr:`LayerTrace.gated_by`) are followed by
+:class:`~lightning_bn.tracing.composite.Composites`, which the tracer calls at fixed points; its module docstring says
+what is tracked, when recognition runs and what replaces what.
 """
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,17 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
 
 from lightning_bn.activations import Activation, activation_of_call, activation_of_module, get_activation
 from lightning_bn.layers import get_layer_kind
+from lightning_bn.tracing.composite import Composites
 from lightning_bn.tracing.hooks import as_call, model_state, run_forward
 from lightning_bn.tracing.model_map import ActivationSite, LayerTrace, Layout, ModelMap
-from lightning_bn.tracing.recognize import Recognition, recognize, recognize_samples, tolerance
+from lightning_bn.tracing.recognize import Recognition, recognize
 from lightning_bn.tracing.types import (
-    _AFFINE,
-    _ELEMENTWISE,
-    _IN_PLACE,
     _LOOK_THROUGH,
     _NORM_CALLS,
     _PLACEHOLDER_TYPES,
@@ -85,6 +78,11 @@ class _Meta:
     scores: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # attention logits q·kᵀ: (q layers, k layers)
     act_of: tuple[str, ...] = ()  # the layers whose activation's output it is (possibly rearranged): a gate candidate
 
+    @property
+    def upstream(self) -> frozenset[str]:
+        """The layers upstream of it (:attr:`reach` without the model input)."""
+        return self.reach - {_INPUT}
+
 
 @dataclass
 class _PendingCall:
@@ -94,114 +92,6 @@ class _PendingCall:
     layout: Layout
     measured: Tensor | None = None
     name: str | None = None
-
-
-#: values of a tensor sampled to follow element-wise sub-graphs (composites) from a layer's output
-_SAMPLES = 4096
-#: largest non-scalar constant (not a parameter) an element-wise step may hold for its replay
-_CONSTANT_LIMIT = 1 << 16
-
-
-@dataclass(eq=False)
-class _Node:
-    """One call of an element-wise sub-graph: ``func(*args, **kwargs)`` with each operand computed from the root
-    replaced by its node (the root itself is :data:`_ROOT_NODE`); replayed on any input by :func:`_replay`."""
-
-    func: Any
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    in_place: bool = False
-
-
-_ROOT_NODE = _Node(None)
-
-
-def _replay(node: _Node) -> Callable[[Tensor], Tensor]:
-    """The element-wise function ``root -> node`` as a callable of one tensor (each value computed once; the first
-    operand of an in-place call is copied first, so neither the input nor a shared value is written)."""
-
-    def composite(x: Tensor) -> Tensor:
-        memo: dict[int, Any] = {id(_ROOT_NODE): x}
-
-        def value(n: _Node) -> Any:
-            if id(n) not in memo:
-                args, kwargs = tree_map(lambda a: value(a) if isinstance(a, _Node) else a, (n.args, n.kwargs))
-                if n.in_place and args and isinstance(args[0], Tensor):
-                    args = (args[0].clone(), *args[1:])
-                memo[id(n)] = n.func(*args, **kwargs)
-            return memo[id(n)]
-
-        return value(node)
-
-    return composite
-
-
-@dataclass(eq=False)
-class _Root:
-    """A tensor element-wise sub-graphs start from: a layer's output through looked-through steps (its first
-    element-wise use), or that after a bias or scale by per-channel constants (``base``: the tensor it came from)."""
-
-    tags: dict[str, _Path]
-    source: str | None
-    layout: Layout | None
-    shape: tuple[int, ...]
-    index: tuple[Tensor, ...]  # the sampled positions (the same for every tensor of this shape)
-    xs: Tensor  # the root's values there
-    tensor: weakref.ref
-    base: _Root | None = None
-    done: bool = False  # a composite of this lineage was recognized
-    version: int = 0  # the tensor's version counter when sampled (an in-place call changes its values)
-
-    def values(self) -> Tensor | None:
-        """The root tensor, while it lives with the values it was sampled with (what a hook on its source sees)."""
-        t = self.tensor()
-        return t if t is not None and t._version == self.version else None
-
-    @property
-    def lineage(self) -> _Root:
-        return self.base or self
-
-
-@dataclass(eq=False)
-class _Derived:
-    """A tensor computed element-wise from one root: how (``node``, ``None`` where no single function of one element
-    replays it), its values at the root's sampled positions, whether a nonlinearity or a merge of two operands from
-    the root with one nonlinear (a composite) lies on the way, and the activation calls made inside it (dropped when
-    the composite is recognized)."""
-
-    root: _Root
-    node: _Node | None
-    ys: Tensor
-    nonlinear: bool = False
-    composite: bool = False
-    sites: tuple[str, ...] = ()
-    pending: tuple[int, ...] = ()
-    found: frozenset[str] = frozenset()
-    module: tuple[nn.Module, str] | None = None  # the innermost module whose output it is
-
-
-def _in_place(func: Any, args: tuple, kwargs: dict) -> bool:
-    name = getattr(func, "__name__", "")
-    flagged = kwargs.get("inplace") is True or any(a is True for a in args[1:])  # F.relu(x, inplace=True)
-    return flagged or name in _IN_PLACE or (name.endswith("_") and not name.startswith("_"))
-
-
-def _distinct(t: Tensor) -> int:
-    """How many distinct elements ``t`` holds: an expanded view (``y.expand_as(x)``, stride 0) counts once along the
-    broadcast dimensions."""
-    return math.prod(n for n, step in zip(t.shape, t.stride()) if step != 0)
-
-
-def _agrees(a: Tensor, b: Tensor) -> bool:
-    """A replay's values against the sampled ones: the same non-finite positions, the rest within a few roundings."""
-    tol = 4 * tolerance(b.dtype)
-    a, b = a.detach().double(), b.detach().double()
-    if a.shape != b.shape:
-        return False
-    finite = torch.isfinite(b)
-    if not bool((torch.isfinite(a) == finite).all()):
-        return False
-    return bool(((a - b).abs()[finite] <= tol * (1 + b.abs()[finite])).all())
 
 
 def _std_and_nonfinite(x: Tensor) -> Tensor:
@@ -242,13 +132,7 @@ class _Tracer:
         self.stack: list[nn.Module] = []
         self.called: dict[nn.Module, None] = {}  # modules in the order of their first call
         self.site_measures: dict[str, Tensor] = {}  # site name -> (input std, saturated fraction), on the device
-        self.derived: dict[int, tuple[weakref.ref, _Derived]] = {}  # tensors computed element-wise from a root
-        self.sample_index: dict[tuple, tuple[Tensor, ...]] = {}  # (shape, device) -> sampled positions
-        self.sample_offsets: dict[tuple, Tensor] = {}  # (shape, strides, device) -> their memory offsets
-        self.module_found: dict[nn.Module, frozenset[str]] = {}  # activation module -> layers it resolved
-        self.gates: set[str] = set()
-        self.gated_by: dict[str, str] = {}
-        self.unwatchable: list[tuple[str, str]] = []  # activations no hook sees that are no pending call (glu)
+        self.composites = Composites(self)  # element-wise sub-graphs from a layer (composites) and gates
         self.opaque = 0
         #: a live trace (:func:`trace_call`): called with each new site and the tensor its hook would see
         self.observe: Callable[[ActivationSite, Tensor], None] | None = None
@@ -295,259 +179,6 @@ class _Tracer:
     def put(self, outputs: Any, meta: _Meta) -> None:
         for t in _tensors(outputs):
             self.info[id(t)] = (weakref.ref(t), meta)
-
-    # ---- element-wise sub-graphs (composites) and gates ----
-    def derived_of(self, t: Tensor) -> _Derived | None:
-        entry = self.derived.get(id(t))
-        if entry is None or entry[0]() is not t:
-            return None
-        return entry[1]
-
-    def set_derived(self, t: Tensor, record: _Derived) -> None:
-        key, table = id(t), self.derived
-
-        def forget(ref: weakref.ref, key: int = key) -> None:  # the tensor is gone: so are its samples
-            entry = table.get(key)
-            if entry is not None and entry[0] is ref:
-                del table[key]
-
-        table[key] = (weakref.ref(t, forget), record)
-
-    def _sample(self, t: Tensor) -> tuple[Tensor, ...]:
-        """The sampled positions of tensors of ``t``'s shape: all of a small one, else :data:`_SAMPLES` drawn once
-        with a fixed seed (the same for every tensor of that shape and device, so samples of a sub-graph pair up)."""
-        key = (tuple(t.shape), t.device)
-        if key not in self.sample_index:
-            n = t.numel()
-            if n <= _SAMPLES:
-                flat = torch.arange(n)
-            else:
-                flat = torch.randint(n, (_SAMPLES,), generator=torch.Generator().manual_seed(0))
-            self.sample_index[key] = tuple(i.to(t.device) for i in torch.unravel_index(flat, tuple(t.shape)))
-        return self.sample_index[key]
-
-    def _values(self, t: Tensor, index: tuple[Tensor, ...]) -> Tensor:
-        """``t``'s values at the sampled positions, by ``index_select`` on its memory (advanced indexing ``t[index]``
-        takes ~3000x longer on CPU: 16 ms for 4096 values); no copy of ``t``."""
-        t = t.detach()
-        key = (tuple(t.shape), t.stride(), t.device)
-        offsets = self.sample_offsets.get(key)
-        if offsets is None:
-            offsets = sum((i * step for i, step in zip(index, t.stride())), torch.zeros_like(index[0]))
-            self.sample_offsets[key] = offsets
-        span = 1 + sum((n - 1) * step for n, step in zip(t.shape, t.stride()))
-        return t.as_strided((span,), (1,)).index_select(0, offsets)
-
-    def _root(self, t: Tensor, tags: dict[str, _Path], source: str | None, layout: Layout | None,
-              base: _Root | None = None) -> _Derived:  # fmt: skip
-        index = self._sample(t)
-        xs = self._values(t, index)
-        root = _Root(dict(tags), source, layout, tuple(t.shape), index, xs, weakref.ref(t), base, version=t._version)
-        return _Derived(root, _ROOT_NODE, xs)
-
-    def _derive(self, func: Any, name: str, act: Activation | None, args: tuple, kwargs: dict,
-                seen: list[tuple[_Meta, Tensor]], output: Any) -> _Derived | None:  # fmt: skip
-        """The record of ``output`` when this call computes it element-wise from one root (its other operands
-        Python numbers, or constants: no tags, nothing upstream), else ``None``. The first element-wise call on a
-        layer's looked-through output makes that tensor a root."""
-        if act is None and name not in _ELEMENTWISE:
-            return None
-        if type(output) is not Tensor or output.ndim == 0 or output.numel() < 2 or "out" in kwargs:
-            return None  # (a tensor subclass, e.g. a DTensor, is not sampled)
-        shape = output.shape
-        operand: dict[int, _Derived] = {}
-        fresh: tuple[Tensor, _Meta] | None = None
-        uniform = True  # one function of one element: no constant varies along the tensor
-        for meta, t in seen:
-            record = self.derived_of(t) if t.shape == shape else None
-            if record is not None:
-                operand[id(t)] = record
-            elif meta.tags and t.shape == shape and type(t) is Tensor and (fresh is None or fresh[0] is t):
-                fresh = (t, meta)
-            elif meta.tags or meta.reach or self.derived_of(t) is not None:
-                return None  # a second source, or a tensor computed from the input: not a function of one root
-            elif t.numel() > 1:
-                if t.numel() > _CONSTANT_LIMIT and not isinstance(t, nn.Parameter):
-                    return None  # a large constant: no copy of it is kept for a replay
-                uniform = False
-        if fresh is not None:
-            if operand:
-                return None
-            t, meta = fresh
-            record = self._root(t, meta.tags, meta.source, meta.layout)
-            self.set_derived(t, record)
-            operand[id(t)] = record
-        if not operand:
-            return None
-        records = list(operand.values())
-        lineage = records[0].root.lineage
-        if any(r.root.lineage is not lineage for r in records):
-            return None
-        count = sum(1 for _, t in seen if id(t) in operand)  # h * h counts twice
-        first = args[0] if args else None
-        varying_first = isinstance(first, Tensor) and id(first) in operand
-        affine = act is None and (
-            name in _AFFINE or (name == "mul" and count == 1) or (name == "div" and count == 1 and varying_first)
-        )
-        if act is not None and act.is_identity:
-            affine = True
-        roots = {id(r.root): r.root for r in records}
-        root = records[0].root if len(roots) == 1 else lineage
-        uniform = uniform and len(roots) == 1 and all(r.node is not None for r in records)
-        nonlinear_in = any(r.nonlinear for r in records)
-        if not uniform and affine and not nonlinear_in:  # a bias or scale by per-channel constants: a new root
-            first_root = records[0].root
-            return self._root(output, lineage.tags, None, first_root.layout, base=lineage)
-        node = None
-        if uniform:
-            swap = lambda a: operand[id(a)].node if isinstance(a, Tensor) and id(a) in operand else a  # noqa: E731
-            fargs, fkwargs = tree_map(swap, (args, kwargs))
-            node = _Node(func, tuple(fargs), dict(fkwargs), _in_place(func, args, kwargs))
-        ys = self._values(output, root.index)
-        return _Derived(
-            root, node, ys,
-            nonlinear=nonlinear_in or not affine,
-            composite=any(r.composite for r in records) or (count >= 2 and (nonlinear_in or not affine)),
-            sites=tuple(dict.fromkeys(x for r in records for x in r.sites)),
-            pending=tuple(dict.fromkeys(x for r in records for x in r.pending)),
-            found=frozenset().union(*(r.found for r in records)),
-        )  # fmt: skip
-
-    def _module_output(self, args: tuple, kwargs: dict, output: Any, activation: Activation, found: frozenset[str],
-                       merged: _Meta) -> _Derived | None:  # fmt: skip
-        """The record of an activation module's output, when its input is a root or computed from one."""
-        seen = [t for t in _tensors((args, kwargs))]
-        if len(seen) != 1 or type(output) is not Tensor or output.shape != seen[0].shape or output.numel() < 2:
-            return None
-        x = seen[0]
-        record = self.derived_of(x)
-        if record is None:
-            if not merged.tags or type(x) is not Tensor:
-                return None
-            meta = self.get(x)
-            record = self._root(x, meta.tags, meta.source, meta.layout)
-            self.set_derived(x, record)
-        node = _Node(activation, (record.node,)) if record.node is not None else None
-        return _Derived(record.root, node, self._values(output, record.root.index), not activation.is_identity,
-                        record.composite, record.sites, record.pending, record.found | found)  # fmt: skip
-
-    def _consume(self, tensors: list[Tensor], continued: _Derived | None = None) -> None:
-        """Recognize the composites among ``tensors`` that a call or module uses other than element-wise (a layer,
-        a product with another layer's output, a reduction, the model output): the outermost merge is complete."""
-        if continued is not None or not self.derived:
-            return
-        for t in tensors:
-            record = self.derived_of(t)
-            if record is not None and record.composite and not record.root.lineage.done:
-                self._composite(record, t)
-
-    def _composite(self, record: _Derived, tensor: Tensor) -> None:
-        """One composite recognized: it becomes the layer's activation (``how="composite"``), its inner calls'
-        sites are dropped and one site for the whole function takes their place."""
-        root = record.root
-        root.lineage.done = True
-        self.opaque += 1
-        try:
-            found = self._recognize(record)
-            act = found.activation
-            for name in record.sites:
-                self._drop_site(name)
-            for index in record.pending:
-                call = self.pending[index]
-                self.pending[index] = _PendingCall(call.activation, "dropped", call.producer, call.layout)
-            for producer, path in root.tags.items():
-                if producer not in self.found or producer in record.found:
-                    self.found[producer] = (act, "composite", path, None)
-            if act.is_identity:
-                return
-            producer = next(iter(root.tags), None)
-            label = f"{producer or root.source or '?'}.{'composite' if found.how == 'behaviour' else act.name}"
-            layout = root.layout or Layout.from_rank(len(root.shape))
-            measured = self.measure(act, root.xs) if root.xs.is_floating_point() else None
-        finally:
-            self.opaque -= 1
-        if root.source is not None:
-            module = self._module(root.source)
-            site = ActivationSite(label, act, "composite", module, root.source, "input", layout, producer)
-            self.add_site(site, measured, root.values())
-        elif record.module is not None and act.kind.output_derivative is not None:
-            module, name = record.module
-            self.add_site(ActivationSite(label, act, "composite", module, name, "output", layout, producer), measured,
-                          tensor)  # fmt: skip
-        else:
-            self.pending.append(_PendingCall(act, "composite", producer, layout, measured, label))
-
-    def _recognize(self, record: _Derived) -> Recognition:
-        """The function of a composite: its replay on a grid (:func:`recognize`) where one function of one element
-        computes it and agrees with the sampled values, else judged from the samples (:func:`recognize_samples`);
-        a composite no sample can judge reads as no activation, never as its inner call."""
-        root = record.root
-        xs, ys = root.xs, record.ys
-        if record.node is not None and xs.is_floating_point():
-            fn = _replay(record.node)
-            try:
-                like = xs.reshape((1,) * (len(root.shape) - 1) + (-1,))
-                with torch.no_grad():
-                    again = fn(like)
-                if isinstance(again, Tensor) and _agrees(again.reshape(-1), ys.reshape(-1)):
-                    with torch.no_grad():
-                        found = recognize(fn, like)
-                    if found is not None:
-                        return found
-            except Exception:  # noqa: BLE001 - a call that cannot be replayed: the samples decide
-                pass
-        found = recognize_samples(xs, ys) if xs.is_floating_point() and ys.is_floating_point() else None
-        return found if found is not None else Recognition(get_activation(None), "placeholder")
-
-    def _drop_site(self, name: str) -> None:
-        for i, site in enumerate(self.sites):
-            if site.name == name:
-                del self.sites[i]
-                self.site_keys.discard((id(site.module), site.hook, site.activation.describe()))
-                self.site_measures.pop(name, None)
-                return
-
-    def _note_gate(self, seen: list[tuple[_Meta, Tensor]], output: Any) -> None:
-        """A product of an activation's output with a tensor not computed element-wise from that activation's own
-        layer: the activation's layers make a gate; a factor that is a layer's looked-through output, of the
-        gate's shape, is gated by it."""
-        factors = [(m, t) for m, t in seen if t.numel() > 1]
-        gates = [(m, t) for m, t in factors if m.act_of]
-        if not gates:
-            return
-        others = [(m, t) for m, t in factors if not m.act_of and (m.tags or m.reach - {_INPUT})]
-        if not others and len(gates) >= 2:
-            smallest = min(_distinct(t) for _, t in gates)
-            if any(_distinct(t) != smallest for _, t in gates):  # squeeze-excite: the broadcast factor is the gate
-                chosen = [(m, t) for m, t in gates if _distinct(t) == smallest]
-            else:  # i * tanh(g): the factor with values in [0, 1]
-                chosen = [(m, t) for m, t in gates if self._unit_range(t)]
-            if chosen and len(chosen) < len(gates):
-                others = [g for g in gates if all(g is not c for c in chosen)]
-                gates = chosen
-        if not others:
-            return
-        for meta, _ in gates:
-            self.gates.update(meta.act_of)
-        gate_meta, gate = gates[0]
-        main = output if isinstance(output, Tensor) else None
-        if main is None or gate.shape != main.shape or _distinct(gate) != gate.numel():
-            return  # the gate is broadcast (squeeze-excite scales a feature map): nothing is gated element by element
-        for meta, t in others:
-            if meta.act_of or t.shape != main.shape or _distinct(t) != t.numel():
-                continue
-            for producer in meta.tags:
-                self.gated_by.setdefault(producer, gate_meta.act_of[0])
-
-    def _unit_range(self, t: Tensor) -> bool:
-        record = self.derived_of(t)
-        if record is None or not record.ys.is_floating_point():
-            return False
-        self.opaque += 1
-        try:
-            return bool(((record.ys >= 0) & (record.ys <= 1)).all())
-        finally:
-            self.opaque -= 1
 
     def gather(self, inputs: Any) -> tuple[list[tuple[_Meta, Tensor]], _Meta]:
         seen = [(self.get(t), t) for t in _tensors(inputs)]
@@ -597,19 +228,28 @@ class _Tracer:
                 self.opaque -= 1
         return name
 
+    def drop_site(self, name: str) -> None:
+        """Remove a site added earlier (the inner call of a composite)."""
+        for i, site in enumerate(self.sites):
+            if site.name == name:
+                del self.sites[i]
+                self.site_keys.discard((id(site.module), site.hook, site.activation.describe()))
+                self.site_measures.pop(name, None)
+                return
+
     # ---- module hooks ----
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         role = self.roles[module]
         if role == "candidate":
             role = self._decide(module, args)
-        if role != "container" and self.derived:
-            self._consume(_tensors((args, kwargs)))
+        if role != "container":
+            self.composites.consume_inputs((args, kwargs))
         if role == "activation":
             seen, merged = self.gather((args, kwargs))
             name = self.names[module]
             found = self.recognized[module]
             how = "module" if found.how == "registry" else found.how
-            self.module_found[module] = frozenset(p for p in merged.tags if p not in self.found)
+            self.composites.enter_activation(module, merged.tags)
             self.resolve(merged.tags, found.activation, how, name)
             first = seen[0][1] if seen else None
             if first is not None:
@@ -665,21 +305,11 @@ class _Tracer:
             self.put(output, _Meta(tags, merged.depth, merged.reach, name, layout))
         elif role == "activation":
             activation = self.recognized[module].activation
-            self.opaque += 1
-            try:
-                record = self._module_output(args, kwargs, main, activation, self.module_found.pop(module, frozenset()),
-                                             merged)  # fmt: skip
-            finally:
-                self.opaque -= 1
-            act_of = tuple(record.root.tags) if record is not None else tuple(merged.tags)
+            act_of = self.composites.leave_activation(module, args, kwargs, main, activation, merged)
             self.put(output, _Meta({}, merged.depth, merged.reach, name, layout, act_of=act_of))
-            if record is not None:
-                self.set_derived(main, record)
         elif isinstance(main, Tensor):  # a container or norm-act module: what ran inside already tagged the output
             meta = self.get(main)
-            record = self.derived_of(main)
-            if record is not None and record.composite and record.module is None:
-                record.module = (module, name)
+            self.composites.leave_container(module, name, main)
             if meta.site is not None:
                 self._watch_call_output(meta.site, module, name, main)
             if meta.source is None or meta.site is not None:
@@ -706,7 +336,7 @@ class _Tracer:
         site_name = f"{call.producer or name}.{call.activation.name}"
         self.add_site(ActivationSite(site_name, call.activation, call.how, module, name, "output", call.layout,
                                      call.producer), call.measured, output)  # fmt: skip
-        self.pending[index] = _PendingCall(call.activation, "watched", call.producer, call.layout)
+        self.settle(index, "watched")
 
     # ---- every torch function call outside the opaque modules ----
     def call(self, func: Any, args: tuple, kwargs: dict, output: Any) -> None:
@@ -722,16 +352,7 @@ class _Tracer:
             layout = first_meta.layout.permuted(order)
         source = first_meta.source if same_shape and name in _SAME_VALUES else None
         act = activation_of_call(func, args, kwargs) if merged.tags or first is not None else None
-        self.opaque += 1
-        try:
-            derived = self._derive(func, name, act, args, kwargs, seen, output)
-        finally:
-            self.opaque -= 1
-        self._consume([t for _, t in seen], derived)
-        if derived is None and name == "mul":
-            self._note_gate(seen, main)
-        elif name == "glu":
-            self._glu(merged, first_meta, first)
+        derived = self.composites.call(func, name, act, args, kwargs, seen, merged, output)
         if act is not None and not act.is_identity and first is not None:
             how = "method" if _is_method(func) else "function"
             new = frozenset(p for p in merged.tags if p not in self.found)
@@ -739,13 +360,10 @@ class _Tracer:
             act_of = tuple(derived.root.tags) if derived is not None else tuple(merged.tags)
             site, index = self._call_site(act, how, first_meta, first, merged, output, act_of)
             if derived is not None:
-                derived.sites += (site,) if site is not None else ()
-                derived.pending += (index,) if index is not None else ()
-                derived.found |= new
-                self.set_derived(main, derived)
+                self.composites.inner_call(main, derived, site, index, new)
             return
         if derived is not None:
-            self.set_derived(main, derived)
+            self.composites.keep(main, derived)
             if derived.nonlinear:  # a nonlinear function of the root's layers: an activation's output
                 self.put(output, _Meta({}, merged.depth, merged.reach, source, layout,
                                        act_of=tuple(derived.root.tags)))  # fmt: skip
@@ -811,31 +429,28 @@ class _Tracer:
         site_index = site_name = None
         measured = self.measure(act, first) if first.is_floating_point() else None
         if meta.source is not None:
-            module = self._module(meta.source)
+            module = self.module_named(meta.source)
             site = ActivationSite(f"{producer or meta.source}.{act.name}", act, how, module, meta.source, "input",
                                   layout, producer)  # fmt: skip
             site_name = self.add_site(site, measured, first)
         else:
-            site_index = len(self.pending)
-            self.pending.append(_PendingCall(act, how, producer, layout, measured))
+            site_index = self.pend(act, how, producer, layout, measured)
         self.put(output, _Meta({}, merged.depth, merged.reach, None, layout, site_index, act_of=act_of))
         return site_name, site_index
 
-    def _glu(self, merged: _Meta, meta: _Meta, first: Tensor | None) -> None:
-        """``F.glu(proj(x))`` (``nn.GLU``): ``a * sigmoid(b)`` of the two halves: the layer gates itself, and feeds a
-        sigmoid no hook sees apart from the linear half."""
-        producers = list(merged.tags)
-        if not producers or first is None:
-            return
-        sigmoid = get_activation("sigmoid")
-        self.resolve(merged.tags, sigmoid, "function")
-        self.gates.update(producers)
-        for producer in producers:
-            self.gated_by.setdefault(producer, producers[0])
-        self.unwatchable.append((f"{producers[0]}.sigmoid", "the sigmoid half of glu: a hook sees the linear half too"))
-
-    def _module(self, name: str) -> nn.Module:
+    def module_named(self, name: str) -> nn.Module:
         return next(m for m, n in self.names.items() if n == name)
+
+    def pend(self, act: Activation, how: str, producer: str | None, layout: Layout, measured: Tensor | None = None,
+             name: str | None = None) -> int:  # fmt: skip
+        """An activation call no hook sees yet: its index in :attr:`pending`."""
+        self.pending.append(_PendingCall(act, how, producer, layout, measured, name))
+        return len(self.pending) - 1
+
+    def settle(self, index: int, how: str) -> None:
+        """A pending call ``"watched"`` (a hook sees it) or ``"dropped"`` (the inner call of a composite)."""
+        call = self.pending[index]
+        self.pending[index] = _PendingCall(call.activation, how, call.producer, call.layout)
 
     def _note_residual(self, operands: list[tuple[_Meta, Tensor]]) -> None:
         deepest = max(m.depth for m, _ in operands)
@@ -852,11 +467,11 @@ class _Tracer:
 
     def finish(self, output: Any) -> ModelMap:
         final: frozenset[str] = frozenset()
-        self._consume(_tensors(output))
+        self.composites.consume(_tensors(output))
         for t in _tensors(output):
             meta = self.get(t)
             self.resolve(meta.tags, get_activation(None), "output")
-            final |= meta.reach - {_INPUT}
+            final |= meta.upstream
         measured = torch.stack(list(self.measured.values())).cpu().tolist() if self.measured else []
         for (name, trace), (std, nonfinite) in zip(self.layers.items(), measured):
             if name in self.found:
@@ -866,14 +481,14 @@ class _Tracer:
             trace.residual_norm = self.residual_norm.get(name)
             trace.residual = name in self.residual
             trace.output_std, trace.nonfinite, trace.final = std, int(nonfinite), name in final
-            trace.gate, trace.gated_by = name in self.gates, self.gated_by.get(name)
+            trace.gate, trace.gated_by = name in self.composites.gates, self.composites.gated_by.get(name)
         unwatchable = [
             (c.name or f"{c.producer or '?'}.{c.activation.name}", "its input and output belong to no module")
             for c in self.pending
             if c.how not in ("watched", "dropped")
-        ] + self.unwatchable
+        ] + self.composites.unwatchable
         self.info.clear()
-        self.derived.clear()
+        self.composites.clear()
         if self.site_measures:
             values = torch.stack(list(self.site_measures.values())).cpu().tolist()
             measured = dict(zip(self.site_measures, values))
@@ -971,7 +586,7 @@ def trace_model(model: nn.Module, example_input: Any, *, train: bool = False, ba
         for handle in handles:
             handle.remove()
         tracer.info.clear()
-        tracer.derived.clear()
+        tracer.composites.clear()
 
 
 def trace_call(
@@ -1016,7 +631,7 @@ def trace_call(
         for handle in handles:
             handle.remove()
         tracer.info.clear()
-        tracer.derived.clear()
+        tracer.composites.clear()
 
 
 def trace_activations(model: nn.Module, example_input: Any) -> dict[str, LayerTrace]:
