@@ -9,6 +9,7 @@ layer's output raises with the model's ``state_dict`` and module tree unchanged.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -33,10 +34,11 @@ from lightning_bn.init import (
     unsharded_params,
     zero_init_residual_,
 )
-from lightning_bn.layers import get_layer_kind
+from lightning_bn.init.check import WeightCheck, check_weights, weight_samples
+from lightning_bn.layers import fixed_scale, get_layer_kind
 from lightning_bn.norms import POSITIONS, NormInsertion, get_norm_layer, plan_insertions
 from lightning_bn.tracing import LayerTrace, trace_model
-from lightning_bn.tracing.policy import Kept, LayerPlan, Skipped, plan_layers
+from lightning_bn.tracing.policy import Kept, LayerPlan, Skipped, plan_layers, uninitialized_memory
 
 __all__ = [
     "INIT_CHOICES",
@@ -150,7 +152,16 @@ class PrepareOptions:
 
 @dataclass
 class LayerReport:
-    """One row of the report: what was found for a layer and what was done to it."""
+    """One row of the report: what was found for a layer and what was done to it.
+
+    prepare() checks its own outcome: ``reached`` is False, with the reason in ``missed``, where a layer did not get
+    what its row claims: a rescaled row (``corrected``, LSUV, critical, gated value, residual branch, attention) whose
+    output std before any planned norm is not within 1.5x of its target ``output_target`` (NaN for a row not
+    rescaled), or any row whose effective weight (what forward uses: a weight norm's ``g·v/‖v‖``, a standardized
+    convolution's weight) did not change, or, not rescaled, whose RMS ``weight_std`` is not within 1.2x of
+    ``weight_target``, the std the scheme draws. ``weight_form`` says how the weight acts
+    (:attr:`lightning_bn.layers.WeightSpec.form`: ``"plain"``, ``"weight norm ..."``, ...).
+    """
 
     layer: str
     type: str
@@ -166,6 +177,12 @@ class LayerReport:
     aliases: list[str] = field(default_factory=list)
     bias_std: float = 0.0
     note: str | None = None
+    weight_std: float = math.nan
+    weight_target: float = math.nan
+    output_target: float = math.nan
+    reached: bool = True
+    missed: str | None = None
+    weight_form: str = "plain"
 
 
 @dataclass
@@ -222,6 +239,8 @@ class Report:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *rows]]
         lines += [f"tied {r.layer}: also {', '.join(a for a in r.aliases if not a.startswith(r.layer + '.'))}"
                   for r in self.layers if len(r.aliases) > 1]  # fmt: skip
+        lines += [f"weight {r.layer}: {r.weight_form}" for r in self.layers if r.weight_form != "plain"]
+        lines += [f"not reached {r.layer}: {r.missed}" for r in self.layers if not r.reached]
         lines += [f"kept {k.layer}: {k.reason}" for k in self.kept]
         lines += [f"skipped {s.layer}: {s.reason}" for s in self.skipped]
         lines += [f"- {change}" for change in self.changes]
@@ -321,7 +340,10 @@ def prepare(
     and keeps ``auto``'s rescaled init, with the reason, where it is unstable (GELU, SiLU, Mish). Critical layers are
     rescaled to the variance ``q*`` of the fixed point on the example input (the first layer of a chain gets the data,
     not the activation, as input). ``init="lsuv"`` is full LSUV (Mishkin & Matas 2016); a scheme name applies that
-    scheme to every layer with the detected activation's gain. Biases are zeroed except under ``"critical"``.
+    scheme to every layer with the detected activation's gain. Biases are zeroed except under ``"critical"`` and,
+    with the reason in ``Report.kept``, where they are frozen or (``"auto"``) no PyTorch default draw (an LSTM's
+    forget gate at 1). Frozen layers are kept under every choice; a model holding uninitialized memory (``meta`` ->
+    ``to_empty()``) is drawn whole (:mod:`lightning_bn.tracing.policy`).
 
     A model with sharded parameters (``DTensor``: FSDP2 ``fully_shard``) gets the same weights as the unsharded model
     for the same ``seed``: each layer is drawn full-size, one at a time, and every rank keeps its slice; the layers are
@@ -379,6 +401,7 @@ def prepare(
 
 
 def _prepare(model: nn.Module, example_input: Any, o: PrepareOptions) -> Report:
+    _refuse_scripted(model)
     if not has_layers(model):
         raise ValueError(
             f"Found no layer to initialize in {type(model).__name__}: expected a Linear, Conv, ConvTranspose, "
@@ -397,31 +420,85 @@ def _prepare(model: nn.Module, example_input: Any, o: PrepareOptions) -> Report:
     model_map = trace_model(model, example_input, batch_stats=True)
     traces = model_map.layers
     reshard(model)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}  # before stand-ins
     with planning_view(model) if sharded else contextlib.nullcontext():
-        plans, kept, skipped = plan_layers(model, model_map, o.init, o.overrides)
+        plans, kept, skipped = plan_layers(model, model_map, o.init, o.overrides, frozen=frozen, values=not sharded)
+        memory = uninitialized_memory(model, model_map, frozen, values=not sharded)
     if not plans and not kept:
         raise ValueError(
             f"Found no layer to initialize in {type(model).__name__}: none ran on the example input or all were "
             f"skipped ({[s.layer for s in skipped]})"
         )
+    plans = _without_fixed_scale(plans, o, kept, skipped)
     insertion = None
     if o.norm is not None:
         insertion = plan_insertions(model, example_input, traces, o.norm, o.position, o.exclude, o.keep_bias)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
         after = {site.target: site.norm for site in insertion.sites} if insertion is not None else {}
-        changes, stds = _apply(model, example_input, plans, traces, o, after)
+        reset = _reset_norms(model, memory.norms) if memory is not None else None
+        changes, outcomes = _apply(model, example_input, plans, traces, o, after)
+        changes += [reset] if reset else []
         inserted = insertion.apply(model) if insertion is not None else None
     except BaseException:
         model.load_state_dict(snapshot)
         raise
-    report = Report(layers=[_row(p, stds) for p in plans], skipped=skipped, kept=kept, changes=changes)
+    report = Report(layers=[_row(p, outcomes[p.name]) for p in plans], skipped=skipped, kept=kept, changes=changes)
     if inserted is not None:
         report.skipped += [Skipped(name, reason) for name, reason in inserted.skipped]
         report.insertions, report.renamed_keys = inserted.insertions, inserted.renamed_keys
         report.removed_keys = inserted.removed_keys
         report.changes.append(_insertion_summary(inserted.insertions, len(inserted.renamed_keys)))
     return report
+
+
+def _without_fixed_scale(
+    plans: list[LayerPlan], o: PrepareOptions, kept: list[Kept], skipped: list[Skipped]
+) -> list[LayerPlan]:
+    """Layers whose weight's scale cannot change the output (weight standardized, spectral norm: see
+    :func:`lightning_bn.layers.fixed_scale`) leave the plan: kept with the reason under ``init="auto"``, skipped with
+    it where an init was forced (no scheme can reach them)."""
+    planned = []
+    for plan in plans:
+        reason = fixed_scale(plan.module)
+        if reason is None:
+            planned.append(plan)
+        elif o.init == "auto" and not any(fnmatch.fnmatchcase(plan.name, p) for p in o.overrides):
+            kept.append(Kept(plan.name, reason))
+        else:
+            skipped.append(Skipped(plan.name, reason))
+    return planned
+
+
+def _refuse_scripted(model: nn.Module) -> None:
+    """A TorchScript module takes no forward hooks, and the trace hooks every module: name the scripted ones."""
+    scripted: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule) and not any(name.startswith(f"{s}.") for s in scripted):
+            scripted.append(name)
+    if scripted:
+        named = ", ".join(repr(n) if n else f"the model itself ({type(model).__name__})" for n in scripted)
+        raise ValueError(
+            f"Cannot prepare {type(model).__name__}: {named} {'is a' if len(scripted) == 1 else 'are'} TorchScript "
+            f"module{'' if len(scripted) == 1 else 's'} (torch.jit.script / torch.jit.trace), which takes no forward "
+            "hooks, and prepare() traces the model with a hook on every module. Call prepare() on the model before "
+            "scripting it (script the prepared model), or leave the scripted part out of the module you prepare"
+        )
+
+
+def _reset_norms(model: nn.Module, names: tuple[str, ...]) -> str | None:
+    """Norms holding uninitialized memory back to their own init (``reset_parameters()``); the change in words."""
+    modules = dict(model.named_modules())
+    done = [n for n in names if callable(getattr(modules[n], "reset_parameters", None))]
+    for name in done:
+        with unsharded_params(modules[name]):
+            modules[name].reset_parameters()
+    missing = [n for n in names if n not in done]
+    if not names:
+        return None
+    text = f"reset {len(done)} norm{'' if len(done) == 1 else 's'} holding uninitialized memory ({', '.join(done[:4])}"
+    text += f"{', ...' if len(done) > 4 else ''}) with their own reset_parameters()"
+    return text + (f"; no reset_parameters(), left as they are: {missing}" if missing else "")
 
 
 def _insertion_summary(insertions: list[NormInsertion], renamed: int) -> str:
@@ -445,8 +522,9 @@ def _apply(
     traces: dict[str, LayerTrace],
     o: PrepareOptions,
     after: dict[str, nn.Module],
-) -> tuple[list[str], dict[str, float]]:
-    """Initialize, rescale and measure every planned layer in one forward pass; the changes in words and the stds."""
+) -> tuple[list[str], dict[str, _Outcome]]:
+    """Initialize, rescale and measure every planned layer in one forward pass, then check the outcome; the changes
+    in words (counting only what was done) and each layer's outcome."""
     generators = _generators(model, o.seed)
 
     def initializer(plan: LayerPlan) -> Callable[[nn.Module], None]:
@@ -454,7 +532,8 @@ def _apply(
             generator = generators.get(next(module.parameters()).device)
             gain = 1.0 if plan.lsuv else None
             with unsharded_params(module), _attention_scale_kept(module):
-                plan.gain = init_layer_(module, plan.scheme, plan.activation, o.distribution, o.mode, gain, generator)
+                plan.gain = init_layer_(module, plan.scheme, plan.activation, o.distribution, o.mode, gain, generator,
+                                        keep_bias=plan.keep_bias)  # fmt: skip
 
         return initialize
 
@@ -462,6 +541,7 @@ def _apply(
     if o.zero_init_residual:
         zeroed = zero_init_residual_(model, traces)
     steps = [LayerStep(p.name, initializer(p), rescale=p.lsuv or p.correct, target_std=p.target_std) for p in plans]
+    before = {p.name: weight_samples(p.module) for p in plans}  # the weights forward uses, to check the outcome
     if is_sharded(model):  # no write inside forward reaches the shards: the same init, layer by layer, outside it
         results = sharded_sequential_init_(
             model, example_input, steps, tol=o.tol, max_iters=o.max_iters, batch_stats=True
@@ -473,11 +553,16 @@ def _apply(
     for plan, step in zip(plans, steps):
         if plan.name not in results:  # did not run this time: initialized without data
             step.initialize(plan.module)
-    schemes = sorted({p.scheme for p in plans})
-    if plans:
+    outcomes = {p.name: _outcome(p, results.get(p.name), before[p.name], o) for p in plans}
+    done = [p for p in plans if outcomes[p.name].weight.changed]  # the summary counts what was really done
+    reached = [p for p in plans if outcomes[p.name].missed is None]
+    schemes = sorted({p.scheme for p in done})
+    if done:
         drawn = " except the critical layers' (drawn from N(0, σ_b²))" if "critical" in schemes else ""
-        changes.append(f"initialized {_layers(len(plans))} ({', '.join(schemes)}); biases zeroed{drawn}")
-    critical = [p for p in plans if p.critical is not None]
+        spared = sum(p.keep_bias for p in done)
+        drawn += f"; the biases of {_layers(spared)} kept (deliberate or frozen: see kept)" if spared else ""
+        changes.append(f"initialized {_layers(len(done))} ({', '.join(schemes)}); biases zeroed{drawn}")
+    critical = [p for p in reached if p.critical is not None]
     for kind in sorted({p.activation.name for p in critical}):
         group = [p for p in critical if p.activation.name == kind]
         point = group[0].critical
@@ -491,30 +576,80 @@ def _apply(
     for note in sorted({p.note for p in plans if p.note}):
         named = [p.name for p in plans if p.note == note]
         changes.append(f"{_layers(len(named))} ({', '.join(named[:4])}{', ...' if len(named) > 4 else ''}): {note}")
-    value = [p for p in plans if p.role == "value" and p.target_std is not None]
+    value = [p for p in reached if p.role == "value" and p.target_std is not None]
     if value:
         changes.append(
             f"scaled {_layers(len(value))} on the value side of a gated unit φ(a)·b to output std 1/√E[φ(z)²] "
             f"({', '.join(f'{p.name} {p.target_std:.3g}' for p in value[:4])}): the product has unit second moment"
         )
-    attention = [p.name for p in plans if p.role == "attention"]
+    branches = [p for p in reached if p.role == "branch"]
+    if branches:
+        shares = [p.target_std / p.trace.shortcut_std for p in branches]
+        changes.append(
+            f"scaled {_layers(len(branches))} ending a residual branch so each adds at most 1/√{len(branches)} "
+            f"= {1 / math.sqrt(len(branches)):.3g} of the residual stream's std, or the model's own smaller share "
+            f"(GPT-2's 1/√(2·n_layer), Fixup, DeepNet): shares {min(shares):.3g}–{max(shares):.3g}; the stream stays "
+            "near the identity"
+        )
+    attention = [p.name for p in reached if p.role == "attention"]
     if attention:
         changes.append(
             f"rescaled {_layers(len(attention))} feeding attention to their old output std (logit scale kept)"
         )
     if o.zero_init_residual:
         changes.append(f"zeroed the weight of the last norm in {len(zeroed)} residual branches: {zeroed}")
-    lsuv = [p.name for p in plans if p.lsuv]
-    corrected = [p.name for p in plans if p.correct]
+    lsuv = [p.name for p in reached if p.lsuv]
+    corrected = [p.name for p in reached if p.correct]
     if lsuv:
         changes.append(f"LSUV: rescaled {_layers(len(lsuv))} to unit output variance on the example input")
     if corrected:
-        kinds = sorted({p.activation.name for p in plans if p.correct})
+        kinds = sorted({p.activation.name for p in reached if p.correct})
         changes.append(
             f"rescaled {_layers(len(corrected))} before {', '.join(kinds)} to unit output variance on the example "
             "input (not positively homogeneous: no fixed gain holds the variance at depth)"
         )
-    return changes, {n: r.std for n, r in results.items()}
+    missed = [p.name for p in plans if outcomes[p.name].missed is not None]
+    if missed:
+        changes.append(
+            f"not reached for {_layers(len(missed))} ({', '.join(missed[:4])}{', ...' if len(missed) > 4 else ''}): "
+            "the layer did not get what its row claims (see 'not reached' above)"
+        )
+    return changes, outcomes
+
+
+@dataclass
+class _Outcome:
+    """What the init pass did to one layer, as checked afterwards."""
+
+    std: float  # the output std measured in the init pass (after a planned norm)
+    target: float  # the output std it was rescaled to (NaN: not rescaled)
+    weight: WeightCheck
+    form: str
+    missed: str | None
+
+
+#: a rescaled layer's output std must be within this factor of its target; a drawn weight's std within 1.2x
+_RESCALE_TOLERANCE = 1.5
+
+
+def _outcome(plan: LayerPlan, result: Any, before: list[torch.Tensor], o: PrepareOptions) -> _Outcome:
+    """Did the layer get what its row will claim? The effective weight changed and, unless rescaled, has the
+    scheme's std; a rescaled layer's output (before a planned norm) has its target std within 1.5x."""
+    rescaled = plan.lsuv or plan.correct or plan.target_std is not None
+    kept = {"in_proj_weight": (0, 1)} if isinstance(plan.module, nn.MultiheadAttention) else None  # logit scale
+    weight = check_weights(plan.module, before, plan.scheme, plan.gain, o.mode, kept_chunks=kept, scaled=rescaled)
+    missed = weight.missed
+    target = (1.0 if plan.target_std is None else plan.target_std) if rescaled else math.nan
+    if missed is None and rescaled:
+        variance = math.nan if result is None else result.variance
+        if result is None:
+            missed = "not called on the example input: drawn without data, not rescaled"
+        elif not (math.isfinite(variance) and variance > 0):
+            missed = f"its output variance is {variance:.3g}: not rescaled"
+        elif not 1 / _RESCALE_TOLERANCE <= math.sqrt(variance) / target <= _RESCALE_TOLERANCE:
+            missed = f"output std {math.sqrt(variance):.3g} after rescaling, target {target:.3g}"
+    form = ", ".join(dict.fromkeys(s.form for s in get_layer_kind(plan.module).weights(plan.module)))
+    return _Outcome(math.nan if result is None else result.std, target, weight, form, missed)
 
 
 @contextlib.contextmanager
@@ -541,7 +676,7 @@ def _phase(activation: Activation) -> str:
     return "explode" if _xavier_chi1(activation) > 1 else "vanish"
 
 
-def _row(plan: LayerPlan, after: dict[str, float]) -> LayerReport:
+def _row(plan: LayerPlan, outcome: _Outcome) -> LayerReport:
     trace = plan.trace
     return LayerReport(
         layer=plan.name,
@@ -552,10 +687,16 @@ def _row(plan: LayerPlan, after: dict[str, float]) -> LayerReport:
         scheme="lsuv" if plan.lsuv else plan.scheme,
         gain=plan.gain,
         std_before=trace.output_std,
-        std_after=after.get(plan.name, math.nan),
+        std_after=outcome.std,
         through=list(trace.through),
         corrected=plan.correct,
         aliases=list(plan.aliases),
         bias_std=math.sqrt(plan.critical.bias_variance) if plan.critical is not None else 0.0,
         note=plan.note,
+        weight_std=outcome.weight.std,
+        weight_target=outcome.weight.target,
+        output_target=outcome.target,
+        reached=outcome.missed is None,
+        missed=outcome.missed,
+        weight_form=outcome.form,
     )

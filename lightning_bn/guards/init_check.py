@@ -147,16 +147,20 @@ def _weight_scale(model: nn.Module, found: ModelMap | None, factor: float) -> li
     for plan in plans:
         trace = plan.trace
         spec = get_layer_kind(plan.module).weights(plan.module)[0]
+        if spec.fixed is not None:
+            continue  # its scale cannot act (weight standardized, spectral norm): prepare() keeps it too
         gain = 1.0 if plan.scheme == "lecun" else plan.activation.gain
         if plan.critical is not None:
             gain = plan.critical.gain
         needed = scheme_std(plan.scheme, spec.fan_in, spec.fan_out, gain)
-        rms = _rms(spec.tensor(plan.module))
+        rms = _rms(spec.effective_weight(plan.module))
         ratio = rms / needed
         what = (f"weight std {rms:.3g} is {ratio:.3g}x the {needed:.3g} that prepare() would draw "
                 f"({plan.scheme} for {plan.activation.describe()}); output std {trace.output_std:.3g}")  # fmt: skip
         if (plan.correct or plan.lsuv) and 1 / factor <= trace.output_std <= factor:
             continue  # prepare() would rescale it to unit output variance: a weight that gives about that is its choice
+        if plan.role == "branch" and 1 / factor <= trace.output_std / plan.target_std <= factor:
+            continue  # the end of a residual branch: prepare() sets its output's share of the stream, not its weight
         if trace.norm_after is not None and ratio < 1:
             continue  # small weights before a norm (stock 0.02 inits): the norm restores the signal's scale
         finding = _scale_finding(plan.name, ratio, what, factor)
@@ -497,7 +501,8 @@ def init_mismatches(
     5. *weight_scale*: a layer ``prepare()`` would re-initialize whose weight std is more than ``factor`` away from
        what it would draw (for a layer it rescales on data: and whose output std is more than ``factor`` from 1);
        layers ``prepare()`` keeps
-       (embeddings, tied, zero or constant, attention queries/keys, no well-founded rule) are never flagged, nor are
+       (embeddings, tied, zero or constant, zero gains, head-init scales, frozen, attention queries/keys, no
+       well-founded rule) are never flagged, nor are
        small weights before a norm (the norm restores the scale; large ones shrink the layer's gradients).
 
     The finite-width spread: a net of widths ``n_l`` at the critical point still spreads a first/last ratio over

@@ -20,10 +20,18 @@ from torch import Tensor, nn
 from lightning_bn.activations import Activation, get_activation
 from lightning_bn.activations.meanfield import critical_point
 from lightning_bn.init.sharded import local_tensor, unsharded_params
-from lightning_bn.layers import available_layers, get_layer_kind, layer_fans, scheme_std
+from lightning_bn.layers import (
+    WeightSpec,
+    available_layers,
+    fixed_scale,
+    get_layer_kind,
+    layer_fans,
+    scheme_std,
+    sync_weights,
+)
 from lightning_bn.tracing import LAYER_TYPES, LayerTrace
 
-__all__ = ["LAYER_TYPES", "SCHEMES", "init_layer_", "layer_fans", "zero_init_residual_"]
+__all__ = ["LAYER_TYPES", "SCHEMES", "init_layer_", "layer_fans", "match_scale_", "zero_init_residual_"]
 
 #: Initialization schemes understood by :func:`init_layer_`.
 SCHEMES = ("xavier", "kaiming", "lecun", "orthogonal", "numeric", "critical")
@@ -79,8 +87,9 @@ def init_layer_(
     mode: FanMode = "fan_in",
     gain: float | None = None,
     generator: torch.Generator | None = None,
+    keep_bias: bool = False,
 ) -> float:
-    """Initialize one layer's weights in place for the activation that follows it; biases to zero.
+    """Initialize one layer's weights in place for the activation that follows it; biases to zero (or kept).
 
     Weights get zero mean and variance ``v``:
 
@@ -99,7 +108,10 @@ def init_layer_(
     Embeddings take ``fan_in = fan_out = 1`` (a lookup reads one row). RNN layers get the scheme on each gate's
     input weights with the gain of their own ``nonlinearity``, orthogonal recurrent weights (gain 1). Sharded
     (``DTensor``) parameters are drawn full-size and each rank keeps its slice (:mod:`lightning_bn.init.sharded`), so
-    they get the unsharded values; that gathers, so call it on every rank, outside ``forward``.
+    they get the unsharded values; that gathers, so call it on every rank, outside ``forward``. The draw lands in the
+    weight forward uses (:class:`lightning_bn.layers.WeightSpec`): a weight-normalized layer gets it in ``v`` and
+    ``g = ‖v‖``, timm's ``ScaledStdConv2d`` its standardized draw times a ``gain`` set to the draw's RMS; a weight
+    whose scale a reparametrization fixes (spectral norm, ``StdConv2d``) is left as it is.
 
     Args:
         module: a registered layer (:mod:`lightning_bn.layers`: Linear, Conv, ConvTranspose, Embedding, RNN,
@@ -111,6 +123,8 @@ def init_layer_(
         mode: ``"fan_in"`` (preserve forward variance) or ``"fan_out"`` (backward).
         gain: overrides the activation's gain.
         generator: random generator on the weights' device (``None``: the global one).
+        keep_bias: leave the biases as they are (a deliberate bias: an LSTM's forget gate at 1; a frozen one), also
+            under ``"critical"``.
 
     Returns:
         the gain used.
@@ -151,22 +165,46 @@ def init_layer_(
         gain = 1.0 if scheme == "lecun" or activation is None else activation.gain
     with torch.no_grad(), unsharded_params(module):
         if kind.recurrent:
-            _init_rnn_(module, scheme, gain, distribution, mode, generator)
+            if fixed_scale(module) is None:
+                _init_rnn_(module, scheme, gain, distribution, mode, generator)
         else:
             for spec in kind.weights(module):
+                if spec.fixed is not None:
+                    continue  # a reparametrization fixes its scale (spectral norm, weight standardized): kept
                 weight = spec.tensor(module)
                 matrix = weight.T if spec.transposed else weight
                 for chunk in matrix.chunk(spec.chunks, dim=0):
                     _init_matrix_(chunk, scheme, (spec.fan_in, spec.fan_out), gain, distribution, mode, generator)
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-        for name, param in module.named_parameters():
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None and spec.scale is None:
+                    weight[module.padding_idx].zero_()
+                if spec.scale is not None:
+                    match_scale_(spec, module)
+        for name, param in [] if keep_bias else module.named_parameters():
             if name in kind.bias_names or ("." not in name and name.startswith("bias")):
                 if bias_std > 0:
                     _fill_(param, bias_std, "normal", generator)
                 else:
                     param.zero_()
+        sync_weights(module)
     return gain
+
+
+def match_scale_(spec: WeightSpec, module: nn.Module) -> None:
+    """Set ``spec``'s scale parameter so that the effective weight has the norm of the drawn ``spec.tensor`` along
+    each entry of the scale (a weight norm's ``g = ‖v‖`` per row: the effective weight equals the draw; timm's
+    ``ScaledStdConv2d.gain``: each standardized row gets the draw's RMS). A zero scale entry is first set to 1."""
+    scale = spec.scale_tensor(module)
+    with torch.no_grad():
+        scale.masked_fill_(scale == 0, 1.0)
+        drawn, effective = spec.tensor(module).detach().float(), spec.effective_weight(module).detach().float()
+        shape = (1,) * (effective.dim() - scale.dim()) + tuple(scale.shape)
+        dims = [d for d, n in enumerate(shape) if n == 1]
+
+        def norm(t: Tensor) -> Tensor:
+            return t.pow(2).sum(dim=dims, keepdim=True).sqrt() if dims else t.abs()
+
+        ratio = norm(drawn) / norm(effective).clamp_min(torch.finfo(torch.float32).tiny)
+        scale.mul_(ratio.reshape(scale.shape).to(scale.dtype))
 
 
 def _init_rnn_(
@@ -188,7 +226,8 @@ def zero_init_residual_(model: nn.Module, traces: dict[str, LayerTrace]) -> list
     """Zero the weight (γ) of the last norm in each residual branch, so every residual block starts as identity.
 
     Goyal et al. 2017 ("Accurate, Large Minibatch SGD"); the branches come from the trace
-    (``LayerTrace.residual_norm``). Returns the qualified names of the norms zeroed.
+    (``LayerTrace.residual_norm``). A frozen norm (``requires_grad=False``: a pretrained backbone) is left as it is.
+    Returns the qualified names of the norms zeroed.
 
     Example::
 
@@ -205,9 +244,8 @@ def zero_init_residual_(model: nn.Module, traces: dict[str, LayerTrace]) -> list
     """
     modules = dict(model.named_modules())
     zeroed = list(dict.fromkeys(t.residual_norm for t in traces.values() if t.residual_norm is not None))
+    zeroed = [n for n in zeroed if isinstance(w := getattr(modules[n], "weight", None), Tensor) and w.requires_grad]
     with torch.no_grad():
         for name in zeroed:
-            weight = getattr(modules[name], "weight", None)
-            if isinstance(weight, Tensor):
-                local_tensor(weight).zero_()
-    return [n for n in zeroed if isinstance(getattr(modules[n], "weight", None), Tensor)]
+            local_tensor(modules[name].weight).zero_()
+    return zeroed

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_bn import checks
 from lightning_bn.init.initializers import init_layer_
 from lightning_bn.init.sharded import local_tensor, reshard, unsharded_params
-from lightning_bn.layers import get_layer_kind
+from lightning_bn.layers import fixed_scale, get_layer_kind, sync_weights
 from lightning_bn.tracing import HookSet, as_call, model_state, run_forward, trace_model
 
 __all__ = ["LayerStep", "lsuv_", "rescale_to_unit_variance_", "sequential_init_", "sharded_sequential_init_"]
@@ -117,12 +117,13 @@ class _Sequential(HookSet):
 
     def _rescale(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, target: float) -> tuple[Any, float]:
         variance = _main(output).detach().float().var().item()
-        weights = [s.tensor(module) for s in get_layer_kind(module).weights(module)]
-        for _ in range(self.max_iters):
+        weights = _scaled(module)  # the weight, or what scales it (a gain, a weight norm's g); none where fixed
+        for _ in range(self.max_iters if weights else 0):
             if not math.isfinite(variance) or variance <= 0 or abs(variance / target - 1.0) <= self.tol:
                 break
             for weight in weights:
                 weight.mul_((variance / target) ** -0.5)
+            sync_weights(module)
             output = module.forward(*args, **kwargs)
             variance = _main(output).detach().float().var().item()
         return output, variance
@@ -132,6 +133,12 @@ class _Sequential(HookSet):
             return {}
         stds = torch.stack([s for s, _ in self.found.values()]).cpu().tolist()
         return {n: StepResult(std, v) for (n, (_, v)), std in zip(self.found.items(), stds)}
+
+
+def _scaled(module: nn.Module) -> list[Tensor]:
+    """What a rescale of the layer's output multiplies (:meth:`lightning_bn.layers.WeightSpec.scaled`): never a raw
+    weight whose scale cannot change the output (weight standardized, spectral norm)."""
+    return [t for spec in get_layer_kind(module).weights(module) for t in spec.scaled(module)]
 
 
 def _apply_norm(norm: nn.Module, x: Tensor) -> Tensor:
@@ -266,9 +273,9 @@ def sharded_sequential_init_(
         if output is None:
             continue
         target = 1.0 if step.target_std is None else step.target_std**2
-        weights = [local_tensor(s.tensor(module)) for s in get_layer_kind(module).weights(module)]
+        weights = [local_tensor(t) for t in _scaled(module)]
         variance = output.var().item()
-        for _ in range(max_iters):
+        for _ in range(max_iters if weights else 0):
             if not math.isfinite(variance) or variance <= 0 or abs(variance / target - 1.0) <= tol:
                 break
             with torch.no_grad():
@@ -309,7 +316,8 @@ def lsuv_(
     Each layer gets an orthogonal weight (gain 1) and a zero bias, then, in forward order, its weight is rescaled
     until its output variance on ``example_input`` is 1 within ``tol``. One pass traces the layers, one initializes
     and rescales them all (:func:`sequential_init_`). Works with norm layers and residual connections; recurrent
-    layers are left out (their output is not linear in the scale).
+    layers are left out (their output is not linear in the scale), and so are layers whose weight's scale cannot
+    change the output (:func:`lightning_bn.layers.fixed_scale`: weight standardized, spectral norm).
 
     Args:
         model: the model.
@@ -336,7 +344,7 @@ def lsuv_(
     if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
         raise TypeError(f"Expected `layers` to be a list of qualified layer names but got {layers!r}")
     traces = trace_model(model, example_input).layers
-    eligible = [n for n, t in traces.items() if not isinstance(t.module, nn.RNNBase)]
+    eligible = [n for n, t in traces.items() if not isinstance(t.module, nn.RNNBase) and fixed_scale(t.module) is None]
     if layers is not None:
         unknown = [n for n in layers if n not in eligible]
         if unknown:

@@ -73,8 +73,9 @@ class LayerTrace:
             ``NewGELUActivation``), ``"behaviour"`` (an element-wise nonlinearity no registered kind matches),
             ``"composite"`` (an element-wise sub-graph of calls from the output to a merge of it with a nonlinear
             function of it, recognized as one function: ``h * torch.sigmoid(h)`` is SiLU; a kind "by behaviour"
-            where none matches), ``"output"`` (reaches the model output without one) or ``"none"`` (consumed by
-            something else).
+            where none matches), ``"output"`` (reaches the model output without one), ``"residual"`` (a residual
+            branch's last layer whose add reaches the model output: an encoder's last block) or ``"none"`` (consumed
+            by something else).
         output_shape: shape of the layer's output on the example input (first call).
         through: steps looked through on the way, e.g. ``["BatchNorm1d", "Dropout", "add"]``.
         consumer: qualified name of the activation module, when found as a module.
@@ -86,6 +87,8 @@ class LayerTrace:
         final: the output reaches the model's output with no other layer in between (logits, ``sigmoid(head(x))``).
         nonfinite: inf/NaN elements in the output on the example input (first call).
         residual: the output is on the deeper operand of a residual addition (a residual branch).
+        shortcut_std: for a residual branch, the std of the shortcut operand it is first added to, on the example
+            input (the residual stream's scale there); NaN otherwise.
         gate: the activation after this layer makes a *gate*: its output multiplies a tensor that is not computed
             element-wise from this layer's own output (squeeze-excite's ``x * sigmoid(fc2(s))``, an LSTM gate
             ``sigmoid(xi(x) + hi(h)) * c``, SwiGLU's ``silu(gate_proj(x)) * up_proj(x)``, ``F.glu`` / ``nn.GLU``,
@@ -113,6 +116,7 @@ class LayerTrace:
     final: bool = False
     nonfinite: int = 0
     residual: bool = False
+    shortcut_std: float = math.nan
     gate: bool = False
     gated_by: str | None = None
 
@@ -166,6 +170,8 @@ class ModelMap:
         order: qualified names of the modules in the order of their first call (forward order).
         attention: ``(query layer, key layer)`` pairs whose outputs meet in ``softmax(q·kᵀ)`` (or
             ``scaled_dot_product_attention``).
+        functional: layers that were not called, but whose weight went into a torch function
+            (``F.linear(x, self.qkv.weight)``: timm EVA/BEiT, torchvision Swin).
     """
 
     layers: dict[str, LayerTrace] = field(default_factory=dict)
@@ -175,6 +181,7 @@ class ModelMap:
     forward_calls: int = 1
     order: list[str] = field(default_factory=list)
     attention: list[tuple[str, str]] = field(default_factory=list)
+    functional: list[str] = field(default_factory=list)
 
     def site(self, name: str) -> ActivationSite:
         """The site called ``name``; ``KeyError`` naming the known ones otherwise."""
@@ -218,7 +225,8 @@ class ModelMap:
         return ModelMap(layers, sites, [name(n) for n in self.placeholders],
                         [(name(n), why) for n, why in self.unwatchable], self.forward_calls,
                         [name(n) for n in self.order],
-                        [(name(q), name(k)) for q, k in self.attention])  # fmt: skip
+                        [(name(q), name(k)) for q, k in self.attention],
+                        [name(n) for n in self.functional])  # fmt: skip
 
     def merged(self, other: ModelMap) -> ModelMap:
         """This map and another one's layers, sites and placeholders (for parts of a model traced separately)."""
@@ -230,6 +238,7 @@ class ModelMap:
             self.forward_calls + other.forward_calls,
             list(dict.fromkeys(self.order + other.order)),
             self.attention + [a for a in other.attention if a not in self.attention],
+            list(dict.fromkeys(self.functional + other.functional)),
         )
 
     def describe(self) -> str:

@@ -124,6 +124,10 @@ class _Tracer:
         self.norm_after: dict[str, str] = {}
         self.residual_norm: dict[str, str] = {}
         self.residual: set[str] = set()
+        self.weights = {id(p): n for m, n in self.names.items() if self.roles[m] == "layer" for p in
+                        m.parameters(recurse=False)}  # fmt: skip
+        self.functional: dict[str, None] = {}  # layers whose weight went into a torch function
+        self.shortcut: dict[str, Tensor] = {}  # residual-branch layer -> std of the shortcut it is added to (device)
         self.attention: list[tuple[str, str]] = []
         self.sites: list[ActivationSite] = []
         self.site_keys: set[tuple[int, str, str]] = set()
@@ -343,6 +347,9 @@ class _Tracer:
         name = _canonical(func)
         # x.expand_as(y), x.view_as(y), x.type_as(y): y gives a shape or a dtype, no values
         seen, merged = self.gather(args[:1] if name in _SHAPE_FROM_SECOND else (args, kwargs))
+        for _, t in seen:
+            if id(t) in self.weights and isinstance(t, nn.Parameter):
+                self.functional.setdefault(self.weights[id(t)])
         first_meta, first = seen[0] if seen else (_Meta(), None)
         main = output[0] if isinstance(output, (tuple, list)) and output else output
         same_shape = isinstance(main, Tensor) and first is not None and first.shape == main.shape
@@ -458,22 +465,35 @@ class _Tracer:
             return  # no shallower shortcut: not recognizably a residual connection
         if not all(m.reach for m, _ in operands):
             return  # a parameter or constant added (position embeddings, a bias), not the input or a layer's output
+        shallow = next(t for m, t in operands if m.depth < deepest)
+        std = None
         for meta, _ in operands:
             if meta.depth == deepest:
                 self.residual.update(meta.tags)
                 for producer, path in meta.tags.items():
                     if path.last_norm is not None:
                         self.residual_norm.setdefault(producer, path.last_norm)
+                    if producer not in self.shortcut and shallow.is_floating_point():
+                        if std is None:
+                            self.opaque += 1  # the measurement is no step of the model
+                            std = _std_and_nonfinite(shallow.detach())[0]
+                            self.opaque -= 1
+                        self.shortcut[producer] = std
 
     def finish(self, output: Any) -> ModelMap:
         final: frozenset[str] = frozenset()
         self.composites.consume(_tensors(output))
         for t in _tensors(output):
             meta = self.get(t)
-            self.resolve(meta.tags, get_activation(None), "output")
+            for producer, path in meta.tags.items():  # a residual branch's last layer reaches the output via its add
+                how = "residual" if producer in self.residual else "output"
+                self.resolve({producer: path}, get_activation(None), how)
             final |= meta.upstream
         measured = torch.stack(list(self.measured.values())).cpu().tolist() if self.measured else []
+        shortcut = dict(zip(self.shortcut, torch.stack(list(self.shortcut.values())).cpu().tolist())) if (
+            self.shortcut) else {}  # fmt: skip
         for (name, trace), (std, nonfinite) in zip(self.layers.items(), measured):
+            trace.shortcut_std = shortcut.get(name, float("nan"))
             if name in self.found:
                 act, how, path, consumer = self.found[name]
                 trace.activation, trace.how, trace.through, trace.consumer = act, how, list(path.through), consumer
@@ -496,7 +516,9 @@ class _Tracer:
                 if site.name in measured:
                     site.input_std, site.saturation = measured[site.name]
         order = [self.names[m] for m in self.called]
-        return ModelMap(self.layers, self.sites, self.placeholders, unwatchable, order=order, attention=self.attention)
+        functional = [n for n in self.functional if n not in self.layers]
+        return ModelMap(self.layers, self.sites, self.placeholders, unwatchable, order=order, attention=self.attention,
+                        functional=functional)  # fmt: skip
 
 
 class _TraceMode(TorchFunctionMode):
