@@ -177,12 +177,17 @@ class LayerReport:
     aliases: list[str] = field(default_factory=list)
     bias_std: float = 0.0
     note: str | None = None
+    role: str = ""
     weight_std: float = math.nan
     weight_target: float = math.nan
     output_target: float = math.nan
     reached: bool = True
     missed: str | None = None
     weight_form: str = "plain"
+
+
+#: How the scheme column shows a row whose output was rescaled to a target for its role (see ``Report.changes``).
+_ROLE_SUFFIX = {"branch": "+stream share", "value": "+gated", "attention": "+logit scale"}
 
 
 @dataclass
@@ -229,7 +234,7 @@ class Report:
                 r.type,
                 "x".join(map(str, r.shape)),
                 f"{r.activation} ({r.how})",
-                r.scheme + ("+rescaled" if r.corrected else ""),
+                r.scheme + ("+rescaled" if r.corrected else _ROLE_SUFFIX.get(r.role, "")),
                 f"{r.gain:.3f}",
                 f"{r.std_before:.3g} -> {r.std_after:.3g}",
             )
@@ -693,6 +698,7 @@ def _row(plan: LayerPlan, outcome: _Outcome) -> LayerReport:
         aliases=list(plan.aliases),
         bias_std=math.sqrt(plan.critical.bias_variance) if plan.critical is not None else 0.0,
         note=plan.note,
+        role=plan.role,
         weight_std=outcome.weight.std,
         weight_target=outcome.weight.target,
         output_target=outcome.target,
