@@ -14,6 +14,7 @@ from lightning_bn import prepare
 from lightning_bn.activations import get_activation
 from lightning_bn.activations.meanfield import chi1, critical_point, fixed_point
 from lightning_bn.init import init_layer_
+from tests.test_composite import FORMULAS
 
 
 def _hermite(f, q: float) -> float:
@@ -308,18 +309,8 @@ class _Swish(nn.Module):
         return x * torch.sigmoid(self.beta * x)
 
 
-def _gelu_new(h: torch.Tensor) -> torch.Tensor:
-    return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
-
-
-_WRITTEN = {
-    "swish": (lambda h: h * torch.sigmoid(h), "silu"),
-    "quick_gelu": (lambda h: h * torch.sigmoid(1.702 * h), "quick_gelu"),
-    "gelu_new": (_gelu_new, "gelu"),
-    "gelu_erf": (lambda h: 0.5 * h * (1 + torch.erf(h / math.sqrt(2))), "gelu"),
-    "mish": (lambda h: h * torch.tanh(torch.nn.functional.softplus(h)), "mish"),
-    "learnable_swish": (_Swish(), "silu"),
-}
+_WRITTEN = {name: (formula, kind.split("(")[0]) for name, (formula, kind) in FORMULAS.items()}
+_WRITTEN["learnable_swish"] = (_Swish(), "silu")
 
 
 @pytest.mark.parametrize("case", sorted(_WRITTEN))
