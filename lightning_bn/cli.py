@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from importlib.metadata import PackageNotFoundError
@@ -25,8 +26,8 @@ from typing import Any
 from lightning_bn import checks
 from lightning_bn.report import FLAGS, RunHealth, Thresholds
 from lightning_bn.report.analysis import analyze_runs
-from lightning_bn.report.formatting import format_markdown, format_table
-from lightning_bn.report.reading import _EVENT_GLOB, _event_files, damage, find_runs, read_layers, read_scalars
+from lightning_bn.report.formatting import format_markdown, format_table, printable
+from lightning_bn.report.reading import _EVENT_GLOB, DamagedFile, ReportWarning, find_runs, read_layers, read_scalars
 
 try:  # the installed distribution's version (the package root is above this adapter)
     __version__ = _version("lightning-bn")
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--saturation-margin", _number, "saturated above the activation kind's healthy saturation (at a N(0, 1) "
          "input: 0.5 for ReLU, ~0 for tanh/sigmoid) plus this"),
         ("--max-saturation", _number, "an absolute saturation limit for every kind instead of the per-kind rule"),
-        ("--max-dead", _number, "dead above this fraction of units saturated on every sample"),
+        ("--max-dead", _number, "dead above this fraction of units saturated on every sample ..."),
+        ("--min-dead-samples", _number, "... judged only where each unit was seen at least this many times"),
         ("--min-std-ratio", _number, "vanishing below this output std relative to the first layer of the same type"),
         ("--max-std-ratio", _number, "exploding above this output std relative to the first layer of the same type"),
         ("--max-update-ratio", _number, "exploding above this ||update|| / ||weights|| of one optimizer step"),
@@ -134,16 +136,20 @@ def report(logdir: Path, output: str, fail_on: Sequence[str], thresholds: Thresh
     run_dirs = find_runs(logdir)
     if not run_dirs:
         return _no_logs(f"no TensorBoard event files ({_EVENT_GLOB}) under '{logdir}'")
-    damaged = [(path, why) for path in _event_files(logdir) for why in [damage(path)] if why is not None]
-    for path, why in damaged:
-        print(
-            f"lightning-bn report: damaged event file '{path}': {why}; what precedes the damage is read",
-            file=sys.stderr,
-        )
-    runs, skipped = analyze_runs(logdir, thresholds)
+    with warnings.catch_warnings(record=True) as caught:  # what the reader refuses, printed as our own lines
+        warnings.simplefilter("always", ReportWarning)
+        runs, skipped = analyze_runs(logdir, thresholds)
+    damaged = []
+    for warning in caught:
+        if isinstance(warning.message, ReportWarning):
+            print(f"lightning-bn report: {printable(str(warning.message))}", file=sys.stderr)
+            if isinstance(warning.message, DamagedFile):
+                damaged.append(warning.message.path)
+        else:  # not ours: as it would have been shown
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if not runs:
         if damaged:
-            return _no_logs(f"the event files under '{logdir}' are damaged ({', '.join(str(p) for p, _ in damaged)})")
+            return _no_logs(f"the event files under '{logdir}' are damaged ({', '.join(str(p) for p in damaged)})")
         return _no_logs(
             f"{len(skipped)} run(s) under '{logdir}' but none holds lightning-bn scalars (act_*/<layer>, "
             "grad_norm/<param>, ...)"
@@ -186,15 +192,15 @@ def _strict(value: Any) -> Any:
 
 def _no_logs(why: str) -> int:
     print(
-        f"lightning-bn report: no lightning-bn logs: {why}. Train with a TensorBoardLogger and ActivationMonitor / "
-        "GradientMonitor in the Trainer's callbacks, then point LOGDIR at the logger's directory.",
+        f"lightning-bn report: no lightning-bn logs: {printable(why)}. Train with a TensorBoardLogger and "
+        "ActivationMonitor / GradientMonitor in the Trainer's callbacks, then point LOGDIR at the logger's directory.",
         file=sys.stderr,
     )
     return EXIT_NO_LOGS
 
 
 def _thresholds(args: argparse.Namespace) -> Thresholds:
-    return Thresholds(**{f.name: getattr(args, f.name) for f in fields(Thresholds)})
+    return Thresholds(**{f.name: getattr(args, f.name) for f in fields(Thresholds) if hasattr(args, f.name)})
 
 
 def _flag_list(text: str) -> tuple[str, ...]:

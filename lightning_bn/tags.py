@@ -15,6 +15,7 @@ from typing import Any
 __all__ = [
     "ACT_DEAD",
     "ACT_NONFINITE",
+    "ACT_SAMPLES",
     "ACT_SATURATION",
     "ACT_STD",
     "ACT_TRANSMISSION",
@@ -32,6 +33,7 @@ __all__ = [
     "LAYERS_TAG",
     "LOSS_TAG",
     "LAYOUT_STATISTICS",
+    "SKIPPED_STEPS_TAG",
     "TOTAL_GRADIENT_TAG",
     "is_monitor_tag",
     "layer_order",
@@ -53,9 +55,10 @@ ACTIVATION_STATISTICS: dict[str, str] = {
     "dead": "act_dead",
     "nonfinite": "act_nonfinite",
     "transmission": "act_transmission",
+    "samples": "act_samples",
 }
-ACT_STD, ACT_SATURATION, ACT_DEAD, ACT_NONFINITE, ACT_TRANSMISSION = (
-    ACTIVATION_STATISTICS[k] for k in ("std", "saturation", "dead", "nonfinite", "transmission")
+ACT_STD, ACT_SATURATION, ACT_DEAD, ACT_NONFINITE, ACT_TRANSMISSION, ACT_SAMPLES = (
+    ACTIVATION_STATISTICS[k] for k in ("std", "saturation", "dead", "nonfinite", "transmission", "samples")
 )
 #: the statistics of a parameter
 GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM = "grad_norm", "update_ratio", "weight_norm"
@@ -73,6 +76,10 @@ HEATMAP_TAG = "act_saturation_heatmap"
 LAYERS_TAG = "lightning_bn/layers"
 #: the training loss of each logging step (``GradientMonitor``, ``Monitor.step(loss)``): what ``stalled`` checks
 LOSS_TAG = "lightning_bn/loss"
+#: optimizer steps not taken so far (gradients non-finite, weights still finite: a mixed-precision ``GradScaler``
+#: skipping an overflow step while its scale calibrates), logged once there is one; no per-layer figure (the report
+#: does not judge it)
+SKIPPED_STEPS_TAG = "lightning_bn/skipped_steps"
 #: Custom Scalars sections (in this order) and the statistics charted in each
 ACTIVATION_SECTION, GRADIENT_SECTION = "lightning-bn: activations", "lightning-bn: gradients"
 LAYOUT_STATISTICS: dict[str, tuple[str, ...]] = {

@@ -172,6 +172,7 @@ def test_json_is_strict_and_complete(logs, capsys):
         "saturation_margin": 0.2,
         "max_saturation": None,
         "max_dead": 0.5,
+        "min_dead_samples": 16,
         "min_std_ratio": 0.01,
         "max_std_ratio": 100.0,
         "max_update_ratio": 1.0,

@@ -305,3 +305,32 @@ def test_real_architectures_raise_no_gradient_flags_as_built(arch):
     assert any(tag.startswith("grad_rms_eps/") for tag in monitor.figures)
     problems = run.problems()
     assert not {"vanishing_gradient", "stalled", "exploding"} & set(problems), problems
+
+
+@pytest.mark.parametrize("arch", ["cspdarknet_zero_last", "wide_zero_head", "segformer_like", "mobilenet_v3_like",
+                                  "mixer_zero_head", "timm_norm_act", "resnet_zero_init_residual"])  # fmt: skip
+def test_stand_ins_raise_no_flag_as_built(arch):
+    """Stand-ins for stock models that the report once flagged (issue 24), 4 SGD steps, every figure logged: no flag
+    at all. A zero-gamma norm-act layer's activation shares the norm's zero-init grace (CSPDarknet53: 23 layers
+    `vanishing`); a 10 x 4096 zero head is recognized although its first update ratio is sampled (Mixer: 51 layers);
+    the decode head's first ReLU is compared with itself, not the encoder's tiny first GELU (Segformer: `exploding`
+    242x); MobileNetV3's N(0, 0.01) classifier."""
+    from lightning_bn import Monitor
+    from tests import zoo
+
+    case = getattr(zoo, arch)()
+    model = case.model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with Monitor(model, every_n_steps=1, example_input=case.example_input, histograms=False,
+                 optimizer=optimizer) as monitor:  # fmt: skip
+        for _ in range(4):
+            optimizer.zero_grad()
+            # against a target of 1: at a zero head, out^2 would have no gradient at all (nothing could learn)
+            (zoo.main_output(zoo.run_model(model, case.example_input)).float() - 1).pow(2).mean().backward()
+            optimizer.step()
+            monitor.step()
+    run = analyze({tag: list(series) for tag, series in monitor.figures.items()}, layers=monitor.layers)
+    assert any(layer.kind == "activation" for layer in run.layers)
+    assert set(case.zero_params) <= {f"{name}.weight" for name in run.zero_init} | {
+        f"{name}.bias" for name in run.zero_init}, (run.zero_init, case.zero_params)  # fmt: skip
+    assert not run.problems(), {name: p["layers"] for name, p in run.problems().items()}

@@ -28,6 +28,7 @@ __all__ = ["ZOO", "ZooCase", "main_output", "run_model"]
 
 GELU = "gelu(approximate=none)"
 GELU_TANH = "gelu(approximate=tanh)"
+LEAKY = "leaky_relu(negative_slope=0.01)"
 HIDDEN, LAYERS, HEADS, VOCAB, SEQ, IMAGE = 64, 2, 4, 100, 16, 32
 
 
@@ -696,6 +697,150 @@ def t5_like_attention() -> ZooCase:
     return ZooCase(_eval(T5LikeNet()), _ids(), expected)
 
 
+class DarkBlock(nn.Module):
+    """timm CSPDarknet's DarkBlock: 1x1 then 3x3 conv, each followed by a norm-act layer (BatchNormAct2d,
+    LeakyReLU), plus the identity; ``zero_init_last``: the 3x3's norm weight is 0, so its activation outputs
+    f(bias) = 0 at first."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels // 2, 1, bias=False)
+        self.bn1 = BatchNormAct2d(channels // 2, nn.LeakyReLU)
+        self.conv2 = nn.Conv2d(channels // 2, channels, 3, padding=1, bias=False)
+        self.bn2 = BatchNormAct2d(channels, nn.LeakyReLU)
+        nn.init.zeros_(self.bn2.weight)  # zero_init_last
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.bn2(self.conv2(self.bn1(self.conv1(x))))
+
+
+class CspDarknetZeroLast(nn.Module):
+    """A stem norm-act conv, two DarkBlocks under ``zero_init_last``, pooled logits."""
+
+    def __init__(self, width: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.stem_bn = BatchNormAct2d(width, nn.LeakyReLU)
+        self.blocks = nn.Sequential(DarkBlock(width), DarkBlock(width))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem_bn(self.stem(x))).mean((2, 3)))
+
+
+def cspdarknet_zero_last() -> ZooCase:
+    torch.manual_seed(0)
+    expected = {"stem": LEAKY, "blocks.0.conv1": LEAKY, "blocks.0.conv2": LEAKY, "head": "identity"}
+    return ZooCase(_eval(CspDarknetZeroLast()), _images(batch=4), expected,
+                   zero_params=["blocks.0.bn2.weight", "blocks.1.bn2.weight"])  # fmt: skip
+
+
+class WideZeroHead(nn.Module):
+    """A ConvNeXt/Mixer-style classifier on 4096 features whose ``10 x 4096`` head is zero-initialized (above the
+    4096 weights from which the gradient monitor samples its update ratio)."""
+
+    def __init__(self, features: int = 4096, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.fc = nn.Linear(16, features)
+        self.norm = nn.LayerNorm(features)
+        self.act = nn.GELU()
+        self.head = nn.Linear(features, classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.act(self.norm(self.fc(self.stem(x).mean((2, 3))))))
+
+
+def wide_zero_head() -> ZooCase:
+    torch.manual_seed(0)
+    expected = {"fc": GELU, "head": "identity"}
+    return ZooCase(_eval(WideZeroHead()), _images(), expected, zero_params=["head.weight", "head.bias"])
+
+
+class MixFfn(nn.Module):
+    """Segformer's Mix-FFN: 1x1 conv up, a small-init 3x3 depthwise conv (its GELU runs at ~1e-2 of the stream),
+    GELU, 1x1 conv down (He init)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        for conv in (self.fc1, self.fc2):
+            nn.init.kaiming_normal_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.dwconv.weight, std=0.005)
+        nn.init.zeros_(self.dwconv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.dwconv(self.fc1(x))))
+
+
+class SegformerLike(nn.Module):
+    """A depthwise-conv GELU encoder (Mix-FFN blocks: its GELUs run at ~5e-3) then the decode head's 1x1 fuse conv,
+    BatchNorm and ReLU (~0.6): the first ReLU is over 100 times the first GELU, by design."""
+
+    def __init__(self, dim: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.blocks = nn.ModuleList(MixFfn(dim, dim * 4) for _ in range(2))
+        self.fuse = nn.Conv2d(dim, dim, 1, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+        self.relu = nn.ReLU()
+        self.cls = nn.Conv2d(dim, classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.cls(self.relu(self.bn(self.fuse(x)))).mean((2, 3))
+
+
+def segformer_like() -> ZooCase:
+    torch.manual_seed(0)
+    expected = {"blocks.0.dwconv": GELU, "blocks.1.dwconv": GELU, "fuse": "relu", "cls": "identity"}
+    known = {"weight_scale": "the depthwise convs are drawn at std 0.005 on purpose: the pattern is a GELU encoder "
+             "running at ~1e-2 of the stream (the report must not compare the decode head's ReLU with it)"}
+    return ZooCase(_eval(SegformerLike()), _images(batch=4), expected, known_findings=known)
+
+
+class MobileNetV3Like(nn.Module):
+    """torchvision's MobileNetV3 layout and init: conv-BN-Hardswish/ReLU features (kaiming fan_out), then the
+    classifier Linear -> Hardswish -> Linear with N(0, 0.01) weights: the last Hardswish's input is deliberately
+    small next to the features' (the depth rule once read that end point as "vanishing with depth")."""
+
+    def __init__(self, width: int = 16, last: int = 96, hidden: int = 1024, classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for i, act in enumerate([nn.Hardswish, nn.ReLU, nn.ReLU, nn.Hardswish, nn.Hardswish]):
+            out = last if i == 4 else width
+            layers += [nn.Conv2d(channels, out, 3 if i < 4 else 1, padding=1 if i < 4 else 0, bias=False),
+                       nn.BatchNorm2d(out), act()]  # fmt: skip
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(last, hidden), nn.Hardswish(), nn.Linear(hidden, classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+def mobilenet_v3_like() -> ZooCase:
+    torch.manual_seed(0)
+    expected = {"features.0": "hardswish", "features.3": "relu", "classifier.0": "hardswish",
+                "classifier.2": "identity"}  # fmt: skip
+    return ZooCase(_eval(MobileNetV3Like()), _images(batch=4), expected)
+
+
 ZOO: dict[str, Callable[[], ZooCase]] = {
     "bert": bert,
     "gpt2": gpt2,
@@ -717,4 +862,8 @@ ZOO: dict[str, Callable[[], ZooCase]] = {
     "gpt2_conv1d_mlp": gpt2_conv1d_mlp,
     "resnet_zero_init_residual": resnet_zero_init_residual,
     "t5_like_attention": t5_like_attention,
+    "cspdarknet_zero_last": cspdarknet_zero_last,
+    "wide_zero_head": wide_zero_head,
+    "segformer_like": segformer_like,
+    "mobilenet_v3_like": mobilenet_v3_like,
 }

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_bn.callbacks._periodic import MonitorCallback
+from lightning_bn.callbacks._periodic import MonitorCallback, checked
 from lightning_bn.report import FLAGS, RunHealth, Thresholds, analyze
 from lightning_bn.report.formatting import format_table
 from lightning_bn.report.health import ADVICE
@@ -29,7 +29,8 @@ class HealthCheck(Callback):
         stop_on: flags that stop training (``trainer.should_stop``, as ``EarlyStopping`` does) at the first logging
             step where one holds on some layer, with a warning naming the layer, the figure and what to try; any of
             ``"saturated"``, ``"dead"``, ``"nonfinite"``, ``"vanishing"``, ``"exploding"``, ``"vanishing_gradient"``,
-            ``"stalled"``, or ``"all"``. Empty (default): never stop.
+            ``"stalled"``, or ``"all"``. Empty (default) or ``None``: never stop. A run resumed from a checkpoint
+            judges again (the earlier stops are kept in :attr:`previous_stops`).
         summary: at fit end, print (rank zero) the report of the run: the flagged layers with the step each problem
             started, the healthy ones by type, and advice per flag.
         thresholds: when a layer is flagged (default: the report's defaults).
@@ -50,18 +51,11 @@ class HealthCheck(Callback):
 
     def __init__(
         self,
-        stop_on: Sequence[str] | str = (),
+        stop_on: Sequence[str] | str | None = (),
         summary: bool = True,
         thresholds: Thresholds | None = None,
     ) -> None:
-        names = (stop_on,) if isinstance(stop_on, str) else tuple(stop_on)
-        if "all" in names:
-            names = FLAGS
-        unknown = [name for name in names if name not in FLAGS]
-        if unknown:
-            raise MisconfigurationException(
-                f"Expected `stop_on` to name flags among {list(FLAGS)} or 'all' but got {unknown[0]!r}"
-            )
+        names = checked(_stop_flags, stop_on)
         if not isinstance(summary, bool):
             raise MisconfigurationException(f"Expected `summary` to be a bool but got {summary!r}")
         if thresholds is not None and not isinstance(thresholds, Thresholds):
@@ -71,8 +65,10 @@ class HealthCheck(Callback):
         self.stop_on: tuple[str, ...] = names
         self.summary = summary
         self.thresholds = thresholds or Thresholds()
-        #: after a stop: ``(step, flag, layer, reason)``
+        #: after a stop in this fit: ``(step, flag, layer, reason)``
         self.stopped: tuple[int, str, str, str] | None = None
+        #: the stops of the fits a checkpoint resumed (history: a resumed run judges again, and stops at a new problem)
+        self.previous_stops: list[tuple[int, str, str, str]] = []
         #: the last analysis (fit end, or the logging step that stopped training)
         self.health: RunHealth | None = None
         self._monitors: list[MonitorCallback] = []
@@ -172,9 +168,40 @@ class HealthCheck(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"stopped": list(self.stopped) if self.stopped else None}
+        return {
+            "stopped": list(self.stopped) if self.stopped else None,
+            "previous_stops": [list(stop) for stop in self.previous_stops],
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # what is restored is history, not the decision to stay silent: the resumed run is judged again
+        stops = [tuple(stop) for stop in state_dict.get("previous_stops", [])]
         stopped = state_dict.get("stopped")
-        self.stopped = tuple(stopped) if stopped else None  # type: ignore[assignment]
+        self.previous_stops = stops + ([tuple(stopped)] if stopped else [])  # type: ignore[list-item]
+        self.stopped = None
+
+
+def _stop_flags(stop_on: Any) -> tuple[str, ...]:
+    """The flags of ``stop_on``: one flag name, a collection of them, ``"all"``, or ``None`` / empty (never stop).
+
+    Raises:
+        ValueError: naming the bad value.
+    """
+    if stop_on is None:
+        return ()
+    if isinstance(stop_on, str):
+        names: tuple[Any, ...] = (stop_on,)
+    elif isinstance(stop_on, (Sequence, set, frozenset)):
+        names = tuple(stop_on)
+    else:
+        raise ValueError(
+            f"Expected `stop_on` to be a flag name, a sequence of flag names among {list(FLAGS)}, 'all' or None "
+            f"but got {stop_on!r}"
+        )
+    if "all" in names:
+        return tuple(FLAGS)
+    unknown = [name for name in names if not isinstance(name, str) or name not in FLAGS]
+    if unknown:
+        raise ValueError(f"Expected `stop_on` to name flags among {list(FLAGS)} or 'all' but got {unknown[0]!r}")
+    return names

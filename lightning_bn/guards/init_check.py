@@ -16,6 +16,7 @@ do.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -433,14 +434,26 @@ def _gradient(backward: _Backward) -> InitFinding | None:
 
 
 def _depth(found: ModelMap, depth_ratio: float, backward: _Backward | None) -> InitFinding | None:
-    """First vs last pre-activation std along the activations that ran (the signal the nonlinearities see); judged
-    with the finite-width spread, and only when the gradients between the same two layers are off too (or were not
+    """The trend of the pre-activation std along the activations of the kind most of them are (the signal the
+    nonlinearities see; kinds run at scales their blocks set: Segformer's GELUs at ~1e-2, its decode head's ReLU
+    behind a BatchNorm at 1) over the stack: the Theil-Sen slope of log std against the activation's index (the
+    median of the pairwise slopes), times the number of steps from the first to the last. One layer off the trend
+    (MobileNetV3's deliberately small N(0, 0.01) classifier before its last Hardswish) moves the median slope
+    little; a compounding error (Xavier under ReLU halves the variance per layer) is the slope itself. Judged with
+    the finite-width spread, and only when the gradients between the first and last layers are off too (or were not
     compared there: not measured, or other layers, as behind norms)."""
     hidden = [s for s in found.sites if not s.activation.is_identity and math.isfinite(s.input_std) and s.input_std > 0]
+    if not hidden:
+        return None
+    counts = Counter(s.activation.name for s in hidden)
+    kind = max(counts, key=counts.__getitem__)  # first seen on a tie
+    hidden = [s for s in hidden if s.activation.name == kind]
     if len(hidden) < 2:
         return None
     first, last = hidden[0], hidden[-1]
-    ratio = last.input_std / first.input_std
+    logs = [math.log(s.input_std) for s in hidden]
+    slopes = [(logs[j] - logs[i]) / (j - i) for i in range(len(logs)) for j in range(i + 1, len(logs))]
+    ratio = math.exp(statistics.median(slopes) * (len(logs) - 1))
     tolerance = depth_ratio * width_spread(_units(found.layers[n]) for n in _fed_layers(found)[1:])
     if 1 / tolerance <= ratio <= tolerance:
         return None
@@ -450,8 +463,8 @@ def _depth(found: ModelMap, depth_ratio: float, backward: _Backward | None) -> I
     problem: Problem = "vanishing" if ratio < 1 else "exploding"
     verb = "falls" if ratio < 1 else "grows"
     detail = (
-        f"the input std of the activations {verb} from {first.input_std:.3g} to {last.input_std:.3g} over "
-        f"{len(hidden)} activations (allowed at these widths: {tolerance:.3g}x"
+        f"the input std of the activations {verb} {ratio:.3g}x along its trend over {len(hidden)} activations "
+        f"(from {first.input_std:.3g} to {last.input_std:.3g} at the ends; allowed at these widths: {tolerance:.3g}x"
         + (f"; the gradient ratio between them: {backward.ratio:.3g}x)" if same else ")")
     )
     return InitFinding(f"{first.producer or first.name} -> {last.producer or last.name}", problem, ratio, detail)
@@ -492,7 +505,9 @@ def init_mismatches(
        feeding the kind most of them feed (χ₁ belongs to one activation: BERT's pooler tanh is a head, not the next
        GELU block); layers with a zero gradient (behind a zero-initialized head or residual gain) are left out. Not
        judged when 1. fires.
-    4. *vanishing* / *exploding*: the input std of the last activation over the first's outside
+    4. *vanishing* / *exploding*: the trend of the activations' input std over the stack (the activations of the
+       kind most of them are; a robust Theil-Sen fit of log std against their index, so that one deliberately small
+       layer, as MobileNetV3's N(0, 0.01) classifier, is not the verdict), last over first, outside
        ``[1/depth_ratio, depth_ratio]`` widened by the finite-width spread (a per-layer error of √2, as Xavier under
        ReLU, compounds over 30 layers; He et al. 2015), raised only when the gradient ratio of 3. between the same
        two layers is off too (tanh at σ_w² = 1 lets the signal shrink ~10x over 50 layers while its gradients stay

@@ -42,6 +42,7 @@ __all__ = ["ActivationProbe", "ProbeResult", "layer_entry"]
 
 _SATURATED, _UNITS, _NONFINITE = (FIELDS.index(name) for name in ("saturated", "units", "nonfinite"))
 
+
 def layer_entry(target: WatchTarget) -> dict[str, Any]:
     """What the report needs to know of a watched layer: name, module type, activation, how it is watched and, for
     an activation, the fraction its kind saturates at a healthy N(0, 1) input.
@@ -149,6 +150,10 @@ class ActivationProbe(HookSet):
         self._path = backend(fused)
         self._min, self._max = FIELDS.index("min"), FIELDS.index("max")
         self._targets = [_Target(_as_target(t)) for t in targets]
+        #: calls so far of each module watched call by call (``WatchTarget.calls`` > 1), and the hook that counts them
+        self._calls: dict[int, int] = {}
+        self._counters = {id(t.spec.module): _eager(self._counter(t.spec.module)) for t in self._targets
+                          if t.spec.calls > 1}  # fmt: skip
         self._extra: dict[str, _Target] = {}  # measured by :meth:`record` (a live trace), not hooked
         self.histogram_bins = histogram_bins
         self.zero_tol = zero_tol
@@ -203,16 +208,37 @@ class ActivationProbe(HookSet):
         return target.per_unit[key]
 
     def _register(self) -> Iterator[RemovableHandle]:
+        self._calls = {}
+        counted: set[int] = set()
         for target, (pre_hook, hook) in zip(self._targets, self._hooks):
             target.per_unit = None  # parameters learned per unit are read again at the step's first call
             target.row = target.alive = target.units = target.pending = target.hist = None
+            key = id(target.spec.module)
+            if key in self._counters and key not in counted:  # first: the call is counted before it is measured
+                counted.add(key)
+                yield target.spec.module.register_forward_pre_hook(self._counters[key])
             if pre_hook is not None:
                 yield target.spec.module.register_forward_pre_hook(pre_hook)
             yield target.spec.module.register_forward_hook(hook)
 
+    def _counter(self, module: nn.Module) -> Callable:
+        key = id(module)
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not (self.training_only and not _measuring()):
+                self._calls[key] = self._calls.get(key, 0) + 1
+
+        return hook
+
+    def _this_call(self, spec: WatchTarget) -> bool:
+        """Whether the module's call running now is the one ``spec`` watches (always, for a module watched whole)."""
+        return spec.calls == 1 or (self._calls.get(id(spec.module), 0) - 1) % spec.calls == spec.call
+
     def _pre_hook(self, target: _Target) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             if not args or not isinstance(args[0], Tensor) or (self.training_only and not _measuring()):
+                return
+            if not self._this_call(target.spec):
                 return
             with self.quiet() if self.quiet is not None else contextlib.nullcontext():
                 found = saturation(args[0], target.activation, target.spec.unit_dim)
@@ -252,6 +278,8 @@ class ActivationProbe(HookSet):
             if not isinstance(output, Tensor) or not output.is_floating_point():
                 return
             if self.training_only and not _measuring():
+                return
+            if not self._this_call(target.spec):
                 return
             with self.quiet() if self.quiet is not None else contextlib.nullcontext():
                 self._measure(target, output)
@@ -313,6 +341,8 @@ class ActivationProbe(HookSet):
         found = {t.name: t for o in others for t in [*o._targets, *o._extra.values()] if t.row is not None}
         for target in self._targets:
             seen = found.get(target.name)
+            if target.spec.calls > 1:  # what the others saw of this module pooled its calls: not one call's row
+                continue
             if seen is not None and target.row is None:
                 target.row, target.alive, target.units, target.hist = seen.row, seen.alive, seen.units, seen.hist
 

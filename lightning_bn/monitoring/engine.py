@@ -23,13 +23,14 @@ from torch import Tensor, nn
 
 from lightning_bn import checks
 from lightning_bn.monitoring.activation import ActivationProbe, layer_entry
-from lightning_bn.monitoring.gradients import GradientProbe, local
+from lightning_bn.monitoring.gradients import GradientProbe, dense_values, local
 from lightning_bn.monitoring.rows import BACKENDS, COMPILE_SECONDS, DEFAULT_ZERO_TOL
 from lightning_bn.monitoring.select import (
     ForwardOrder,
     ModuleFilter,
     WatchTarget,
     plain_names,
+    scripted_modules,
     unwrap,
     validate_module_filter,
     watch_targets,
@@ -44,8 +45,12 @@ from lightning_bn.tags import (
     GRADIENT_SECTION,
     LAYOUT_STATISTICS,
     LOSS_TAG,
+    SKIPPED_STEPS_TAG,
     TOTAL_GRADIENT_TAG,
+    UPDATE_RATIO,
+    WEIGHT_NORM,
     layer_order,
+    split_tag,
 )
 from lightning_bn.tracing import ActivationSite, ModelMap, trace_call, trace_model
 
@@ -215,9 +220,17 @@ class MonitorEngine:
         self._pending: int | None = None
         self._watched: list[Tensor] = []  # every parameter, in forward order: the non-finite watch
         self._eps: dict[Tensor, float] = {}  # parameters of Adam-type optimizers: their eps
-        self._bad: Tensor | None = None  # on the device: (first bad step, index in _watched, parameters affected)
+        # on the device, since the last read: (first step, parameter index, count of the latest run of steps with
+        # non-finite gradients, its length, the number of such steps); see watch_nonfinite
+        self._window: Tensor | None = None
+        #: optimizer steps not taken so far (non-finite gradients, weights still finite: a ``GradScaler`` skipping an
+        #: overflow step), as of the latest logging step or epoch end; logged as
+        #: :data:`~lightning_bn.tags.SKIPPED_STEPS_TAG` once there is one
+        self.skipped_steps = 0
         self._index: tuple[tuple[int, ...], Tensor] | None = None
         self._compile_reported = False
+        self._named_unwatched: set[str] = set()  # activation sites and scripted modules named in a warning
+        self._warned_new_parameters = False
 
     # ------------------------------------------------------------------------------------------------- set-up
     def start(
@@ -262,6 +275,14 @@ class MonitorEngine:
             )
         if not opts.activations:
             return
+        scripted = scripted_modules(inner)
+        if scripted:
+            self._named_unwatched.update(scripted)
+            self._warn(
+                f"{self.owner}: {', '.join(map(repr, scripted))} {'is' if len(scripted) == 1 else 'are'} "
+                "torch.jit scripted: no hook can go on a ScriptModule, so no layer inside is watched (its parameters "
+                "are). Script the model after training, or watch the plain module."
+            )
         if example_input is not None:
             found = None
             try:
@@ -318,7 +339,28 @@ class MonitorEngine:
             was.detach()
             probe.attach()
         probe.adopt(*keep)
-        self.layers = [layer_entry(t) for t in probe.targets]
+        self.layers = [layer_entry(t) for t in probe.targets] + self._unwatched(found)
+
+    def _unwatched(self, found: ModelMap | None) -> list[dict[str, Any]]:
+        """The layers-table rows of the activations the trace found and no hook can see (a ``silu`` in a plain
+        function on tensors no module returns: HF Mamba's slow path), ``hook="unwatched"``; named in one warning."""
+        rows = [{"name": self._plain(name), "module_type": None, "activation": None, "hook": "unwatched",
+                 "reason": why} for name, why in (found.unwatchable if found is not None else [])]  # fmt: skip
+        rows = list({row["name"]: row for row in rows}.values())
+        new = [row["name"] for row in rows if row["name"] not in self._named_unwatched]
+        if new:
+            self._named_unwatched.update(new)
+            self._warn(
+                f"{self.owner}: {len(new)} activation call(s) are not watched: {', '.join(map(repr, new))} "
+                f"({rows[0]['reason']}); their figures are missing from the report. Call the activation as a module "
+                "(nn.SiLU()) or on the output of a module to have it watched."
+            )
+        return rows
+
+    @property
+    def unwatched(self) -> list[str]:
+        """The activation sites the trace found and no hook can see (``?.silu``), and the scripted submodules."""
+        return sorted(self._named_unwatched)
 
     def _traced_forward(self, name: str, module: nn.Module) -> Callable[..., Any]:
         original = type(module).forward.__get__(module) if self._entries[name][1] is None else self._entries[name][1]
@@ -408,26 +450,53 @@ class MonitorEngine:
         return True
 
     def watch_nonfinite(self, step: int) -> None:
-        """Every step (or on logging steps only), on the device, no host sync: keep the first step with a non-finite
-        gradient and the first parameter in forward order that has one; read with the next logging transfer."""
+        """Every step (or on logging steps only), on the device, no host sync: keep the first step of the latest run of
+        steps with a non-finite gradient, the first parameter in forward order that has one, the run's length and
+        the number of such steps; read with the next logging transfer, judged by the weights then.
+
+        Non-finite gradients followed by finite ones, or with finite weights at the read, are steps the optimizer did
+        not take (a mixed-precision ``GradScaler`` skipping an overflow while its scale calibrates): counted in
+        :attr:`skipped_steps`, never reported as non-finite. A step taken with inf/NaN gradients leaves inf/NaN
+        weights, and their gradients stay non-finite from then on: reported (at the run's first step)."""
         if self._gradients is None or self.warned_nonfinite or not is_rank_zero():
             return  # DDP: gradients are identical on every rank; sharded: rank zero's shards
         if not self.options.nonfinite_every_step or self._pending is not None:
             return  # a logging step: its gradient norms tell (read with the step's transfer, in _take_gradients)
         self._watch_order()
-        present = tuple(i for i, p in enumerate(self._watched) if p.grad is not None and not p.grad.is_sparse)
+        present = tuple(i for i, p in enumerate(self._watched) if p.grad is not None)
         if not present:
             return
-        grads = [local(self._watched[i].grad) for i in present]
+        grads = [dense_values(self._watched[i].grad) for i in present]  # sparse: its values
         if self._index is None or self._index[0] != present:  # built once: no host-to-device copy per step
             self._index = (present, torch.tensor(present, device=grads[0].device))
         index = self._index[1]
         bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)))
         found = torch.stack([index[torch.argmax(bad.int())], bad.sum()])
         here = torch.cat([torch.full((1,), step, device=found.device), found])
-        if self._bad is None:
-            self._bad = torch.full((3,), -1, dtype=torch.long, device=found.device)
-        self._bad = torch.where((self._bad[0] < 0) & bad.any(), here, self._bad)
+        if self._window is None:
+            self._window = torch.zeros(5, dtype=torch.long, device=found.device)
+        window, any_bad = self._window, bad.any()
+        self._window = torch.cat([
+            torch.where(any_bad & (window[3] == 0), here, window[:3]),  # a run begins here
+            torch.where(any_bad, window[3:4] + 1, 0),  # the run's length (0: the latest step was finite)
+            window[4:5] + any_bad,  # steps with a non-finite gradient
+        ])  # fmt: skip
+
+    def _watch_payload(self) -> Tensor:
+        """The watch's state and whether every weight is finite now (after an optimizer step), on the device."""
+        weights = [local(p) for p in self._watched]
+        norms = torch.stack(torch._foreach_norm(weights)).sum() if weights else torch.zeros(())
+        return torch.cat([self._window, torch.isfinite(norms).to(self._window).reshape(1)])
+
+    def _read_watch(self, values: list[float]) -> None:
+        """Judge the steps watched since the last read by the weights after them (host values of the payload)."""
+        step, index, count, run, steps, weights_finite = (int(v) for v in values)
+        self._window = None
+        if weights_finite or not run:  # every step with non-finite gradients was not taken
+            self.skipped_steps += steps
+            return
+        self.skipped_steps += steps - run  # the latest run left non-finite weights: it began with a step taken
+        self._report_nonfinite([step, index, count])
 
     def _watch_order(self) -> None:
         """The parameters in forward order of their layers (once): the first non-finite one is named."""
@@ -456,6 +525,21 @@ class MonitorEngine:
         if not is_rank_zero() and not self._gradients.sharded:
             return  # plain parameters are identical on every rank after DDP's all-reduce: rank zero measures
         self._gradients.measure(self._pending, params)
+        self._check_new_parameters()
+
+    def _check_new_parameters(self) -> None:
+        """Parameters added to the model after :meth:`start` are not measured: named once (on a logging step)."""
+        if self._warned_new_parameters or self._model is None or not is_rank_zero():
+            return
+        known = self._gradients.names
+        new = [self._plain(n) for n, p in self._model.named_parameters() if p.requires_grad and p not in known]
+        if new:
+            self._warned_new_parameters = True
+            shown = ", ".join(map(repr, new[:5])) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+            self._warn(
+                f"{self.owner}: {len(new)} parameter(s) were added to the model after the monitor started and are "
+                f"not measured: {shown}. Create the monitor once the model is complete."
+            )
 
     def end(self, loss: Tensor | float | None = None) -> StepResult | None:
         """After the optimizer step of a logging step: the hooks come off, the rows are reduced across processes,
@@ -476,14 +560,15 @@ class MonitorEngine:
             self._order.detach()
             self._order_names, self._order = [self._plain(n) for n in self._order.names], None
         self._restore_entries()
-        watch = self._bad is not None and is_rank_zero() and not self.warned_nonfinite
+        watch = self._window is not None and is_rank_zero() and not self.warned_nonfinite
         if self._gradients is not None:
-            gathered = self._gradients.gather([self._bad] if watch else [])
+            payload = self._watch_payload() if watch else None
+            gathered = self._gradients.gather([payload] if watch else [])
             if gathered is not None:
                 norms, parse = gathered
                 parts.append((norms, lambda host, parse=parse: self._take_gradients(parse(host), result, watch)))
             elif watch:
-                parts.append((self._bad, lambda host: self._report_nonfinite([int(v) for v in host])))
+                parts.append((payload, self._read_watch))
             if isinstance(loss, Tensor) and loss.numel() == 1:
                 parts.append((loss.detach().reshape(1), lambda host: result.metrics.__setitem__(LOSS_TAG, host[0])))
             elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
@@ -495,6 +580,8 @@ class MonitorEngine:
             for tensor, consume in parts:
                 consume(host[offset : offset + tensor.numel()])
                 offset += tensor.numel()
+        if self.skipped_steps and self._gradients is not None:
+            result.metrics[SKIPPED_STEPS_TAG] = float(self.skipped_steps)
         self._report_compile()
         remember(self.figures, result.metrics, step)
         saturation = {_layer_of(tag): v for tag, v in result.metrics.items() if tag.startswith(f"{ACT_SATURATION}/")}
@@ -509,6 +596,10 @@ class MonitorEngine:
             result.histograms.append((ACTIVATION_HISTOGRAMS, found.histograms))
 
     def _take_gradients(self, found: Any, result: StepResult, watch: bool) -> None:
+        if _not_taken(found.metrics):  # the step's gradient figures describe a step the optimizer did not take
+            self.skipped_steps += 1
+            found.metrics = {t: v for t, v in found.metrics.items() if split_tag(t)[0] not in (GRAD_NORM, UPDATE_RATIO)}
+            found.histograms = []
         result.metrics.update(found.metrics)
         for p, eps in self._eps.items():  # host floats: ||g|| / sqrt(numel) is the per-element RMS gradient
             name = self._gradients.names.get(p)
@@ -518,7 +609,7 @@ class MonitorEngine:
         if found.histograms:
             result.histograms.append((GRADIENT_HISTOGRAMS, found.histograms))
         if watch:
-            self._report_nonfinite([int(v) for v in found.extra[-3:]])  # an earlier step first
+            self._read_watch(found.extra[-6:])  # the steps before first
         total = found.metrics.get(TOTAL_GRADIENT_TAG, 0.0)
         if not self.warned_nonfinite and not math.isfinite(total) and is_rank_zero():  # some gradient is: which
             self._watch_order()
@@ -530,8 +621,8 @@ class MonitorEngine:
 
     def check_nonfinite(self) -> None:
         """Read the non-finite watch now (one small transfer; an epoch's end)."""
-        if self._bad is not None and not self.warned_nonfinite and is_rank_zero():
-            self._report_nonfinite(self._bad.tolist())
+        if self._window is not None and not self.warned_nonfinite and is_rank_zero():
+            self._read_watch(self._watch_payload().tolist())
 
     def _report_nonfinite(self, bad: list[int]) -> None:
         if len(bad) < 3 or bad[0] < 0 or self.warned_nonfinite or not self._watched:
@@ -592,16 +683,20 @@ class MonitorEngine:
         self.closed = True
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "last_logged_step": self.last_logged_step,
             "history": list(self.saturation),
             "warned_nonfinite": self.warned_nonfinite,
         }
+        if self.skipped_steps:
+            state["skipped_steps"] = self.skipped_steps
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_logged_step = int(state.get("last_logged_step", -1))
         self.saturation = [(int(step), dict(sat)) for step, sat in state.get("history", [])]
         self.warned_nonfinite = bool(state.get("warned_nonfinite", False))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
 
 def remember(history: dict[str, deque[tuple[int, float]]], metrics: dict[str, float], step: int) -> None:
@@ -619,6 +714,17 @@ def remember(history: dict[str, deque[tuple[int, float]]], metrics: dict[str, fl
         if series is None:
             series = history[tag] = deque(maxlen=HISTORY)
         series.append((step, float(value)))
+
+
+def _not_taken(metrics: dict[str, float]) -> bool:
+    """Whether a logging step's figures are those of an optimizer step not taken: some gradient non-finite and every
+    weight measured after the step finite (a ``GradScaler`` skipping an overflow step; a step taken with inf/NaN
+    gradients leaves inf/NaN weights)."""
+    total = metrics.get(TOTAL_GRADIENT_TAG)
+    if total is None or math.isfinite(total):
+        return False
+    weights = [v for t, v in metrics.items() if split_tag(t)[0] == WEIGHT_NORM]
+    return bool(weights) and all(math.isfinite(v) for v in weights)
 
 
 def _module_of(parameter: str) -> str:

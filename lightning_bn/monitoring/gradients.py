@@ -23,7 +23,7 @@ from lightning_bn.sharding import is_dtensor
 from lightning_bn.sharding import local as _local
 from lightning_bn.tags import TOTAL_GRADIENT_TAG
 
-__all__ = ["GradientProbe", "GradientResult", "local"]
+__all__ = ["GradientProbe", "GradientResult", "dense_values", "local"]
 
 #: Parameters with fewer elements are copied whole for the update ratio.
 WHOLE = 4096
@@ -32,6 +32,18 @@ WHOLE = 4096
 def local(t: Tensor) -> Tensor:
     """This process's part of ``t`` (the local shard of a DTensor), detached: what is measured and copied."""
     return _local(t).detach()
+
+
+def dense_values(t: Tensor) -> Tensor:
+    """What a gradient's norm is taken of: this process's part of ``t`` (:func:`local`), or, for a sparse gradient
+    (``nn.Embedding(sparse=True)``), the values it holds (coalesced: an index given twice is summed first), whose
+    p-norm is the norm of the sparse tensor."""
+    t = local(t)
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    if t.layout != torch.strided:  # sparse CSR/CSC/BSR: the values are the stored elements
+        return t.values()
+    return t
 
 
 def _copies(t: Tensor, world: int) -> int:
@@ -141,7 +153,7 @@ class GradientProbe:
         if not chosen:
             return
         pending["params"] += chosen
-        pending["grad"].append(self._powers([local(p.grad) for p in chosen]))
+        pending["grad"].append(self._powers([dense_values(p.grad) for p in chosen]))
         if self.update_ratio:
             snapshot, self._snapshot = self._snapshot, {}
             if all(p in snapshot for p in chosen):  # copied before the forward pass (see snapshot)
@@ -154,13 +166,15 @@ class GradientProbe:
             pending["before"] += before
         if self.histogram_bins:
             for p in chosen:
-                g = local(p.grad)
+                g = dense_values(p.grad)
+                if not g.numel():  # a sparse gradient holding no value
+                    continue
                 low, high = g.amin().double(), g.amax().double()
                 pending["hists"].append(
                     (
                         self.names[p],
                         g.numel(),
-                        p.grad.numel(),
+                        p.grad.numel() if p.grad.layout == torch.strided else g.numel(),  # sparse: its values
                         torch.stack([low, high, g.double().sum(), g.double().square().sum()]),
                         histogram(g, low, high, self.histogram_bins),
                     )

@@ -710,7 +710,8 @@ def figures(row: list[float] | tuple[float, ...]) -> dict[str, float]:
     ``n m4 / m2^2`` (3 for a Gaussian, >= 1 always). Both are NaN where the tensor holds inf/NaN (``nonfinite``
     counts them) or has fewer than 2 elements; kurtosis also where ``m2 = 0`` (a constant). ``saturation`` and
     ``dead`` are present only for rows that carry an activation (``units > 0``), with ``transmission``, the mean of
-    ``f'(x)^2`` relative to a healthy N(0, 1) input (:func:`transmission_sum`).
+    ``f'(x)^2`` relative to a healthy N(0, 1) input (:func:`transmission_sum`), and ``samples``, the observations
+    per unit (``count / units``: batch x positions x calls) that ``dead`` is judged over.
     """
     r = dict(zip(FIELDS, row))
     n, nonfinite = r["count"], r["nonfinite"]
@@ -731,6 +732,7 @@ def figures(row: list[float] | tuple[float, ...]) -> dict[str, float]:
         out["saturation"] = r["saturated"] / finite if finite else math.nan
         out["dead"] = r["dead_units"] / r["units"]
         out["transmission"] = r["transmission"] / finite if finite else math.nan
+        out["samples"] = n / r["units"]  # observations per unit (batch x positions): what `dead` is judged over
     return out
 
 

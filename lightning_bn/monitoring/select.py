@@ -8,26 +8,62 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Union
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_bn.activations import Activation, activation_of_module
+from lightning_bn.layers import get_layer_kind
 from lightning_bn.tracing import HookSet, ModelMap
 
-__all__ = ["ForwardOrder", "ModuleFilter", "WatchTarget", "default_module_filter", "plain_names", "select_modules",
-           "unwrap", "validate_module_filter", "watch_targets"]  # fmt: skip
+__all__ = ["ForwardOrder", "ModuleFilter", "WatchTarget", "default_module_filter", "plain_names", "scripted_modules",
+           "select_modules", "unwrap", "validate_module_filter", "watch_targets"]  # fmt: skip
 
 #: What a user may pass to choose modules: types, glob patterns on qualified names, or a ``(name, module)`` predicate.
 ModuleFilter = Union[Sequence[str | type], Callable[[str, nn.Module], bool], None]
 
 
 def default_module_filter(name: str, module: nn.Module) -> bool:
-    """Every activation module (not the ``nn.Identity`` placeholder), and every leaf layer that owns a weight."""
+    """Every activation module (not the ``nn.Identity`` placeholder), every leaf layer that owns a weight, every
+    layer of the registry (:func:`lightning_bn.layers.get_layer_kind`: ``LSTM``/``GRU``/``RNN``,
+    ``nn.MultiheadAttention``, whose weights have other names) and the recurrent cells (``LSTMCell``, ``GRUCell``,
+    ``RNNCell``); never a ``torch.jit`` scripted module (no hook can go on it).
+
+    Example::
+
+        >>> [default_module_filter("m", m) for m in (nn.LSTM(2, 2), nn.GRUCell(2, 2), nn.MultiheadAttention(4, 2))]
+        [True, True, True]
+    """
+    if _is_scripted(module):
+        return False
     activation = activation_of_module(module)
     if activation is not None:
         return not activation.is_identity
+    if get_layer_kind(module) is not None or isinstance(module, nn.RNNCellBase):
+        return True
     is_leaf = next(module.children(), None) is None
     return is_leaf and isinstance(getattr(module, "weight", None), Tensor)
+
+
+def _is_scripted(module: nn.Module) -> bool:
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def scripted_modules(model: nn.Module) -> list[str]:
+    """Qualified names of the outermost ``torch.jit`` scripted submodules of ``model``: no hook can go on them or
+    inside them, so the monitors watch them from nothing and name them once.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(2, 2), torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.ReLU())))
+        >>> scripted_modules(net)
+        ['1']
+    """
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if name and _is_scripted(module) and not any(name.startswith(f"{outer}.") for outer in found):
+            found.append(name)
+    return found
 
 
 def validate_module_filter(modules: ModuleFilter) -> None:
@@ -70,7 +106,7 @@ def select_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple
         ['0', '1', '2']
     """
     validate_module_filter(modules)
-    named = [(n, m) for n, m in model.named_modules() if n]
+    named = [(n, m) for n, m in model.named_modules() if n and not _is_scripted(m)]
     if modules is None:
         return [(n, m) for n, m in named if default_module_filter(n, m)]
     if callable(modules) and not isinstance(modules, type):
@@ -94,6 +130,9 @@ class WatchTarget:
             output), ``"input"`` (the module's output feeds ``activation``: the activation is applied to it) or
             ``"output"`` (the module's output is ``activation``'s output).
         unit_dim: the dimension that indexes units (from the model map's layout); ``None``: read from the rank.
+        call: which call of the module in each forward pass this target is (0-based), when ``calls`` > 1.
+        calls: how many times the module runs per forward pass, when each call is its own row (an activation module
+            reused: a ResNet Bottleneck's ``relu`` is ``relu``, ``relu@2`` and ``relu@3``, the last after the add).
     """
 
     name: str
@@ -101,6 +140,8 @@ class WatchTarget:
     activation: Activation | None = None
     hook: str = "layer"
     unit_dim: int | None = None
+    call: int = 0
+    calls: int = 1
 
 
 def _as_target(target: WatchTarget | tuple[str, nn.Module]) -> WatchTarget:
@@ -144,11 +185,14 @@ def watch_targets(model: nn.Module, model_map: ModelMap | None, modules: ModuleF
     placeholders = set(model_map.placeholders)
     sites: dict[int, list[WatchTarget]] = {}
     for site in model_map.sites:
-        target = WatchTarget(site.name, site.module, site.activation, site.hook, site.layout.unit_dim)
-        sites.setdefault(id(site.module), []).append(target)
+        calls = site.calls if site.hook == "module" else 1  # each call of a reused activation module: its own row
+        for call in range(calls):
+            name = site.name if call == 0 else f"{site.name}@{call + 1}"
+            target = WatchTarget(name, site.module, site.activation, site.hook, site.layout.unit_dim, call, calls)
+            sites.setdefault(id(site.module), []).append(target)
     candidates: list[tuple[str, nn.Module, WatchTarget]] = []
     for name, module in model.named_modules():
-        if not name or name in placeholders:
+        if not name or name in placeholders or _is_scripted(module):
             continue
         own = [t for t in sites.get(id(module), []) if t.hook == "module"]
         if own:
@@ -197,7 +241,7 @@ class ForwardOrder(HookSet):
         self.names = []
         self._seen = set()
         for name, module in self.model.named_modules():
-            if name and next(module.children(), None) is None:
+            if name and next(module.children(), None) is None and not _is_scripted(module):
                 yield module.register_forward_pre_hook(self._record(name))
 
     def _record(self, name: str) -> Callable:

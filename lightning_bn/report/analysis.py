@@ -13,6 +13,7 @@ from typing import Any, overload
 from lightning_bn.tags import (
     ACT_DEAD,
     ACT_NONFINITE,
+    ACT_SAMPLES,
     ACT_SATURATION,
     ACT_STD,
     ACT_TRANSMISSION,
@@ -81,7 +82,9 @@ def analyze(
     With ``layers`` (the run's layers table, see :data:`LAYERS_TAG`) the layers come in its order, the forward order
     of the model, and each output std is compared with that of the first layer of the same module type (a LayerNorm
     with the first LayerNorm, a Linear with the first Linear) or, for activations, of the same activation function;
-    the first layer of each type, which has nothing of its type before it, with the first layer of its kind.
+    the first layer of each module type, which has nothing of its type before it, with the first layer of its kind;
+    the first activation of each function with itself (a BatchNorm + ReLU head after a tiny GELU encoder is not
+    exploding).
     Without it, layers are kept in the order their tags first appear in ``scalars`` (the monitors log in forward or
     module registration order, unlike a natural sort that would put ``decoder`` before ``encoder``) and stds are
     compared within two kinds only: activation outputs and other layers. Either way a layer seen only through its
@@ -95,7 +98,11 @@ def analyze(
     ‖w‖`` after a step from ``w = 0``); or, in a run without parameter figures, when the table says it is a norm
     layer and its output std is exactly 0 at its first logged step. Such a layer is not a reference for the others,
     is judged ``vanishing`` only once its std ratio has reached ``min_std_ratio`` (its small output is by design
-    until it has learned), and its update ratio at that first step (always 1) is not judged.
+    until it has learned), and its update ratio at that first step (always 1) is not judged. A watched activation
+    inside it (a norm-act layer's ``act`` child: timm's ``BatchNormAct2d`` under ``zero_init_last``) shares that
+    grace: not a reference, and neither ``vanishing``, ``saturated`` nor ``dead`` until its std ratio has reached
+    ``min_std_ratio``. ``dead`` is not judged at steps where the units were seen fewer than ``min_dead_samples``
+    times (``act_samples``).
 
     Args:
         scalars: tag -> ``[(step, value)]``, e.g. ``{"act_saturation/net.1": [(0, 0.93)]}``; other tags are ignored.
@@ -132,7 +139,12 @@ def analyze(
     table = _layer_table(layers)
     order = layer_order(activations, layers if table is not None else None, parameters)
     zero_init = {layer for layer in order if _is_zero_init(layer, activations.get(layer, {}), parameters, table)}
-    std_ratios = _std_ratios(order, activations, table, zero_init)
+    # the activation inside a zero-initialized norm-act layer (timm's BatchNormAct2d under zero_init_last: the norm's
+    # weight is 0, its `act` child is watched) outputs f(bias) until the norm has learned: it shares the norm's grace
+    graced = {layer: norm for layer in order if _kind(activations.get(layer, {})) == "activation"
+              for norm in zero_init if layer.startswith(f"{norm}.")}  # fmt: skip
+    std_ratios = _std_ratios(order, activations, table, zero_init | set(graced))
+    woken_by = {norm: layer for layer, norm in graced.items()}  # a norm-act's own output is not watched: its act's is
     grads = {layer: _per_step(parameters.get(layer, {}), _grad_norm) for layer in order}
     weight_norms = {layer: _per_step(parameters.get(layer, {}), _weight_norm) for layer in order}
     # the relative gradient ||g|| / ||w|| of each layer (what moves it, whatever its size), and per step where the
@@ -161,7 +173,7 @@ def analyze(
     quiet_until = max((step for step in woken if step is not None), default=-1)
     gated: dict[str, float] = {}  # layer -> the step from which its gradient is judged
     for closing in zero_init:
-        ratio = std_ratios.get(closing, ({}, None))[0]
+        ratio = std_ratios.get(closing, std_ratios.get(woken_by.get(closing, ""), ({}, None)))[0]
         awake = min((step for step, value in ratio.items() if value >= thresholds.min_std_ratio), default=math.inf)
         block = closing.rpartition(".")[0]
         for layer in order:
@@ -206,6 +218,13 @@ def analyze(
         weights = _per_step(params, _weight_norm)
         ratio, reference = std_ratios.get(layer, ({}, None))
         judged_ratio, judged_update = ratio, update
+        judged_act = act
+        if layer in graced:  # its input is the norm's bias while the norm is 0: neither small nor flat by accident
+            awake = [step for step, value in sorted(ratio.items()) if value >= thresholds.min_std_ratio]
+            judged_ratio = {step: value for step, value in ratio.items() if awake and step >= awake[0]}
+            judged_act = {statistic: {step: v for step, v in series.items() if awake and step >= awake[0]}
+                          if statistic in (ACT_SATURATION, ACT_TRANSMISSION, ACT_DEAD) else series
+                          for statistic, series in act.items()}  # fmt: skip
         if layer in zero_init:
             awake = [step for step, value in sorted(ratio.items()) if value >= thresholds.min_std_ratio]
             judged_ratio = {step: value for step, value in ratio.items() if awake and step >= awake[0]}
@@ -242,7 +261,7 @@ def analyze(
                 worst_nonfinite=_worst(act.get(ACT_NONFINITE)),
                 nonfinite_gradient=any(not math.isfinite(v) for v in grad.values()),
                 flags=_flags(
-                    act,
+                    judged_act,
                     grad,
                     judged_update,
                     ratio,
@@ -265,7 +284,8 @@ def analyze(
             )
         )
     steps = {s for layer in [*activations.values(), *parameters.values()] for s in _steps(layer)}
-    return RunHealth(name, sorted(steps), out, forward_order=table is not None)
+    unwatched = [e["name"] for e in (table or {}).values() if e.get("hook") == "unwatched"]
+    return RunHealth(name, sorted(steps), out, forward_order=table is not None, unwatched=unwatched)
 
 
 def analyze_runs(
@@ -428,6 +448,7 @@ def _flags(
         return f"gradient {rel:.2g} x its weights, {rel / ctx.p10:.2g} x the bottom decile; over depth {ctx.describe()}"
 
     saturation = act.get(ACT_SATURATION, {})
+    samples = act.get(ACT_SAMPLES, {})  # too few observations per unit: "dead" is chance (a run without it: judged)
     transmission = act.get(ACT_TRANSMISSION)
     if transmission:  # the flag rests on the gradient the layer passes back; act_saturation is shown beside it
         saturated = ("saturated", transmission, lambda v, s: v < t.min_transmission,
@@ -438,7 +459,8 @@ def _flags(
                      lambda v: f"saturation {v:.3g} > {saturation_limit:.3g}")  # fmt: skip
     checks: list[tuple[str, Mapping[int, Any], Callable[[Any, int], bool], Callable[[Any], str]]] = [
         saturated,
-        ("dead", act.get(ACT_DEAD, {}), lambda v, s: v > t.max_dead, "dead fraction {:.3g}".format),
+        ("dead", {s: v for s, v in act.get(ACT_DEAD, {}).items() if samples.get(s, math.inf) >= t.min_dead_samples},
+         lambda v, s: v > t.max_dead, "dead fraction {:.3g}".format),
         ("nonfinite", nonfinite, lambda v, s: v > 0, "{:.0f} non-finite activations".format),
         ("nonfinite", grad, lambda v, s: not math.isfinite(v), "gradient norm {}".format),
         ("vanishing", vanishing_ratio, lambda v, s: v < t.min_std_ratio, f"std {{:.3g}} x that of {reference}".format),

@@ -8,7 +8,7 @@ from typing import Any
 
 from .health import ADVICE, RunHealth, Thresholds
 
-__all__ = ["format_markdown", "format_table"]
+__all__ = ["format_markdown", "format_table", "printable"]
 
 #: the note, in the flags column and under the problems, on a layer zero-initialized on purpose (no flag, no failure)
 _ZERO_INIT_NOTE = "zero-init (deliberate)"
@@ -37,14 +37,14 @@ def format_table(runs: list[RunHealth], skipped: list[str], thresholds: Threshol
         shown = run.layers if every_layer else [layer for layer in run.layers if layer.flags]
         lines = [f"run {run.name}: {_steps(run)}"]
         if shown:
-            rows = [_COLUMNS, *(_row(layer) for layer in shown)]
+            rows = [_COLUMNS, *(tuple(map(printable, _row(layer))) for layer in shown)]
             widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
             lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
         if not every_layer:
             lines += _healthy(run, "  ")
-        blocks.append("\n".join([*lines, *_problems(run, "  ")]))
+        blocks.append("\n".join(map(printable, [*lines, *_problems(run, "  ")])))
     if skipped:
-        blocks.append(f"skipped (no lightning-bn scalars): {', '.join(skipped)}")
+        blocks.append(printable(f"skipped (no lightning-bn scalars): {', '.join(skipped)}"))
     return "\n\n".join([*blocks, _legend(thresholds)])
 
 
@@ -58,14 +58,29 @@ def format_markdown(
         shown = run.layers if every_layer else [layer for layer in run.layers if layer.flags]
         header = "| " + " | ".join(_COLUMNS) + " |"
         rule = "|" + "|".join("---" for _ in _COLUMNS) + "|"
-        rows = ["| " + " | ".join(cell.replace("|", "\\|") for cell in _row(layer)) + " |" for layer in shown]
+        cells = [[printable(cell).replace("|", "\\|") for cell in _row(layer)] for layer in shown]
+        rows = ["| " + " | ".join(row) + " |" for row in cells]
         table = [header, rule, *rows, ""] if shown else []
         healthy = [] if every_layer else [*_healthy(run, "- "), ""]
-        blocks.append("\n".join([f"### `{run.name}`", "", _steps(run), "", *table, *healthy]))
-        blocks.append("\n".join(_problems(run, "- ")))
+        blocks.append("\n".join(map(printable, [f"### `{run.name}`", "", _steps(run), "", *table, *healthy])))
+        blocks.append("\n".join(map(printable, _problems(run, "- "))))
     if skipped:
-        blocks.append(f"Skipped (no lightning-bn scalars): {', '.join(f'`{name}`' for name in skipped)}")
+        blocks.append(printable(f"Skipped (no lightning-bn scalars): {', '.join(f'`{name}`' for name in skipped)}"))
     return "\n\n".join([*blocks, _legend(thresholds)])
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on escaped (``\\x1b``, ``\\n``, ``\\u202e``): names read
+    from event files (layers, types, runs) cannot clear the screen, move the cursor or forge a line of the report.
+
+    Example::
+
+        >>> printable("net.1\\x1b[2J\\nrun x: no problems")
+        'net.1\\\\x1b[2J\\\\nrun x: no problems'
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 def _legend(t: Thresholds) -> str:
@@ -128,6 +143,8 @@ def _steps(run: RunHealth) -> str:
     if not run.steps:
         return "no steps"
     order = ", layers in forward order" if run.forward_order else ""
+    if run.unwatched:
+        order += f"; {len(run.unwatched)} activation(s) not watched: {', '.join(run.unwatched)}"
     return (
         f"{len(run.steps)} logged steps ({run.steps[0]}-{run.steps[-1]}), latest figures at step {run.steps[-1]}{order}"
     )

@@ -7,7 +7,7 @@ from typing import Any
 
 from lightning_bn import checks
 
-__all__ = ["ADVICE", "FLAGS", "UNKNOWN_BASELINE", "Flag", "LayerHealth", "RunHealth", "Thresholds"]
+__all__ = ["ADVICE", "FLAGS", "MIN_DEAD_SAMPLES", "UNKNOWN_BASELINE", "Flag", "LayerHealth", "RunHealth", "Thresholds"]
 
 #: Every problem the report can flag, in the order it lists them.
 FLAGS = (
@@ -17,6 +17,11 @@ FLAGS = (
 #: The saturation baseline of a layer whose activation kind is unknown (no layers table, or a table without it):
 #: a ReLU's, the highest of the common kinds, so that no healthy layer is flagged for want of its kind.
 UNKNOWN_BASELINE = 0.5
+
+#: ``dead`` is not judged on fewer observations per unit than this (batch x positions; ``act_samples``): a unit is
+#: "dead" when saturated on every one of them, which a healthy ReLU unit is on one sample half the time, on 16 with
+#: probability 2^-16.
+MIN_DEAD_SAMPLES = 16
 
 #: One line per flag: what usually causes it and what to try. The report prints it under each flagged layer.
 ADVICE: dict[str, str] = {
@@ -62,7 +67,11 @@ class Thresholds:
             the run did not record counts as :data:`UNKNOWN_BASELINE` (0.5).
         max_saturation: an absolute limit for every kind instead (``None``: the per-kind rule above). A sigmoid net
             with N(0, 1) weights reaches ~0.8 (Glorot & Bengio 2010).
-        max_dead: ``dead`` when more than this fraction of the units is saturated on every sample of the batch.
+        max_dead: ``dead`` when more than this fraction of the units is saturated on every sample of the batch ...
+        min_dead_samples: ... judged only at steps where each unit was seen at least this many times (``act_samples``:
+            batch x positions; :data:`MIN_DEAD_SAMPLES`): on one sample "dead" is saturation, ~0.5 for a healthy ReLU
+            (``stop_on="dead"`` stopped healthy runs at batch size 1). Runs logged without ``act_samples`` are judged
+            at every step.
         min_std_ratio: ``vanishing`` when a layer's output std falls below this times the std of the first layer of
             the same type: with the run's layers table, the same module type (a LayerNorm with the first LayerNorm)
             or, for activations, the same activation function (a ReLU with the first ReLU); the first layer of each
@@ -108,6 +117,7 @@ class Thresholds:
     saturation_margin: float = 0.2
     max_saturation: float | None = None
     max_dead: float = 0.5
+    min_dead_samples: int = MIN_DEAD_SAMPLES
     min_std_ratio: float = 0.01
     max_std_ratio: float = 100.0
     max_update_ratio: float = 1.0
@@ -129,6 +139,7 @@ class Thresholds:
                      "max_gradient_decades", "trend_grad_ratio", "max_weight_ratio"):  # fmt: skip
             object.__setattr__(self, name, checks.number(name, getattr(self, name)))
         checks.integer("stalled_steps", self.stalled_steps)
+        checks.integer("min_dead_samples", self.min_dead_samples)
         object.__setattr__(self, "min_loss_improvement", checks.fraction("min_loss_improvement",
                                                                          self.min_loss_improvement))  # fmt: skip
         object.__setattr__(self, "converged_loss", checks.number("converged_loss", self.converged_loss, 0.0,
@@ -237,12 +248,14 @@ class RunHealth:
 
     ``forward_order``: the run logged its layers table, so the layers are in forward order (the order they first
     ran) and each ``std_ratio`` is relative to the first layer of the same module type or activation function.
+    ``unwatched``: activations the monitor found and could not watch (the layers table's ``hook="unwatched"`` rows).
     """
 
     name: str
     steps: list[int]
     layers: list[LayerHealth]
     forward_order: bool = False
+    unwatched: list[str] = field(default_factory=list)
 
     @property
     def zero_init(self) -> list[str]:

@@ -143,6 +143,8 @@ class ActivationSite:
         producer: the layer whose output feeds the activation, when there is one.
         input_std: std of the activation's input on the example input (first call; finite elements).
         saturation: fraction of those inputs where the activation is saturated (``|f'| < 1%`` of its max).
+        calls: how many times an activation module (``hook="module"``) ran in the traced forward pass (a ResNet
+            Bottleneck's one ``relu``: 3, the last after the residual add).
     """
 
     name: str
@@ -155,6 +157,7 @@ class ActivationSite:
     producer: str | None = None
     input_std: float = math.nan
     saturation: float = math.nan
+    calls: int = 1
 
 
 @dataclass

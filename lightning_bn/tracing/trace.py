@@ -214,6 +214,10 @@ class _Tracer:
         """Add a site (a unique name); ``None`` where the same hook already sees this activation."""
         key = (id(site.module), site.hook, site.activation.describe())
         if key in self.site_keys:
+            if site.hook == "module":  # one activation module called again: its calls are counted
+                seen = next((s for s in self.sites if s.module is site.module and s.hook == "module"), None)
+                if seen is not None:
+                    seen.calls += 1
             return None  # the same hook already sees this activation at every call
         self.site_keys.add(key)
         taken = {s.name for s in self.sites}
@@ -544,6 +548,8 @@ def _hooks(model: nn.Module, tracer: _Tracer) -> Iterator[Any]:
             tracer.guarded(tracer.leave, *args)
 
     for module in model.modules():
+        if isinstance(module, torch.jit.ScriptModule):  # no hook can go on it: its call is opaque to the trace
+            continue
         yield module.register_forward_pre_hook(enter, with_kwargs=True)
         yield module.register_forward_hook(leave, with_kwargs=True)
 
