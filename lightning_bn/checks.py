@@ -4,11 +4,15 @@ checked here, so the same value is accepted or rejected with the same message wh
 
 Each check returns the value (normalized: ints stay ints, numbers become floats) or raises ``ValueError`` naming the
 option and the value: ``Expected `max_dead` to be a fraction in [0, 1] but got 5``. Pure Python.
+
+:func:`user_stacklevel` is the one rule for where a warning points: the user's line, not the library's.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Collection
 from typing import Any
 
@@ -19,7 +23,26 @@ __all__ = [
     "integer",
     "number",
     "parse_number",
+    "user_stacklevel",
 ]
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the calling function that names the user's line: 1 (the caller)
+    plus one per frame of lightning-bn or torch above it (a hook inside ``model(x)``, the monitoring engine under
+    ``Monitor``); 1 when every frame is internal."""
+    internal = [_PACKAGE]
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "__file__", None):
+        internal.append(os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(tuple(internal)):
+        frame = frame.f_back
+        level += 1
+    return level if frame is not None else 1
 
 
 def _is_number(value: Any) -> bool:

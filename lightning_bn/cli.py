@@ -26,7 +26,7 @@ from typing import Any
 from lightning_bn import checks
 from lightning_bn.report import FLAGS, RunHealth, Thresholds
 from lightning_bn.report.analysis import analyze_runs
-from lightning_bn.report.formatting import format_markdown, format_table, printable
+from lightning_bn.report.formatting import format_markdown, format_rules, format_table, printable
 from lightning_bn.report.reading import _EVENT_GLOB, DamagedFile, ReportWarning, find_runs, read_layers, read_scalars
 
 try:  # the installed distribution's version (the package root is above this adapter)
@@ -63,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         thresholds = _thresholds(args)
     except ValueError as err:  # the checks of Thresholds: the message a Python caller gets
         parser.error(str(err))
+    if args.rules:
+        print(format_rules(thresholds))
+        return EXIT_OK
+    if args.logdir is None:
+        args.report_parser.error("the following arguments are required: LOGDIR (or --rules)")
     return report(args.logdir, args.format, args.fail_on, thresholds, every_layer=args.all)
 
 
@@ -83,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         "step where each problem first appeared. Layers come in forward order where the run logged its layers "
         "table. Exit status: 0 done, 1 a --fail-on flag was raised, 2 usage error or no lightning-bn logs.",
     )
-    rep.add_argument("logdir", metavar="LOGDIR", type=Path, help="a log directory, e.g. lightning_logs")
+    rep.set_defaults(report_parser=rep)
+    rep.add_argument("logdir", metavar="LOGDIR", type=Path, nargs="?", help="a log directory, e.g. lightning_logs")
     rep.add_argument("--format", choices=("table", "json", "markdown"), default="table", help="default: table")
     rep.add_argument(
         "--fail-on",
@@ -93,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"exit with status 1 when any of these comma-separated flags is raised: {', '.join(FLAGS)}, or all",
     )
     rep.add_argument("--all", action="store_true", help="list every layer, not only the flagged ones")
+    rep.add_argument(
+        "--rules",
+        action="store_true",
+        help="print the rule of every flag with the thresholds in effect (the options below) and exit; no LOGDIR",
+    )
     threshold_options = [
         ("--min-transmission", _number, "saturated below this gradient transmission (mean f'(x)^2 relative to a "
          "healthy N(0, 1) input)"),

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_bn.checks import user_stacklevel
 from lightning_bn.monitoring import ModuleFilter, MonitorEngine, MonitorOptions, is_rank_zero
 from lightning_bn.monitoring.rows import DEFAULT_ZERO_TOL
 from lightning_bn.report.plot import saturation_heatmap
@@ -110,7 +111,7 @@ class Monitor:
     @staticmethod
     def _warn(message: str) -> None:
         if is_rank_zero():
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
     @property
     def figures(self) -> dict[str, deque[tuple[int, float]]]:

@@ -246,7 +246,10 @@ class Report:
                   for r in self.layers if len(r.aliases) > 1]  # fmt: skip
         lines += [f"weight {r.layer}: {r.weight_form}" for r in self.layers if r.weight_form != "plain"]
         lines += [f"not reached {r.layer}: {r.missed}" for r in self.layers if not r.reached]
-        lines += [f"kept {k.layer}: {k.reason}" for k in self.kept]
+        kept: dict[str, list[str]] = {}  # one line per reason, its layers in report order
+        for k in self.kept:
+            kept.setdefault(k.reason, []).append(k.layer)
+        lines += [f"kept ({reason}): {', '.join(layers)}" for reason, layers in kept.items()]
         lines += [f"skipped {s.layer}: {s.reason}" for s in self.skipped]
         lines += [f"- {change}" for change in self.changes]
         lines += [

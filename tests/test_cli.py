@@ -221,11 +221,20 @@ def test_without_fail_on_flags_do_not_fail(logs):
 
 
 def test_thresholds_are_options(logs, capsys):
-    """Lowering --min-transmission / raising --max-dead past what the sigmoid run reaches clears those flags."""
+    """Lowering --min-transmission / raising --max-dead past what the sigmoid run reaches clears those flags, and
+    --rules prints the rules with those thresholds (no LOGDIR needed) where a report prints one short pointer."""
     args = ["report", str(logs / "sigmoid_normal"), "--fail-on", "saturated,dead"]
     assert main(args) == EXIT_FLAGGED
     assert main([*args, "--min-transmission", "0.01", "--max-dead", "0.99"]) == EXIT_OK
-    assert "gradient transmission < 0.01" in capsys.readouterr().out
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last == "rules behind each flag: lightning-bn report --rules"
+    assert main(["report", "--rules", "--min-transmission", "0.01", "--max-dead", "0.99"]) == EXIT_OK
+    rules = capsys.readouterr().out.splitlines()
+    assert "  saturated: gradient transmission < 0.01 of a healthy layer's" in rules[1]
+    assert "  dead: dead fraction > 0.99" in rules
+    with pytest.raises(SystemExit) as exc:
+        main(["report"])
+    assert exc.value.code == 2 and "LOGDIR" in capsys.readouterr().err
 
 
 def test_table_is_aligned_and_says_since_when(logs, capsys):
@@ -251,6 +260,9 @@ def test_markdown_is_a_pipe_table(logs, capsys):
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert table[1].startswith("|---") and len({line.count(" | ") for line in table if "---" not in line}) == 1
     assert "- dead: 4 layers, first at step 0 in net.1 (dead fraction 1)" in out
+    lines = out.splitlines()  # the healthy layers by type: nested bullets under their own bullet
+    folded = lines.index("- healthy layers (13; --all lists them):")
+    assert [line.split(":")[0] for line in lines[folded + 1 : folded + 3]] == ["  - Linear", "  - relu"]
 
 
 def test_unknown_fail_on_name_is_a_usage_error(capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 
 import pytest
@@ -116,6 +117,17 @@ def test_guard_warns_for_train_mode_without_gradients(context):
         net(torch.randn(8, 64))
         net(torch.randn(8, 64))
     assert len(guard_warnings(record)) == 1
+
+
+def test_guard_warning_points_at_the_users_line():
+    """The warning, raised in a hook deep inside ``net(x)``, names this file and the line of the call, not torch's."""
+    net = bn_mlp()
+    with guard(net), torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        net(torch.randn(8, 64))
+    [warning] = [w for w in caught if issubclass(w.category, BatchNormWarning)]
+    assert (warning.filename, warning.lineno) == (__file__, line)
 
 
 def test_guard_silent_in_eval_mode_and_with_gradients():

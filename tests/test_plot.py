@@ -6,6 +6,7 @@ import math
 import re
 import shutil
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_bn import ActivationMonitor, GradientMonitor
-from lightning_bn.report.plot import _select_rows, plot, saturation_heatmap
+from lightning_bn.report.plot import _labels, _select_rows, plot, saturation_heatmap
 from lightning_bn.report.reading import find_runs, read_layers, read_scalars
 from tests.helpers import BoringClassifier, mlp, trainer
 
@@ -220,11 +221,30 @@ def test_plot_picks_a_run(logdir, tmp_path):
     (run,) = find_runs(root)
     for version in ("version_9", "version_10"):
         shutil.copytree(run, tmp_path / "lightning_logs" / version)
-    assert "version_10" in plot(tmp_path)._suptitle.get_text()  # the newest, in natural order
-    assert "version_9" in plot(tmp_path, run="lightning_logs/version_9")._suptitle.get_text()
+    with pytest.warns(UserWarning, match=r"holds 2 runs; plotting 'lightning_logs/version_10'") as record:
+        fig = plot(tmp_path)
+    assert "version_10" in fig._suptitle.get_text()  # the last, in natural order
+    assert "run=" in str(record[0].message) and "'lightning_logs/version_9'" in str(record[0].message)
+    assert record[0].filename == __file__  # pointed at the caller of plot
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a named run, or a single one: no warning
+        assert "version_9" in plot(tmp_path, run="lightning_logs/version_9")._suptitle.get_text()
+        assert "version_9" in plot(tmp_path, run="version_9")._suptitle.get_text()  # by its own name
+        assert "version_0" in plot(root)._suptitle.get_text()
     with pytest.raises(ValueError, match="lightning_logs/version_10") as error:
         plot(tmp_path, run="version_3")
-    assert "version_3" in str(error.value) and "lightning_logs/version_9" in str(error.value)
+    assert "'version_3'" in str(error.value) and "lightning_logs/version_9" in str(error.value)
+
+
+def test_plot_run_by_its_own_name_must_be_unique(logdir, tmp_path):
+    root, _ = logdir
+    (run,) = find_runs(root)
+    for parent in ("a", "b"):
+        shutil.copytree(run, tmp_path / parent / "version_0")
+    with pytest.raises(ValueError, match=r"No run 'version_0' under .*available runs: a/version_0, b/version_0"):
+        plot(tmp_path, run="version_0")
+    assert "b/version_0" in plot(tmp_path, run="b/version_0")._suptitle.get_text()
+    assert "b/version_0" in plot(tmp_path, "b/version_0", heatmap=False)._suptitle.get_text()  # positional, as before
 
 
 def test_plot_explains_a_directory_without_monitor_scalars(tmp_path):
@@ -275,3 +295,104 @@ def test_plot_and_report_list_layers_in_the_same_order(tmp_path):
         fig = plot(source)
         drawn = fig.axes[0].get_legend_handles_labels()[1]
         assert [name for name in report if name in drawn] == drawn == forward
+
+
+# --- long layer names, zeros on log axes ---
+
+BERT_GELU = [f"bert.bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(6)]
+
+
+def _assert_keeps_blocks(labels: list[str], limit: int) -> None:
+    assert len(set(labels)) == len(labels) == 6
+    for i, label in enumerate(labels):
+        assert f"layer.{i}.intermediate.intermediate_act_fn" in label, label
+        assert len(label) <= limit
+        assert "…" not in label[1:]  # cut from the left, if at all, never in the middle
+
+
+def test_long_names_lose_their_common_prefix_not_their_block_numbers():
+    labels, prefix = _labels(BERT_GELU, ["gelu"] * 6)
+    assert prefix == "bert.bert.encoder."  # not "...layer.": the word before a block number stays
+    assert labels == [f"layer.{i}.intermediate.intermediate_act_fn (gelu)" for i in range(6)]
+    _assert_keeps_blocks(labels, 48)
+    # with other rows the common prefix is short: the long names are cut from the left, keeping their end
+    labels, prefix = _labels(
+        [*BERT_GELU, "bert.bert.embeddings.LayerNorm", "bert.classifier"], ["gelu"] * 6 + [None] * 2
+    )
+    assert prefix == "bert."
+    assert labels[0] == "…layer.0.intermediate.intermediate_act_fn (gelu)" and len(labels[0]) == 48
+    assert labels[6:] == ["bert.embeddings.LayerNorm", "classifier"]
+    _assert_keeps_blocks(labels[:6], 48)
+    # short names stay whole, prefix and all
+    assert _labels(["net.1", "net.3"], ["tanh", None]) == (["net.1 (tanh)", "net.3"], "")
+    assert _labels(["x" * 60])[0] == ["…" + "x" * 47]
+
+
+def test_heatmap_image_labels_keep_block_numbers(monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn: list[list[str]] = []
+    set_yticks = Axes.set_yticks
+
+    def record(self, ticks, labels=None, **kwargs):
+        if labels is not None:
+            drawn.append([str(label) for label in labels])
+        return set_yticks(self, ticks, labels, **kwargs)
+
+    monkeypatch.setattr(Axes, "set_yticks", record)
+    image = saturation_heatmap(np.linspace(0, 1, 12).reshape(6, 2), [0, 10], BERT_GELU, ["gelu"] * 6)
+    assert image.shape[2] == 3
+    (labels,) = drawn
+    _assert_keeps_blocks(labels, 48)
+    assert labels[5] == "layer.5.intermediate.intermediate_act_fn (gelu)"
+
+
+def test_plot_labels_keep_block_numbers_in_legend_and_heatmap():
+    scalars = {
+        f"act_{statistic}/{name}": [(0, 0.5), (10, 0.25)] for name in BERT_GELU for statistic in ("std", "saturation")
+    }
+    fig = plot(scalars)
+    for ax in fig.axes[:2]:
+        handles, labels = ax.get_legend_handles_labels()
+        _assert_keeps_blocks(labels, 40)
+        assert ax.get_legend().get_title().get_text() == "bert.bert.encoder.…"
+    heat = fig.axes[3]
+    _assert_keeps_blocks([tick.get_text() for tick in heat.get_yticklabels()], 48)
+    assert "bert.bert.encoder." in heat.get_title()
+
+
+def test_plot_shows_zeros_on_log_axes_at_the_bottom():
+    scalars = {
+        "act_std/net.0": [(0, 1.0), (10, 0.0), (20, 0.5)],  # dead at step 10
+        "act_std/net.1": [(0, 0.2), (10, 0.1), (20, 0.05)],
+        "grad_norm/net.0.weight": [(0, 0.3), (10, 0.0), (20, 0.0)],
+        "grad_norm/net.1.weight": [(0, 0.02), (10, 0.01), (20, 0.01)],
+    }
+    fig = plot(scalars)
+    std_ax, _, grad_ax = fig.axes[:3]
+    for ax, name, steps, smallest in ((std_ax, "net.0", [10], 0.05), (grad_ax, "net.0", [10, 20], 0.01)):
+        assert ax.get_yscale() == "log"
+        (zero,) = [line for line in ax.lines if line.get_gid() == f"zero:{name}"]
+        bottom = ax.get_ylim()[0]
+        assert list(zero.get_xdata()) == steps
+        assert list(zero.get_ydata()) == [bottom] * len(steps)
+        assert 0 < bottom < smallest and zero.get_marker() == "v" and not zero.get_clip_on()
+        legend = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert legend == ["net.0", "net.1", "0 (at the axis bottom)"]
+    # the layer's own line still holds the true values (0 included), and the colour matches the marker's
+    (line,) = [line for line in std_ax.lines if line.get_label() == "net.0"]
+    assert list(line.get_ydata()) == [1.0, 0.0, 0.5]
+    (zero,) = [line for line in std_ax.lines if line.get_gid() == "zero:net.0"]
+    assert zero.get_color() == line.get_color()
+    # without zeros there is no marker and no legend entry for it
+    clean = plot({"act_std/net.1": scalars["act_std/net.1"]})
+    assert [t.get_text() for t in clean.axes[0].get_legend().get_texts()] == ["net.1"]
+    assert not [line for line in clean.axes[0].lines if line.get_gid()]
+
+
+def test_plot_shows_zeros_with_many_layers_too():
+    scalars = {f"act_std/net.{i}": [(0, 1.0 + i), (10, 0.0 if i == 7 else 0.5)] for i in range(20)}
+    ax = plot(scalars).axes[0]
+    (zero,) = [line for line in ax.lines if line.get_gid() == "zero:net.7"]
+    assert list(zero.get_xdata()) == [10] and list(zero.get_ydata()) == [ax.get_ylim()[0]]
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["0 (at the axis bottom)"]

@@ -341,3 +341,26 @@ def test_core_imports_without_lightning(tmp_path):
     assert proc.stdout.split() == ["callbacks", "need", "lightning", "ok"]
 
 
+def test_printed_model_map_is_a_short_table():
+    """print(model_map): one aligned row per layer (type, activation and how it was found, output shape, the norm
+    after it, residual branch or not) and a closing count of the sites, instead of the dataclass dump."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn, self.fc2 = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.fc2(F.gelu(self.bn(self.fc1(x))))
+
+    model_map = trace_model(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), Block(), nn.Linear(8, 2)), torch.randn(5, 4))
+    lines = str(model_map).splitlines()
+    assert [line.split() for line in lines[:5]] == [
+        ["layer", "type", "activation", "(how)", "output", "shape", "norm", "after", "residual"],
+        ["0", "Linear", "tanh", "(module)", "5x8", "-", "-"],
+        ["2.fc1", "Linear", "gelu(approximate=none)", "(function)", "5x8", "2.bn", "-"],
+        ["2.fc2", "Linear", "identity", "(none)", "5x8", "-", "yes"],
+        ["3", "Linear", "identity", "(output)", "5x2", "-", "-"],
+    ]
+    assert len({line.index(line.split()[1]) for line in lines[:5]}) == 1  # aligned columns
+    assert lines[5:] == ["2 activation site(s); describe() lists them"]

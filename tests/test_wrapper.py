@@ -125,8 +125,8 @@ def _rebuild(data: dict) -> Report:
 
 def test_report_prints_a_table_and_converts_to_a_dict():
     """Each table row holds the layer's own name, type, shape, activation, scheme, gain and its output std before ->
-    after as measured here (3 significant digits); kept, skipped, inserted and renamed lines follow; to_dict holds the
-    same values and rebuilds an equal Report with the same table."""
+    after as measured here (3 significant digits); kept (one line per reason), skipped, inserted and renamed lines
+    follow; to_dict holds the same values and rebuilds an equal Report with the same table."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
     nn.init.zeros_(net[5].weight)  # a deliberate zero init: kept
@@ -148,7 +148,7 @@ def test_report_prints_a_table_and_converts_to_a_dict():
     ]
     assert len(report.kept) == 1 and report.changes
     assert lines[3:] == [
-        f"kept 5: {report.kept[0].reason}",
+        f"kept ({report.kept[0].reason}): 5",
         "skipped 2: override 'skip'",
         *(f"- {change}" for change in report.changes),
     ]

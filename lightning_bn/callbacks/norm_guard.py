@@ -62,7 +62,8 @@ class BatchNormGuard(Callback):
       running statistics (or ``num_batches_tracked``) changed by the loop — evaluation data leaked into them.
       With ``strict=True`` these raise ``RuntimeError`` instead.
     - ``check_batch_size``: during the first ``check_steps`` training steps, a BatchNorm that normalizes fewer than
-      ``min_values_per_channel`` values per channel (batch × spatial) on this device; suggests GroupNorm/LayerNorm,
+      ``min_values_per_channel`` samples on this device (N, also for ``(N, C, H, W)``: not N·H·W; for ``(N, C)``
+      features the values per channel, also N); suggests GroupNorm/LayerNorm,
       or SyncBatchNorm with the global figure under DDP (Wu & He 2018).
     - ``check_calibration``: when evaluation starts (not the sanity check), running statistics never estimated.
     - ``check_init``: at fit start, :func:`~lightning_bn.guards.init_mismatches` on ``example_input_array`` (one

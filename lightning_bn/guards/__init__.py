@@ -5,7 +5,7 @@
   :func:`changed_running_stats`), and :func:`guard`, which warns live when a BatchNorm in training mode runs under
   ``torch.no_grad()`` / ``torch.inference_mode()`` (the forgotten ``model.eval()``).
 - *tiny batches* (:mod:`~lightning_bn.guards.batch_size`): :class:`BatchSizeRecorder` + :func:`small_batch_norms`
-  (values per channel = batch × spatial).
+  (samples per device: N of ``(N, C)`` and of ``(N, C, *spatial)``, not N × spatial).
 - *uncalibrated running statistics* (:mod:`~lightning_bn.guards.calibration`): :func:`uncalibrated_norms`.
 - *init mismatch* (:mod:`~lightning_bn.guards.init_check`): :func:`init_mismatches` (weight scale vs. what the
   activation needs, and the consequence in one forward and one backward pass: inf/NaN, gradients that explode or

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_bn.checks import user_stacklevel
 from lightning_bn.guards._common import BatchNormWarning, _names, running_stat_norms
 from lightning_bn.tracing import HookSet, is_calibrating
 
@@ -121,7 +122,7 @@ class EvalModeGuard(HookSet):
         else:
             where = "under torch.no_grad()" if not torch.is_grad_enabled() else "inside guard(expect_eval=True)"
         names = [n for n, m in self._norms if m.training]
-        warnings.warn(train_mode_message(names, where), BatchNormWarning, stacklevel=3)
+        warnings.warn(train_mode_message(names, where), BatchNormWarning, stacklevel=user_stacklevel())
 
     @property
     def active(self) -> bool:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_bn import checks
+from lightning_bn.checks import user_stacklevel
 from lightning_bn.monitoring.activation import ActivationProbe, layer_entry
 from lightning_bn.monitoring.gradients import GradientProbe, dense_values, local
 from lightning_bn.monitoring.rows import BACKENDS, COMPILE_SECONDS, DEFAULT_ZERO_TOL
@@ -195,7 +196,7 @@ class MonitorEngine:
             raise ValueError(f"Expected `options` to be a MonitorOptions but got {options!r}")
         self.options = options
         self.owner = owner
-        self._warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
+        self._warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel()))
         self._info = info or (lambda message: None)
         #: every figure logged: tag -> the latest :data:`HISTORY` ``(step, value)`` pairs
         self.figures: dict[str, deque[tuple[int, float]]] = {}

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_bn.activations import Activation
+from lightning_bn.checks import user_stacklevel
 
 __all__ = [
     "BACKENDS",
@@ -453,7 +454,7 @@ def fused_row(
                 f"lightning-bn: compiling the fused summary failed ({type(err).__name__}: {err}); using the eager "
                 "path (same figures, slower). Set LIGHTNING_BN_FUSED=eager to skip the attempt.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
     return _summary(*args)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .health import ADVICE, RunHealth, Thresholds
 
-__all__ = ["format_markdown", "format_table", "printable"]
+__all__ = ["RULES_POINTER", "format_markdown", "format_rules", "format_table", "printable"]
 
 #: the note, in the flags column and under the problems, on a layer zero-initialized on purpose (no flag, no failure)
 _ZERO_INIT_NOTE = "zero-init (deliberate)"
@@ -41,11 +41,11 @@ def format_table(runs: list[RunHealth], skipped: list[str], thresholds: Threshol
             widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
             lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
         if not every_layer:
-            lines += _healthy(run, "  ")
+            lines += _healthy(run, "  ", "    ")
         blocks.append("\n".join(map(printable, [*lines, *_problems(run, "  ")])))
     if skipped:
         blocks.append(printable(f"skipped (no lightning-bn scalars): {', '.join(skipped)}"))
-    return "\n\n".join([*blocks, _legend(thresholds)])
+    return "\n\n".join([*blocks, RULES_POINTER])
 
 
 def format_markdown(
@@ -61,12 +61,12 @@ def format_markdown(
         cells = [[printable(cell).replace("|", "\\|") for cell in _row(layer)] for layer in shown]
         rows = ["| " + " | ".join(row) + " |" for row in cells]
         table = [header, rule, *rows, ""] if shown else []
-        healthy = [] if every_layer else [*_healthy(run, "- "), ""]
+        healthy = [] if every_layer else [*_healthy(run, "- ", "  - "), ""]
         blocks.append("\n".join(map(printable, [f"### `{run.name}`", "", _steps(run), "", *table, *healthy])))
         blocks.append("\n".join(map(printable, _problems(run, "- "))))
     if skipped:
         blocks.append(printable(f"Skipped (no lightning-bn scalars): {', '.join(f'`{name}`' for name in skipped)}"))
-    return "\n\n".join([*blocks, _legend(thresholds)])
+    return "\n\n".join([*blocks, RULES_POINTER])
 
 
 def printable(text: str) -> str:
@@ -83,29 +83,47 @@ def printable(text: str) -> str:
     return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
-def _legend(t: Thresholds) -> str:
+#: the one line after every report (``format_rules`` / ``lightning-bn report --rules`` prints the rules themselves)
+RULES_POINTER = "rules behind each flag: lightning-bn report --rules"
+
+
+def format_rules(t: Thresholds) -> str:
+    """The rules of every flag with the thresholds ``t``, one line per flag (``lightning-bn report --rules``).
+
+    Example::
+
+        >>> print(format_rules(Thresholds()).splitlines()[2])
+          dead: dead fraction > 0.5
+    """
     saturation = (
         f"saturation > {t.max_saturation:g}"
         if t.max_saturation is not None
         else f"saturation > the kind's healthy saturation at a N(0, 1) input + {t.saturation_margin:g}"
     )
-    return (
-        f"rules: saturated (gradient transmission < {t.min_transmission:g} of a healthy layer's; in runs without "
-        f"it, {saturation}), dead (dead fraction > {t.max_dead:g}), nonfinite (inf/NaN activation or "
-        f"gradient), vanishing / exploding (std/first < {t.min_std_ratio:g} / > {t.max_std_ratio:g}; first = the "
-        "first layer of the same type), exploding (update ratio > "
-        f"{t.max_update_ratio:g}), vanishing_gradient (||g||/||w|| < {t.min_grad_ratio:g} x the median "
-        f"layer's, a gradient of 0 with non-zero weights, or over {t.max_gradient_decades:g} decades of "
-        f"||g||/||w|| along depth: < {t.trend_grad_ratio:g} x the top decile), exploding_gradient (the same, growing "
-        f"towards the input), stalled (update ratio < {t.min_update_ratio:g} for {t.stalled_steps} logged steps in a "
-        f"row while the loss does not improve by {t.min_loss_improvement:g} and stays above {t.converged_loss:g}); "
-        f"{_ZERO_INIT_NOTE}: weights (or a norm's output) exactly 0 at the first logged step, not flagged vanishing "
-        f"until std/first reaches {t.min_std_ratio:g}"
+    return "\n".join(
+        [
+            "rules (each threshold is an option of lightning-bn report, a field of lightning_bn.report.Thresholds):",
+            f"  saturated: gradient transmission < {t.min_transmission:g} of a healthy layer's; in runs without "
+            f"it, {saturation}",
+            f"  dead: dead fraction > {t.max_dead:g}",
+            "  nonfinite: inf/NaN activation or gradient",
+            f"  vanishing / exploding: std/first < {t.min_std_ratio:g} / > {t.max_std_ratio:g} (first = the first "
+            f"layer of the same type); exploding also: update ratio > {t.max_update_ratio:g}",
+            f"  vanishing_gradient: ||g||/||w|| < {t.min_grad_ratio:g} x the median layer's, a gradient of 0 with "
+            f"non-zero weights, or over {t.max_gradient_decades:g} decades of ||g||/||w|| along depth: "
+            f"< {t.trend_grad_ratio:g} x the top decile",
+            "  exploding_gradient: the same depth rule, growing towards the input",
+            f"  stalled: update ratio < {t.min_update_ratio:g} for {t.stalled_steps} logged steps in a row while the "
+            f"loss does not improve by {t.min_loss_improvement:g} and stays above {t.converged_loss:g}",
+            f"  {_ZERO_INIT_NOTE} (no flag): weights (or a norm's output) exactly 0 at the first logged step, not "
+            f"flagged vanishing until std/first reaches {t.min_std_ratio:g}",
+        ]
     )
 
 
-def _healthy(run: RunHealth, bullet: str) -> list[str]:
-    """One line per layer type of the layers without flags: how many, and the range of their latest figures."""
+def _healthy(run: RunHealth, bullet: str, nested: str) -> list[str]:
+    """One line per layer type of the layers without flags (each under ``nested``, a Markdown sub-item where
+    ``bullet`` is one): how many, and the range of their latest figures."""
     groups: dict[str, list[Any]] = {}
     for layer in run.layers:
         if not layer.flags:
@@ -127,7 +145,7 @@ def _healthy(run: RunHealth, bullet: str) -> list[str]:
             if any(getattr(layer, attribute) is not None for layer in layers)
         ]
         count = f"{len(layers)} layer{'s' * (len(layers) != 1)}"
-        lines.append(f"{bullet}  {layer_type}: {count}" + (f", {', '.join(figures)}" if figures else ""))
+        lines.append(f"{nested}{layer_type}: {count}" + (f", {', '.join(figures)}" if figures else ""))
     return lines
 
 

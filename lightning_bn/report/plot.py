@@ -12,6 +12,7 @@ is left open, and they may run in any thread. matplotlib is imported when they a
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ _MIN_WIDTH_IN, _MAX_WIDTH_IN, _CELL_IN = 4.0, 10.0, 0.12
 _MAX_LABEL = 48
 #: line plots get a legend up to this many lines, a depth colorbar beyond
 _MAX_LEGEND = 12
+_MAX_LEGEND_LABEL = 40
 _DEPTH_CMAP = "plasma"
 _HEAT_CMAP = "viridis"
 
@@ -86,15 +88,61 @@ def _select_rows(grid: np.ndarray, max_layers: int) -> np.ndarray:
 
 
 def _shorten(label: str, limit: int = _MAX_LABEL) -> str:
+    """``label`` cut from the left to at most ``limit`` characters, keeping its end (where a layer name holds its
+    block number and its kind), from a dot on where one is near the cut; never cut in the middle.
+
+    Example::
+
+        >>> _shorten("bert.encoder.layer.11.intermediate.act (gelu)", 36)
+        '…layer.11.intermediate.act (gelu)'
+    """
     if len(label) <= limit:
         return label
-    keep = limit - 1
-    return label[: keep // 2] + "…" + label[len(label) - (keep - keep // 2) :]
+    start = len(label) - (limit - 1)
+    tail = label[start:]
+    dot = tail.find(".")
+    # start at the next component when the cut falls inside one, unless that would leave a bare block number
+    if label[start - 1] != "." and 0 <= dot < len(tail) // 3 and not tail[dot + 1 :].split(".")[0].isdigit():
+        tail = tail[dot + 1 :]
+    return "…" + tail
 
 
-def _row_labels(layers: Sequence[str], kinds: Sequence[str | None] | None) -> list[str]:
-    kinds = kinds if kinds is not None else [None] * len(layers)
-    return [_shorten(f"{name} ({kind})" if kind else str(name)) for name, kind in zip(layers, kinds)]
+def _common_prefix(names: Sequence[str]) -> str:
+    """The leading dotted components shared by all ``names`` (at least two), never a whole name, and never the
+    component before a block number (``layer`` of ``layer.0``, which says what the number counts).
+
+    Example::
+
+        >>> _common_prefix(["bert.encoder.layer.0.act", "bert.encoder.layer.1.act"])
+        'bert.encoder.'
+    """
+    if len(names) < 2:
+        return ""
+    parts = [str(name).split(".") for name in names]
+    count = 0
+    while count < min(len(p) for p in parts) - 1 and len({p[count] for p in parts}) == 1:
+        count += 1
+    while count and any(p[count].isdigit() for p in parts):
+        count -= 1
+    return ".".join(parts[0][:count]) + "." if count else ""
+
+
+def _labels(
+    names: Sequence[str], kinds: Sequence[str | None] | None = None, limit: int = _MAX_LABEL
+) -> tuple[list[str], str]:
+    """Labels for ``names`` (with ``" (<kind>)"``) and the prefix they leave out: all in full when they fit in
+    ``limit`` characters, else without the prefix common to all of them and, if still too long, cut from the left
+    (:func:`_shorten`), so the block numbers stay and the labels stay distinct."""
+    kinds = kinds if kinds is not None else [None] * len(names)
+
+    def label(name: str, kind: str | None) -> str:
+        return f"{name} ({kind})" if kind else str(name)
+
+    full = [label(name, kind) for name, kind in zip(names, kinds)]
+    if all(len(text) <= limit for text in full):
+        return full, ""
+    prefix = _common_prefix(names)
+    return [_shorten(label(str(name)[len(prefix) :], kind), limit) for name, kind in zip(names, kinds)], prefix
 
 
 def _step_ticks(steps: Sequence[int], width_in: float) -> list[int]:
@@ -168,7 +216,7 @@ def saturation_heatmap(
     total = len(layers)
     rows = _select_rows(grid, max_layers) if total else np.arange(0)
     grid = grid[rows]
-    labels = _row_labels([layers[i] for i in rows], None if kinds is None else [kinds[i] for i in rows])
+    labels, prefix = _labels([layers[i] for i in rows], None if kinds is None else [kinds[i] for i in rows])
 
     width_in = min(max(_CELL_IN * len(steps), _MIN_WIDTH_IN), _MAX_WIDTH_IN)
     height_in = max(len(rows), _MIN_ROWS) * _ROW_PX / _DPI
@@ -200,6 +248,8 @@ def saturation_heatmap(
     title = "Saturated fraction per layer"
     if len(rows) < total:
         title += f"\n(top {len(rows)} of {total} layers by saturation)"
+    if prefix:
+        title += f"\n(names after {prefix}…)"
     ax.set_title(title, fontsize=10)
     colorbar = fig.colorbar(image, cax=cax)
     colorbar.set_label("saturated fraction", fontsize=8)
@@ -249,10 +299,20 @@ def _load(source: str | Path | Mapping[str, Any], run: str | None) -> tuple[dict
     ordered = sorted(names, key=natural_key)  # version_10 after version_9
     if run is None:
         name = ordered[-1]
+        if len(ordered) > 1:
+            warnings.warn(
+                f"{path} holds {len(ordered)} runs; plotting {name!r}, the last in natural order (pass `run=` to pick"
+                f" another: {', '.join(repr(n) for n in ordered)})",
+                stacklevel=3,
+            )
     else:
-        name = Path(run).as_posix() if run not in names else run
+        name = str(run) if str(run) in names else Path(run).as_posix()
+        if name not in names:  # a run's own directory name, e.g. "version_1", when only one run has it
+            matches = [n for n in ordered if n.rpartition("/")[2] == name]
+            if len(matches) == 1:
+                name = matches[0]
         if name not in names:
-            raise ValueError(f"No run {run!r} under {path}; available runs: {', '.join(ordered)}")
+            raise ValueError(f"No run {str(run)!r} under {path}; available runs: {', '.join(ordered)}")
     run_dir = names[name]
     scalars, layers = read_run(run_dir)
     if not scalars:
@@ -295,13 +355,18 @@ def _draw_lines(
     log: bool,
 ) -> None:
     """One line per name of ``order``, coloured by its ``depth`` (its place among all the run's layers, so a layer
-    has the same colour in every panel); a legend for a few lines, a depth colorbar for many."""
+    has the same colour in every panel); a legend for a few lines, a depth colorbar for many.
+
+    With ``log``, a value of 0 (or below), which a log axis cannot show, is drawn as a ``v`` marker at the bottom of
+    the axis (an extra line with the gid ``"zero:<name>"``), and the legend says so."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
 
     cmap = _depth_colormap()
     norm = Normalize(0, max(len(depth) - 1, 1))
-    for name in order:
+    labels, prefix = _labels(order, limit=_MAX_LEGEND_LABEL)
+    for name, label in zip(order, labels):
         points = sorted(series[name])
         ax.plot(
             [s for s, _ in points],
@@ -310,18 +375,36 @@ def _draw_lines(
             lw=1.2,
             marker=".",
             ms=3,
-            label=_shorten(name, 32),
+            label=label,
         )
+    positive = [v for name in order for _, v in series[name] if math.isfinite(v) and v > 0]
+    zeros = {name: [s for s, v in sorted(series[name]) if math.isfinite(v) and v <= 0] for name in order}
+    zeros = {name: steps for name, steps in zeros.items() if steps}
+    log = log and bool(positive)
+    if log:
+        ax.set_yscale("log", nonpositive="mask")
+    handles, texts = ax.get_legend_handles_labels()
+    if log and zeros:
+        floor = 10.0 ** (math.floor(math.log10(min(positive))) - 1)
+        for name, steps in zeros.items():
+            (marker,) = ax.plot(steps, [floor] * len(steps), linestyle="none", marker="v", ms=5,
+                                color=cmap(norm(depth[name])), clip_on=False, label="_zero")  # fmt: skip
+            marker.set_gid(f"zero:{name}")
+        ax.set_ylim(bottom=floor)
+        handles.append(Line2D([], [], linestyle="none", marker="v", ms=5, color="0.3"))
+        texts.append("0 (at the axis bottom)")
+    legend = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 7, "frameon": False,
+              "borderaxespad": 0.0}  # fmt: skip
     if not order:
         ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="0.5")
     elif len(order) <= _MAX_LEGEND:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False, borderaxespad=0.0)
+        ax.legend(handles, texts, title=f"{prefix}…" if prefix else None, title_fontsize=7, **legend)
     else:
         colorbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=ax.inset_axes((1.02, 0.0, 0.015, 1.0)))
         colorbar.set_label("depth (layer index)", fontsize=7)
         colorbar.ax.tick_params(labelsize=7)
-    if log and any(math.isfinite(v) and v > 0 for name in order for _, v in series[name]):
-        ax.set_yscale("log", nonpositive="mask")
+        if len(handles) > len(order):  # only the zero marker: its own small legend, left of the colorbar
+            ax.legend(handles[len(order) :], texts[len(order) :], loc="lower left", fontsize=7, frameon=False)
     ax.grid(True, which="major", alpha=0.3)
     ax.tick_params(labelsize=8)
 
@@ -336,13 +419,18 @@ def plot(
     every activation (0 to 1), and the gradient norm of every module with parameters (its parameters' norms combined,
     ``sqrt(sum of squares)``; log scale); then, with ``heatmap``, the saturation heatmap (layers x steps). Layers go in
     forward order where the run has the layers table, else in the order of their tags, coloured by depth (dark = first);
-    a legend names them up to 12 lines, a depth colorbar stands in for it beyond.
+    a legend names them up to 12 lines, a depth colorbar stands in for it beyond. On the log axes a value of 0 (a dead
+    layer) is drawn as a ``v`` marker at the bottom of the axis, as the legend says. Long layer names lose the prefix
+    common to all of them (the legend title or the heatmap title names it), then, if still too long, their start, so
+    the end (the block number, the kind) stays.
 
     Args:
         source: a log directory written with the monitors and a ``TensorBoardLogger`` (it may hold several runs, e.g.
             ``lightning_logs/version_*``), or the scalars themselves, ``{tag: [(step, value)]}``.
-        run: which run under ``source``, by its path relative to it (e.g. ``"lightning_logs/version_1"``); by
-            default the last one (the newest version).
+        run: which run under ``source``, by its path relative to it (e.g. ``"lightning_logs/version_1"``) or, when
+            no other run has it, by its own directory name (``"version_1"``); by default the last one in natural
+            order of those paths (``version_10`` after ``version_9``), with a warning naming it when there are
+            several. The figure's title names the run drawn.
         heatmap: add the saturation heatmap as a fourth panel (when any activation's saturation was logged).
 
     Returns:
@@ -352,7 +440,11 @@ def plot(
     Raises:
         ImportError: matplotlib is not installed.
         FileNotFoundError: ``source`` does not exist or holds no event files.
-        ValueError: ``run`` is not one of the runs under ``source``, or the run holds no lightning-bn scalars.
+        ValueError: ``run`` is not one of the runs under ``source`` (the message lists them), or the run holds no
+            lightning-bn scalars.
+
+    Warns:
+        UserWarning: ``source`` holds several runs and ``run`` is not given: it names the run drawn.
 
     Example::
 
@@ -427,7 +519,7 @@ def _draw_heatmap(
     rows = _select_rows(grid, 32)
     entries = {entry["name"]: entry for entry in table or []}
     kinds = [entries.get(order[i], {}).get("activation") or entries.get(order[i], {}).get("module_type") for i in rows]
-    labels = _row_labels([order[i] for i in rows], kinds)
+    labels, prefix = _labels([order[i] for i in rows], kinds)
     points = np.asarray(steps, dtype=np.float64)
     gaps = np.diff(points) if len(points) > 1 else np.array([1.0])
     edges = np.concatenate([[points[0] - gaps[0] / 2], (points[:-1] + points[1:]) / 2, [points[-1] + gaps[-1] / 2]])
@@ -440,6 +532,8 @@ def _draw_heatmap(
     title = "Saturation heatmap"
     if len(rows) < len(order):
         title += f" (top {len(rows)} of {len(order)} layers by saturation)"
+    if prefix:
+        title += f" (names after {prefix}…)"
     ax.set_title(title, fontsize=10)
     ax.tick_params(labelsize=8, length=2)
     colorbar = fig.colorbar(mesh, cax=ax.inset_axes((1.02, 0.0, 0.015, 1.0)))

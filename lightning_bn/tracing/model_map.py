@@ -244,6 +244,39 @@ class ModelMap:
             list(dict.fromkeys(self.functional + other.functional)),
         )
 
+    def __str__(self) -> str:
+        """A table, one row per layer in execution order (``describe()`` has every site and detail), then one line
+        counting the activations found and naming what no hook can see.
+
+        Example::
+
+            >>> import torch
+            >>> from lightning_bn.tracing import trace_model
+            >>> print(trace_model(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)), torch.randn(3, 2)))
+            layer  type    activation (how)   output shape  norm after  residual
+            0      Linear  relu (module)      3x4           -           -
+            2      Linear  identity (output)  3x1           -           -
+            1 activation site(s); describe() lists them
+        """
+        header = ("layer", "type", "activation (how)", "output shape", "norm after", "residual")
+        rows = [
+            (
+                name,
+                type(t.module).__name__,
+                f"{t.activation.describe()} ({t.how})",
+                "x".join(map(str, t.output_shape)) or "scalar",
+                t.norm_after or "-",
+                "yes" if t.residual else "-",
+            )
+            for name, t in self.layers.items()
+        ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+        lines.append(f"{len(self.sites)} activation site(s); describe() lists them")
+        if self.unwatchable:
+            lines[-1] += f"; not watchable: {', '.join(name for name, _ in self.unwatchable)}"
+        return "\n".join(lines)
+
     def describe(self) -> str:
         """One line per layer and per site: a readable dump for debugging a detection."""
         lines = [
