@@ -201,7 +201,7 @@ def event_tags(logdir) -> dict[str, list[str]]:
     return tags
 
 
-def run_ddp_script(name: str, *args: str, timeout: int = 240) -> None:
+def run_ddp_script(name: str, *args: str, timeout: int = 600) -> None:
     """Run ``tests/ddp_scripts/<name>`` as its own program: Lightning's ``strategy="ddp"`` re-launches that script
     for rank 1, which is why DDP tests cannot run inside the pytest process itself."""
     import os

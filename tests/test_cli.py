@@ -85,7 +85,7 @@ def report(logs) -> dict:
         [sys.executable, "-m", "lightning_bn.cli", "report", str(logs), "--format", "json", "--fail-on", "all"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == EXIT_FLAGGED, proc.stderr
     assert "failing on saturated, dead, nonfinite, vanishing" in proc.stderr

@@ -45,7 +45,7 @@ def test_api_reference_builds(tmp_path):
         [sys.executable, str(DOCS / "build_api.py"), "--check", "--output", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     index = (tmp_path / "index.html").read_text(encoding="utf-8")

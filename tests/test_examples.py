@@ -21,7 +21,7 @@ def run_example(name: str, out: Path) -> dict:
         [sys.executable, str(EXAMPLES / f"{name}.py"), "--fast", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a hang guard, not a speed check: --fast takes 10-60 s alone, more on a loaded CI box
         cwd=out,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -145,7 +145,7 @@ def test_sharded_example_figures_equal_one_process(tmp_path: Path) -> None:
         [sys.executable, str(EXAMPLES / "sharded.py"), "--fast", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -127,7 +127,7 @@ def test_ddp_ranks_stop_together(tmp_path, mode):
 
     from tests.helpers import run_ddp_script
 
-    run_ddp_script("healthcheck_ddp.py", str(tmp_path), mode, timeout=180)
+    run_ddp_script("healthcheck_ddp.py", str(tmp_path), mode, timeout=600)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     steps = {r["global_step"] for r in ranks}
     assert len(steps) == 1  # the same step on both ranks

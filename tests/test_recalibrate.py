@@ -199,7 +199,7 @@ def test_epoch_end_recalibrates_before_each_validation(tmp_path):
 @pytest.mark.slow
 def test_ddp_recalibration_pools_statistics_over_ranks(tmp_path):
     """2-process DDP (gloo): both ranks hold the exact statistics of the values both ranks saw (rel. 1e-4)."""
-    run_ddp_script(DDP_SCRIPT.name, str(tmp_path), timeout=120)
+    run_ddp_script(DDP_SCRIPT.name, str(tmp_path), timeout=600)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     inputs = [json.loads((tmp_path / f"inputs{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["stats"] == ranks[1]["stats"]

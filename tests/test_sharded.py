@@ -30,7 +30,7 @@ def runs(tmp_path_factory) -> dict[str, dict[tuple[str, int], float]]:
     root = tmp_path_factory.mktemp("sharded")
     out = {}
     for mode in ("single", "fsdp2"):
-        run_ddp_script("sharded_monitors.py", str(root / mode), mode, str(STEPS), timeout=180)
+        run_ddp_script("sharded_monitors.py", str(root / mode), mode, str(STEPS), timeout=600)
         out[mode] = _figures(root / mode)
     return out
 
@@ -59,7 +59,7 @@ def test_fsdp2_figures_equal_one_process(runs):
 def test_uneven_batches_do_not_hang(tmp_path):
     """Ranks with different last-batch sizes (4 and 2 samples) finish the fit, within the timeout, and log
     finite figures at every step."""
-    run_ddp_script("sharded_monitors.py", str(tmp_path), "fsdp2_uneven", "4", timeout=180)
+    run_ddp_script("sharded_monitors.py", str(tmp_path), "fsdp2_uneven", "4", timeout=600)
     figures = _figures(tmp_path)
     assert {step for _, step in figures} == {0, 1, 2, 3}
     assert all(math.isfinite(figures[(tag, 3)]) for tag in ("act_std/net.1", "grad_norm/total"))

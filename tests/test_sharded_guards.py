@@ -49,7 +49,7 @@ def assert_same_stats(got: dict, expected: dict, what: str) -> None:
 
 
 def test_guard_and_recalibration_under_sharding(tmp_path):
-    run_ddp_script("guards_sharded.py", str(tmp_path), timeout=180)
+    run_ddp_script("guards_sharded.py", str(tmp_path), timeout=600)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     first = ranks[0]
 

@@ -47,7 +47,7 @@ def test_autoinit_on_a_sharded_model_equals_one_process(tmp_path):
     rescaled from measured stds) end AutoInit with exactly the weights one process gets for the same seed (the next
     tests show one process's AutoInit gives ``prepare``'s weights), gathered and shard by shard; and those are not the
     weights the model was built with."""
-    run_ddp_script("autoinit_sharded.py", str(tmp_path), "fsdp2", timeout=120)
+    run_ddp_script("autoinit_sharded.py", str(tmp_path), "fsdp2", timeout=600)
     ranks = [_load(tmp_path / f"fsdp2_rank{r}.pt") for r in (0, 1)]
     gathered, reference = ranks[0]["full"], _reference()
     assert set(gathered) == set(reference) and len(reference) == 8
@@ -66,7 +66,7 @@ def test_autoinit_on_a_sharded_model_equals_one_process(tmp_path):
 def test_autoinit_on_a_lazily_built_ddp_model_gives_every_rank_the_same_weights(tmp_path):
     """DDP with the model built in ``configure_model``: ranks with different RNG states end identical, with the
     weights ``prepare`` gives the unsharded model for the same seed."""
-    run_ddp_script("autoinit_sharded.py", str(tmp_path), "ddp", timeout=120)
+    run_ddp_script("autoinit_sharded.py", str(tmp_path), "ddp", timeout=600)
     reference = _reference()
     for rank in (0, 1):
         weights = _load(tmp_path / f"ddp_rank{rank}.pt")["local"]
