@@ -42,8 +42,8 @@ class Monitor:
             ``model`` is traced as it runs (its ``forward`` runs once).
         **options: those of :class:`~lightning_bn.monitoring.MonitorOptions` (``activations``, ``gradients``,
             ``modules``, ``histograms``, ``gradient_histograms``, ``histogram_bins``, ``heatmap``, ``zero_tol``,
-            ``fused``, ``norm_type``, ``update_ratio``, ``update_ratio_budget``, ``nonfinite_every_step``), with
-            the same defaults as the callbacks.
+            ``fused``, ``norm_type``, ``update_ratio``, ``update_ratio_budget``, ``nonfinite_every_step``,
+            ``per_layer_scalars``), with the same defaults as the callbacks.
         optimizer: the optimizer, when it is Adam-type, so that each parameter's per-element RMS gradient is logged
             relative to its ``eps`` (``grad_rms_eps``, what the report's uniform-vanish rule reads).
 
@@ -90,12 +90,13 @@ class Monitor:
         update_ratio: bool | str = True,
         update_ratio_budget: float = 0.25,
         nonfinite_every_step: bool = True,
+        per_layer_scalars: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         options = MonitorOptions(every_n_steps, activations, gradients, modules, histograms, gradient_histograms,
                                  histogram_bins, heatmap, zero_tol, fused, norm_type, update_ratio,
-                                 update_ratio_budget, nonfinite_every_step)  # fmt: skip
-        self._destination = Destination.of_writer(writer)
+                                 update_ratio_budget, nonfinite_every_step, per_layer_scalars)  # fmt: skip
+        self._destination = Destination.of_writer(writer, per_layer_scalars)
         self.engine = MonitorEngine(options, "Monitor", warn=self._warn)
         self.optimizer = optimizer
         self.model = model

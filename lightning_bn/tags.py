@@ -33,9 +33,14 @@ __all__ = [
     "LAYERS_TAG",
     "LOSS_TAG",
     "LAYOUT_STATISTICS",
+    "NONFINITE_LAYERS_TAG",
+    "NONFINITE_PARAMETERS_TAG",
+    "ROWS_PLUGIN",
+    "ROWS_TAG",
     "SKIPPED_STEPS_TAG",
     "TOTAL_GRADIENT_TAG",
     "is_monitor_tag",
+    "is_row_tag",
     "layer_order",
     "merge_orders",
     "natural_key",
@@ -80,6 +85,15 @@ LOSS_TAG = "lightning_bn/loss"
 #: skipping an overflow step while its scale calibrates), logged once there is one; no per-layer figure (the report
 #: does not judge it)
 SKIPPED_STEPS_TAG = "lightning_bn/skipped_steps"
+#: the compact record of a logging step's per-layer figures (``per_layer_scalars=False``, TensorBoard only): one
+#: tensor summary, a float32 matrix rows x figures, with plugin name :data:`ROWS_PLUGIN`; the format is documented in
+#: :mod:`lightning_bn.writers` (``write_rows``)
+ROWS_TAG = "lightning_bn/rows"
+ROWS_PLUGIN = "lightning_bn"
+#: with the compact record: how many activation rows (layers), parameter rows of the step hold a non-finite figure
+#: or non-finite activations (``act_nonfinite`` > 0); not read by the report (it reads the rows)
+NONFINITE_LAYERS_TAG = "lightning_bn/nonfinite_layers"
+NONFINITE_PARAMETERS_TAG = "lightning_bn/nonfinite_parameters"
 #: Custom Scalars sections (in this order) and the statistics charted in each
 ACTIVATION_SECTION, GRADIENT_SECTION = "lightning-bn: activations", "lightning-bn: gradients"
 LAYOUT_STATISTICS: dict[str, tuple[str, ...]] = {
@@ -125,6 +139,18 @@ def is_monitor_tag(logged: str) -> bool:
     """
     statistic, name = split_tag(logged)
     return logged == LOSS_TAG or (bool(name) and statistic in _MONITOR_STATISTICS)
+
+
+def is_row_tag(logged: str) -> bool:
+    """Whether a monitor tag is a per-layer figure: what the compact record (:data:`ROWS_TAG`) holds instead of a
+    scalar; the model-wide ``grad_norm/total`` and the loss stay scalars.
+
+    Example::
+
+        >>> is_row_tag("act_std/net.0"), is_row_tag("grad_norm/total"), is_row_tag(LOSS_TAG)
+        (True, False, False)
+    """
+    return logged not in (LOSS_TAG, TOTAL_GRADIENT_TAG) and is_monitor_tag(logged)
 
 
 def natural_key(name: str) -> list[tuple[int, int | str]]:

@@ -3,6 +3,37 @@
 Scalars go to every logger through ``log_metrics``. With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`
 (or any logger whose ``experiment`` is a ``SummaryWriter``) we also write histograms, a custom-scalars layout
 that overlays all layers in one chart per statistic, text, and images such as the saturation heatmap.
+
+The compact record (``per_layer_scalars=False``)
+-------------------------------------------------
+With ``per_layer_scalars=False`` a TensorBoard writer gets a logging step's per-layer figures (every monitor tag but
+``grad_norm/total`` and the loss, see :func:`lightning_bn.tags.is_row_tag`) as ONE tensor summary instead of one
+scalar each; its Scalars tab keeps the model-wide figures only: ``grad_norm/total``, ``lightning_bn/loss``,
+``lightning_bn/skipped_steps`` (once there is one), ``lightning_bn/nonfinite_layers`` and
+``lightning_bn/nonfinite_parameters`` (activation rows, parameter rows of the step with a non-finite figure or
+``act_nonfinite`` > 0; each written by the monitor whose record has such rows). Other loggers (CSV, W&B, ...) get
+every figure as a scalar, as always. The record, in the same event as those scalars (``Event.step`` is the logging
+step, the record the event's first value):
+
+* tag ``lightning_bn/rows`` (through a prefixed Lightning logger: ``<prefix>-lightning_bn/rows``);
+* ``value.metadata.plugin_data.plugin_name == "lightning_bn"``; ``value.metadata.plugin_data.content`` is UTF-8 JSON
+  ``{"version": 1, "figures": [statistic, ...], "rows": [layer or parameter, ...], "present": [int, ...]}``, written
+  with every record (the rows can change from step to step: a skipped optimizer step drops ``grad_norm`` and
+  ``update_ratio``). ``figures`` are the statistics (``act_std``, ``grad_norm``, ... in order of first appearance in
+  the step), ``rows`` the layers and parameters (``net.0``, ``net.0.weight``, ... forward order, activation layers
+  first, then parameters); ``present[i]`` is a bit mask: bit ``j`` set when row ``i`` has figure ``j``;
+* ``ActivationMonitor`` and ``GradientMonitor`` each write their own record: a step can have two (disjoint
+  figures: ``act_*`` rows are layers, ``grad_norm``/``update_ratio``/``weight_norm``/``grad_rms_eps`` rows are
+  parameters); ``Monitor`` writes one with both;
+* ``value.tensor``: ``dtype`` ``DT_FLOAT`` (float32), shape ``[len(rows), len(figures)]``, row-major little-endian
+  bytes in ``tensor_content``; cell ``[i, j]`` is the scalar ``<figures[j]>/<rows[i]>`` would have had (the same
+  float32 as a scalar's ``simple_value``), NaN where absent (a real value may be NaN too: ``present`` tells them
+  apart).
+
+:func:`lightning_bn.report.reading.read_rows` gives every figure of a run as a rows x steps matrix;
+:func:`~lightning_bn.report.reading.read_scalars` reads both forms into the same ``tag -> [(step, value)]``.
+TensorBoard's own data provider keeps one metadata per tag (the first), so a reader of several steps should take the
+names from each event's record (as ``read_rows`` does).
 """
 
 from __future__ import annotations
@@ -15,7 +46,19 @@ from typing import Any
 
 import numpy as np
 
-from lightning_bn.tags import LAYERS_TAG, LAYOUT_STATISTICS, tag
+from lightning_bn.tags import (
+    ACT_NONFINITE,
+    ACTIVATION_STATISTICS,
+    LAYERS_TAG,
+    LAYOUT_STATISTICS,
+    NONFINITE_LAYERS_TAG,
+    NONFINITE_PARAMETERS_TAG,
+    ROWS_PLUGIN,
+    ROWS_TAG,
+    is_row_tag,
+    split_tag,
+    tag,
+)
 
 __all__ = [
     "Destination",
@@ -26,6 +69,7 @@ __all__ = [
     "log_image",
     "log_scalars",
     "log_text",
+    "rows_record",
     "tensorboard_writers",
     "write_layout",
     "write_scalars",
@@ -82,11 +126,12 @@ def tensorboard_writers(loggers: Iterable[Any]) -> list[Any]:
     return writers
 
 
-def log_scalars(loggers: Iterable[Any], metrics: Mapping[str, float], step: int) -> None:
+def log_scalars(loggers: Iterable[Any], metrics: Mapping[str, float], step: int, per_layer: bool = True) -> None:
     """Hand ``metrics`` to every logger (CSV, TensorBoard, W&B, ...).
 
     A TensorBoard logger gets all of them as one event (one summary with many values) instead of one event per
-    scalar: with ~100 per-layer figures that is the difference between one queue hand-off and a hundred.
+    scalar: with ~100 per-layer figures that is the difference between one queue hand-off and a hundred. Without
+    ``per_layer`` it gets the per-layer figures as one compact record (see the module docstring).
     """
     if not metrics:
         return
@@ -95,20 +140,88 @@ def log_scalars(loggers: Iterable[Any], metrics: Mapping[str, float], step: int)
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
-            write_scalars(logger.experiment, {f"{prefix}{key}": value for key, value in metrics.items()}, step)
+            write_scalars(logger.experiment, metrics, step, per_layer, prefix)
         else:
             logger.log_metrics(dict(metrics), step=step)
 
 
-def write_scalars(writer: Any, metrics: Mapping[str, float], step: int) -> None:
+def write_scalars(writer: Any, metrics: Mapping[str, float], step: int, per_layer: bool = True, prefix: str = ""):
     """Write ``metrics`` to a ``SummaryWriter`` as one event (one summary with many values), after the merged
-    Custom Scalars layout if it is not written yet."""
+    Custom Scalars layout if it is not written yet; each tag after ``prefix``. Without ``per_layer`` the per-layer
+    figures go to one compact record in that event (see the module docstring)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     fast_tensorboard_crc()
     flush_layout([writer])
-    values = [Summary.Value(tag=key, simple_value=float(value)) for key, value in metrics.items()]
+    record = None
+    if not per_layer:
+        record, metrics = rows_record(metrics)
+    values = [Summary.Value(tag=f"{prefix}{key}", simple_value=float(value)) for key, value in metrics.items()]
+    if record is not None:  # first: a reader meets the per-layer figures before the model-wide ones, as in metrics
+        values.insert(0, Summary.Value(tag=f"{prefix}{ROWS_TAG}", metadata=record[0], tensor=record[1]))
     writer._get_file_writer().add_summary(Summary(value=values), step)
+
+
+def rows_record(metrics: Mapping[str, float]) -> tuple[tuple[Any, Any] | None, dict[str, float]]:
+    """The compact record of a step's per-layer figures ``(SummaryMetadata, TensorProto)`` (``None`` without any)
+    and the scalars that stay: the model-wide ones and ``lightning_bn/nonfinite_layers``.
+
+    Example::
+
+        >>> record, kept = rows_record({"act_std/a": 1.0, "act_std/b": 2.0, "grad_norm/a.weight": float("nan"),
+        ...                             "grad_norm/total": 3.0})
+        >>> kept
+        {'grad_norm/total': 3.0, 'lightning_bn/nonfinite_layers': 0.0, 'lightning_bn/nonfinite_parameters': 1.0}
+        >>> record[1].tensor_shape.dim[0].size, record[1].tensor_shape.dim[1].size
+        (3, 2)
+    """
+    from tensorboard.compat.proto.summary_pb2 import SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.compat.proto.types_pb2 import DT_FLOAT
+
+    kept: dict[str, float] = {}
+    figures: dict[str, int] = {}
+    rows: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        if not is_row_tag(key):
+            kept[key] = value
+            continue
+        statistic, name = split_tag(key)
+        rows.setdefault(name, {})[figures.setdefault(statistic, len(figures))] = value
+    if not rows:
+        return None, kept
+    matrix = np.full((len(rows), len(figures)), np.nan, dtype="<f4")
+    present = []
+    for i, cells in enumerate(rows.values()):
+        matrix[i, list(cells)] = list(cells.values())
+        present.append(sum(1 << j for j in cells))
+    with np.errstate(invalid="ignore"):
+        nonfinite = ~np.isfinite(matrix) & _present_mask(present, len(figures))
+        if ACT_NONFINITE in figures:
+            nonfinite[:, figures[ACT_NONFINITE]] |= matrix[:, figures[ACT_NONFINITE]] > 0
+    act = np.array([figure in _ACTIVATION_FIGURES for figure in figures])
+    is_layer = (_present_mask(present, len(figures)) & act).any(axis=1)  # else a parameter's row
+    bad = nonfinite.any(axis=1)
+    if is_layer.any():
+        kept[NONFINITE_LAYERS_TAG] = float((bad & is_layer).sum())
+    if not is_layer.all():
+        kept[NONFINITE_PARAMETERS_TAG] = float((bad & ~is_layer).sum())
+    content = {"version": 1, "figures": list(figures), "rows": list(rows), "present": present}
+    metadata = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(plugin_name=ROWS_PLUGIN, content=json.dumps(content).encode()),
+    )
+    shape = TensorShapeProto(dim=[TensorShapeProto.Dim(size=n) for n in matrix.shape])
+    return (metadata, TensorProto(dtype=DT_FLOAT, tensor_shape=shape, tensor_content=matrix.tobytes())), kept
+
+
+_ACTIVATION_FIGURES = frozenset(ACTIVATION_STATISTICS.values())
+
+
+def _present_mask(present: Sequence[int], figures: int) -> np.ndarray:
+    """The ``present`` bit masks of a compact record as a boolean rows x figures matrix."""
+    bits = np.array(present, dtype=np.int64)[:, None] >> np.arange(figures)[None, :]
+    return (bits & 1).astype(bool)
 
 
 def log_histograms(writers: Sequence[Any], prefix: str, histograms: Sequence[Mapping[str, Any]], step: int) -> None:
@@ -217,26 +330,36 @@ class Destination:
         [(3, {'act_std/fc': 0.5})]
     """
 
-    def __init__(self, scalars: Callable[[Mapping[str, float], int], None] | None, tensorboard: Sequence[Any] = ()):
+    def __init__(
+        self,
+        scalars: Callable[[Mapping[str, float], int], None] | None,
+        tensorboard: Sequence[Any] = (),
+        per_layer_scalars: bool = True,
+    ):
         self.scalars = scalars
         self.tensorboard = list(tensorboard)
+        #: ``False``: TensorBoard gets the per-layer figures as one compact record a step (no Custom Scalars layout)
+        self.per_layer_scalars = per_layer_scalars
 
     @classmethod
-    def of_loggers(cls, loggers: Sequence[Any]) -> Destination:
-        """Every Lightning logger; TensorBoard extras for the TensorBoard ones."""
+    def of_loggers(cls, loggers: Sequence[Any], per_layer_scalars: bool = True) -> Destination:
+        """Every Lightning logger; TensorBoard extras for the TensorBoard ones (without ``per_layer_scalars``, the
+        compact record instead of per-layer scalars: see the module docstring)."""
         loggers = list(loggers)
-        return cls((lambda metrics, step: log_scalars(loggers, metrics, step)) if loggers else None,
-                   tensorboard_writers(loggers))  # fmt: skip
+        return cls((lambda metrics, step: log_scalars(loggers, metrics, step, per_layer_scalars)) if loggers else None,
+                   tensorboard_writers(loggers), per_layer_scalars)  # fmt: skip
 
     @classmethod
-    def of_writer(cls, writer: Any) -> Destination:
+    def of_writer(cls, writer: Any, per_layer_scalars: bool = True) -> Destination:
         """A ``SummaryWriter``, a Lightning ``Fabric`` (``log_dict``), a Lightning logger (``log_metrics``), a callable
-        ``(metrics, step)`` or ``None``; raises ``ValueError`` naming a writer of no known kind."""
+        ``(metrics, step)`` or ``None``; raises ``ValueError`` naming a writer of no known kind.
+        ``per_layer_scalars=False`` concerns a ``SummaryWriter`` only (the others always get scalars)."""
         if writer is None:
             return cls(None)
         if _is_summary_writer(writer):
             fast_tensorboard_crc()
-            return cls(lambda metrics, step: write_scalars(writer, metrics, step), [writer])
+            return cls(lambda metrics, step: write_scalars(writer, metrics, step, per_layer_scalars), [writer],
+                       per_layer_scalars)  # fmt: skip
         if hasattr(writer, "log_dict"):  # Lightning Fabric: every logger it holds
             return cls(lambda metrics, step: writer.log_dict(dict(metrics), step=step))
         if hasattr(writer, "log_metrics"):  # a Lightning logger
@@ -249,7 +372,10 @@ class Destination:
         )
 
     def register(self, sections: Mapping[str, Sequence[str]]) -> None:
-        """Register Custom Scalars sections (title -> statistics; see :func:`write_layout`)."""
+        """Register Custom Scalars sections (title -> statistics; see :func:`write_layout`); none with the compact
+        record (their charts would be empty)."""
+        if not self.per_layer_scalars:
+            return
         for title, statistics in sections.items():
             write_layout(self.tensorboard, title, statistics)
 

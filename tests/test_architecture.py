@@ -13,7 +13,7 @@ PARTS = {p.stem for p in PACKAGE.iterdir() if (p.suffix == ".py" or p.is_dir()) 
 
 #: the layers of docs/architecture.md, top to bottom
 LAYERS = {
-    "adapters": {"callbacks", "monitor", "cli"},
+    "adapters": {"callbacks", "monitor", "cli", "tb_plugin"},
     "composition": {"prepare", "report"},
     "peers": {"init", "norms", "guards", "monitoring", "recalibration"},
     "the one trace": {"tracing"},

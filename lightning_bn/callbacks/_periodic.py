@@ -92,7 +92,9 @@ class MonitorCallback(Callback):
     def state_key(self) -> str:
         # Lightning reads it at every hook call (its profiler's names): made once, the options are frozen
         if getattr(self, "_state_key", None) is None:
-            self._state_key = self._generate_state_key(**{k: repr(v) for k, v in vars(self.options).items()})
+            # per_layer_scalars only when not the default: checkpoints written before it existed keep their key
+            state = {k: repr(v) for k, v in vars(self.options).items() if k != "per_layer_scalars" or not v}
+            self._state_key = self._generate_state_key(**state)
         return self._state_key
 
     @override
@@ -111,7 +113,7 @@ class MonitorCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._destination = Destination.of_loggers(trainer.loggers)
+        self._destination = Destination.of_loggers(trainer.loggers, self.options.per_layer_scalars)
         example = pl_module.example_input_array
         if example is not None:
             example = trainer.precision_plugin.convert_input(move_data_to_device(example, pl_module.device))

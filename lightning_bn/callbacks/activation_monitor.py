@@ -46,6 +46,9 @@ class ActivationMonitor(MonitorCallback):
         zero_tol: ``|x|`` at or below this counts towards ``act_zero``.
         fused: how the one fused pass per watched tensor runs: ``"auto"`` (compiled with ``torch.compile`` on CUDA,
             eager on CPU; ``LIGHTNING_BN_FUSED`` overrides), ``"compiled"`` or ``"eager"``. Both give the same figures.
+        per_layer_scalars: a TensorBoard scalar per figure and layer; ``False``: TensorBoard gets each logging step's
+            per-layer figures as one compact record (``lightning_bn/rows``, see :mod:`lightning_bn.writers`) and
+            scalars for the model-wide figures only; other loggers always get every scalar.
 
     Raises:
         MisconfigurationException: naming the bad value (the checks of
@@ -68,11 +71,13 @@ class ActivationMonitor(MonitorCallback):
         heatmap: bool = True,
         zero_tol: float = DEFAULT_ZERO_TOL,
         fused: str = "auto",
+        per_layer_scalars: bool = True,
     ) -> None:
         super().__init__(
             options(every_n_steps=every_n_steps, activations=True, gradients=False, modules=modules,
                     histograms=histograms, histogram_bins=histogram_bins, heatmap=heatmap, zero_tol=zero_tol,
-                    fused=fused)  # fmt: skip
+                    fused=fused, per_layer_scalars=per_layer_scalars)  # fmt: skip
         )
         self.modules, self.histograms, self.histogram_bins = modules, histograms, histogram_bins
         self.heatmap, self.zero_tol, self.fused = heatmap, self.options.zero_tol, fused
+        self.per_layer_scalars = per_layer_scalars

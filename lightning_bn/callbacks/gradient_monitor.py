@@ -33,6 +33,9 @@ class GradientMonitor(MonitorCallback):
         update_ratio_budget: fraction of each large parameter's elements copied on a logging step.
         nonfinite_every_step: watch every step for non-finite gradients (one fused norm over the gradients per step,
             on the device, no host sync: ~1-4% of a CPU step, nothing on a GPU); ``False``: on logging steps only.
+        per_layer_scalars: a TensorBoard scalar per figure and layer; ``False``: TensorBoard gets each logging step's
+            per-layer figures as one compact record (``lightning_bn/rows``, see :mod:`lightning_bn.writers`) and
+            scalars for the model-wide figures only; other loggers always get every scalar.
 
     Raises:
         MisconfigurationException: naming the bad value (the checks of
@@ -54,13 +57,16 @@ class GradientMonitor(MonitorCallback):
         update_ratio: bool | str = True,
         update_ratio_budget: float = 0.25,
         nonfinite_every_step: bool = True,
+        per_layer_scalars: bool = True,
     ) -> None:
         checked(checks.boolean, "histograms", histograms)  # named as the user wrote it
         super().__init__(
             options(every_n_steps=every_n_steps, activations=False, gradients=True, gradient_histograms=histograms,
                     histogram_bins=histogram_bins, norm_type=norm_type, update_ratio=update_ratio,
-                    update_ratio_budget=update_ratio_budget, nonfinite_every_step=nonfinite_every_step)  # fmt: skip
+                    update_ratio_budget=update_ratio_budget, nonfinite_every_step=nonfinite_every_step,
+                    per_layer_scalars=per_layer_scalars)  # fmt: skip
         )
         self.norm_type, self.histograms, self.histogram_bins = self.options.norm_type, histograms, histogram_bins
         self.update_ratio, self.update_ratio_budget = update_ratio, self.options.update_ratio_budget
         self.nonfinite_every_step = nonfinite_every_step
+        self.per_layer_scalars = per_layer_scalars

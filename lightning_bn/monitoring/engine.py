@@ -86,6 +86,9 @@ class MonitorOptions:
         update_ratio_budget: fraction of each large parameter's elements copied on a logging step.
         nonfinite_every_step: watch every step for non-finite gradients (on the device, no host sync); ``False``:
             on logging steps only.
+        per_layer_scalars: a TensorBoard scalar per figure and layer; ``False``: TensorBoard gets a logging step's
+            per-layer figures as one compact record (``lightning_bn/rows``, :mod:`lightning_bn.writers`) and scalars
+            for the model-wide figures only (other loggers always get every scalar).
 
     Raises:
         ValueError: naming the option and the bad value.
@@ -114,11 +117,12 @@ class MonitorOptions:
     update_ratio: bool | str = True
     update_ratio_budget: float = 0.25
     nonfinite_every_step: bool = True
+    per_layer_scalars: bool = True
 
     def __post_init__(self) -> None:
         checks.integer("every_n_steps", self.every_n_steps)
         for name in ("activations", "gradients", "histograms", "gradient_histograms", "heatmap",
-                     "nonfinite_every_step"):  # fmt: skip
+                     "nonfinite_every_step", "per_layer_scalars"):  # fmt: skip
             checks.boolean(name, getattr(self, name))
         validate_module_filter(self.modules)
         checks.integer("histogram_bins", self.histogram_bins)
@@ -258,7 +262,7 @@ class MonitorEngine:
         inner = unwrap(model)
         self._plain = plain_names(model)
         opts = self.options
-        self._histogram_bins = opts.histogram_bins if tensorboard else 0
+        self._histogram_bins = opts.histogram_bins if tensorboard and opts.histograms else 0
         compiled = [self._plain(n) or type(model).__name__ for n, m in model.named_modules() if _is_compiled(m)]
         if compiled and opts.activations:
             self._warn(

@@ -6,6 +6,13 @@ through a prefixed logger (Lightning's ``TensorBoardLogger(prefix="train")``: ``
 without their prefix. What cannot be trusted is refused with a :class:`ReportWarning` naming the file, and the rest is
 read: a damaged record (:class:`DamagedFile`; what precedes it is read) or a malformed layers table (the layers then
 keep their logged order); no size written in a file is allocated.
+
+Both forms of the per-layer figures are read: one scalar per figure and layer (``act_std/net.1``, the default) and the
+compact record of ``per_layer_scalars=False`` (one tensor summary ``lightning_bn/rows`` per logging step, a float32
+matrix rows x figures with plugin name ``lightning_bn``; its format is documented in :mod:`lightning_bn.writers`).
+:func:`read_scalars` and :func:`read_run` give the same ``tag -> [(step, value)]`` for both, so the report, the CLI and
+``lightning_bn.plot`` judge a compact run as they judge a per-layer one; :func:`read_rows` gives every figure of a run
+(either form) as a rows x steps matrix.
 """
 
 from __future__ import annotations
@@ -16,9 +23,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning_bn.tags import LAYERS_TAG, is_monitor_tag
+import numpy as np
 
-__all__ = ["DamagedFile", "ReportWarning", "damage", "find_runs", "read_layers", "read_run", "read_scalars"]
+from lightning_bn.tags import LAYERS_TAG, ROWS_PLUGIN, ROWS_TAG, is_monitor_tag, is_row_tag, split_tag
+
+__all__ = [
+    "DamagedFile",
+    "ReportWarning",
+    "damage",
+    "find_runs",
+    "read_layers",
+    "read_rows",
+    "read_run",
+    "read_scalars",
+]
 
 _EVENT_GLOB = "events.out.tfevents.*"
 #: what ``SummaryWriter.add_text`` appends to a text tag
@@ -29,6 +47,7 @@ _PREFIX_JOIN = "-"
 _HEADER = struct.Struct("<QI")
 _CRC = struct.Struct("<I")
 _DT_STRING = 7  # tensorflow DataType of text tensors (tensorboard.compat.proto.types_pb2.DT_STRING)
+_DT_FLOAT = 1  # ... of float32 tensors (the compact record)
 _UNSEEN, _TABLE = "\0unseen", "\0table"  # markers in _load (no logged tag is read with a NUL)
 
 
@@ -118,13 +137,14 @@ def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     """The lightning-bn scalars of one run (a directory of event files, or one file): tag -> [(step, value)].
 
     Tags keep the order of their first appearance, which the report takes as depth order without a layers table.
+    The cells of compact records (``lightning_bn/rows``) are read as the scalars they stand for.
     """
     return _load(run)[0]
 
 
 def read_run(run: Path) -> tuple[dict[str, list[tuple[int, float]]], list[dict[str, Any]] | None]:
     """:func:`read_scalars` and :func:`read_layers` of one run, from one read of its event files."""
-    scalars, tables = _load(run)
+    scalars, tables, _ = _load(run)
     return scalars, _layers(tables)
 
 
@@ -144,28 +164,108 @@ def _unprefixed(tag: str) -> tuple[str, str] | None:
         >>> _unprefixed("train-act_std/net.1"), _unprefixed("act_std/net.1"), _unprefixed("train_loss")
         (('train', 'act_std/net.1'), ('', 'act_std/net.1'), None)
     """
-    if is_monitor_tag(tag):
+    if _is_read(tag):
         return "", tag
     start = tag.find(_PREFIX_JOIN)
     while start >= 0:
-        if is_monitor_tag(tag[start + 1 :]):
+        if _is_read(tag[start + 1 :]):
             return tag[:start], tag[start + 1 :]
         start = tag.find(_PREFIX_JOIN, start + 1)
     return None
+
+
+def _is_read(tag: str) -> bool:
+    return tag == ROWS_TAG or is_monitor_tag(tag)
 
 
 def _is_table_tag(tag: str) -> bool:
     return any(tag == table or tag.endswith(_PREFIX_JOIN + table) for table in _TABLE_TAGS)
 
 
-def _load(run: Path) -> tuple[dict[str, list[tuple[int, float]]], list[tuple[float, int, str, Path, Any]]]:
-    """The lightning-bn scalars of a run (under one prefix: the first one met) and its layers-table candidates
-    ``(wall time, step, tag, file, tensor)``, from one pass over each event file."""
+def read_rows(run: Path) -> dict[str, tuple[list[int], list[str], np.ndarray]]:
+    """Every per-layer figure of one run as a matrix: statistic (``act_std``, ``grad_norm``, ...) -> ``(steps, rows,
+    values)``, ``values`` a float64 ``len(rows) x len(steps)`` array, NaN where a row has no value at a step; steps
+    ascending, rows (layers or parameters) in order of first appearance. Reads compact records
+    (``per_layer_scalars=False``) without making a scalar of each cell, and per-layer scalars as well; a step
+    written twice (a resumed run) keeps its last value.
+
+    Example::
+
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> from lightning_bn.writers import write_scalars
+        >>> run = tempfile.mkdtemp()
+        >>> with SummaryWriter(run) as writer:
+        ...     for step in (0, 10):
+        ...         write_scalars(writer, {"act_std/a": 1.0 + step, "act_std/b": 2.0}, step, per_layer=False)
+        >>> steps, rows, values = read_rows(run)["act_std"]
+        >>> steps, rows, values.tolist()
+        ([0, 10], ['a', 'b'], [[1.0, 11.0], [2.0, 2.0]])
+    """
+    scalars, _, records = _load(Path(run), expand=False)
+    cells: dict[str, dict[str, dict[int, float]]] = {}  # statistic -> row -> step -> value
+    for logged, series in scalars.items():
+        if is_row_tag(logged):
+            statistic, name = split_tag(logged)
+            cells.setdefault(statistic, {}).setdefault(name, {}).update(series)
+    for step, figures, rows, present, matrix in records:
+        for j, statistic in enumerate(figures):
+            by_row = cells.setdefault(statistic, {})
+            for i in np.flatnonzero(present[:, j]).tolist():
+                by_row.setdefault(rows[i], {})[step] = float(matrix[i, j])
+    out: dict[str, tuple[list[int], list[str], np.ndarray]] = {}
+    for statistic, by_row in cells.items():
+        steps = sorted({step for series in by_row.values() for step in series})
+        column = {step: k for k, step in enumerate(steps)}
+        values = np.full((len(by_row), len(steps)), np.nan)
+        for i, series in enumerate(by_row.values()):
+            values[i, [column[step] for step in series]] = list(series.values())
+        out[statistic] = (steps, list(by_row), values)
+    return out
+
+
+_Record = tuple[int, list[str], list[str], np.ndarray, np.ndarray]  # step, figures, rows, present (bool), matrix
+
+
+def _record(value: Any) -> tuple[tuple[list[str], list[str], np.ndarray, np.ndarray] | None, str]:
+    """``(figures, rows, present, matrix)`` of a compact record, or ``None`` and why it is refused; nothing the
+    record claims is allocated before it is checked against the bytes that are there."""
+    if value.metadata.plugin_data.plugin_name != ROWS_PLUGIN:
+        return None, f"plugin name {value.metadata.plugin_data.plugin_name!r}, not {ROWS_PLUGIN!r}"
+    try:
+        content = json.loads(value.metadata.plugin_data.content.decode("utf-8"))
+        figures, rows, present = content["figures"], content["rows"], content["present"]
+    except (UnicodeDecodeError, ValueError, RecursionError, TypeError, KeyError) as err:
+        return None, f"its metadata is not the record's JSON ({str(err)[:80]})"
+    if not (isinstance(figures, list) and isinstance(rows, list) and isinstance(present, list)):
+        return None, "its figures, rows or present are not lists"
+    if not all(isinstance(x, str) for x in (*figures, *rows)) or len(present) != len(rows) or len(figures) > 62:
+        return None, "its figures or rows are not names, or present is not one mask per row"
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << len(figures) for x in present):
+        return None, "a present mask is not a bit mask of the figures"
+    tensor = value.tensor
+    dims = [dim.size for dim in tensor.tensor_shape.dim]
+    if tensor.dtype != _DT_FLOAT or dims != [len(rows), len(figures)]:
+        return None, f"a tensor of data type {tensor.dtype} and shape {dims}, not float32 {[len(rows), len(figures)]}"
+    if len(tensor.tensor_content) != 4 * len(rows) * len(figures):
+        return None, f"{len(tensor.tensor_content)} bytes of data for {len(rows) * len(figures)} float32 values"
+    matrix = np.frombuffer(tensor.tensor_content, dtype="<f4").reshape(len(rows), len(figures))
+    mask = ((np.array(present, dtype=np.int64)[:, None] >> np.arange(len(figures))[None, :]) & 1).astype(bool)
+    return (figures, rows, mask, matrix), ""
+
+
+def _load(
+    run: Path, expand: bool = True
+) -> tuple[dict[str, list[tuple[int, float]]], list[tuple[float, int, str, Path, Any]], list[_Record]]:
+    """The lightning-bn scalars of a run (under one prefix: the first one met), its layers-table candidates
+    ``(wall time, step, tag, file, tensor)`` and its compact records, from one pass over each event file. With
+    ``expand`` the cells of compact records are read into the scalars (where they stand), else kept as records."""
     from google.protobuf.message import DecodeError
     from tensorboard.compat.proto.event_pb2 import Event
 
     scalars: dict[str, list[tuple[int, float]]] = {}
     tables: list[tuple[float, int, str, Path, Any]] = []
+    records_read: list[_Record] = []
     known: dict[str, str | None] = {}  # logged tag -> what it is read as (_TABLE: a layers table); None: not read
     prefix: str | None = None
     for path in _run_files(Path(run)):
@@ -199,9 +299,23 @@ def _load(run: Path) -> tuple[dict[str, list[tuple[int, float]]], list[tuple[flo
                 if target is _TABLE:
                     if value.HasField("tensor"):
                         tables.append((event.wall_time, step, logged, path, value.tensor))
+                elif target == ROWS_TAG:
+                    found_record, why = _record(value)
+                    if found_record is None:
+                        warnings.warn(
+                            ReportWarning(f"'{path}': the record {logged} of step {step} is malformed: {why}; ignored"),
+                            stacklevel=3,
+                        )
+                    elif expand:
+                        figures, rows, present, matrix = found_record
+                        for i, name in enumerate(rows):
+                            for j in np.flatnonzero(present[i]).tolist():
+                                scalars.setdefault(f"{figures[j]}/{name}", []).append((step, float(matrix[i, j])))
+                    else:
+                        records_read.append((step, *found_record))
                 elif value.HasField("simple_value"):
                     scalars.setdefault(target, []).append((step, value.simple_value))
-    return scalars, tables
+    return scalars, tables, records_read
 
 
 def _layers(tables: list[tuple[float, int, str, Path, Any]]) -> list[dict[str, Any]] | None:

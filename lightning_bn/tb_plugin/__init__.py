@@ -1,0 +1,19 @@
+"""The lightning-bn tab of TensorBoard (an adapter, like :mod:`lightning_bn.cli`): a dynamic plugin found through the
+``tensorboard_plugins`` entry point once lightning-bn is installed. Per run, one row per watched layer in forward
+order (name, module type, activation kind), a layer x step heatmap strip per figure (std relative to the first layer
+of its kind, saturation, dead fraction, ‖g‖/‖w‖) and the report's flags with the step each started.
+
+:mod:`.data` builds what the routes answer (no TensorBoard import); :mod:`.plugin` is the TensorBoard plugin.
+"""
+
+from .data import FIGURES, list_runs, run_data, short_names
+
+__all__ = ["FIGURES", "LightningBNPlugin", "list_runs", "run_data", "short_names"]
+
+
+def __getattr__(name: str):  # the plugin class imports TensorBoard: only on first use
+    if name == "LightningBNPlugin":
+        from .plugin import LightningBNPlugin
+
+        return LightningBNPlugin
+    raise AttributeError(name)
