@@ -400,6 +400,17 @@ def test_zoo_models_without_gates_or_composites(name):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class FunctionalPReLU(nn.Module):
+    """``fc -> F.prelu(., slope 0.1 per channel) -> out``: PReLU as a function, not a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.slope, self.out = nn.Linear(8, 16), nn.Parameter(torch.full((16,), 0.1)), nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(F.prelu(self.fc(x), self.slope))
+
+
 def test_prelu_is_a_registered_kind_with_the_he_gain():
     """``get_activation(nn.PReLU())`` is ``prelu`` at its mean slope; the gain 1/sqrt(E[f(z)^2]) is He et al.'s
     sqrt(2 / (1 + a^2)) to 1e-9 (a = 0.25: 1.37199; a = 0: sqrt 2); Linear -> PReLU is found as a module, F.prelu as
@@ -416,15 +427,8 @@ def test_prelu_is_a_registered_kind_with_the_he_gain():
     found = trace_model(nn.Sequential(nn.Linear(8, 16), nn.PReLU(16), nn.Linear(16, 2)), torch.randn(4, 8))
     assert (found.layers["0"].activation.name, found.layers["0"].how, found.site_names) == ("prelu", "module", ["1"])
 
-    class Functional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.slope, self.out = nn.Linear(8, 16), nn.Parameter(torch.full((16,), 0.1)), nn.Linear(16, 2)
 
-        def forward(self, x: Tensor) -> Tensor:
-            return self.out(F.prelu(self.fc(x), self.slope))
-
-    layer = trace_model(Functional(), torch.randn(4, 8)).layers["fc"]
+    layer = trace_model(FunctionalPReLU(), torch.randn(4, 8)).layers["fc"]
     assert (layer.activation.describe(), layer.how) == ("prelu(negative_slope=0.1)", "function")
 
 
@@ -477,20 +481,13 @@ def test_kinds_without_an_asymptote_are_never_read_saturated():
     output (hook "input"), act_saturation and act_dead read 0 (an infinite bound made every element saturated), and
     act_std is the std of the activation applied to the layer's output (1e-5)."""
 
-    class Functional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.slope, self.out = nn.Linear(8, 16), nn.Parameter(torch.full((16,), 0.1)), nn.Linear(16, 2)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.out(F.prelu(self.fc(x), self.slope))
 
     torch.manual_seed(0)
     swish = nn.Sequential(nn.Linear(8, 16), LearnableSwish(1.0, 16), nn.Linear(16, 2))
     with torch.no_grad():
         swish[1].beta.copy_(torch.linspace(0.5, 2.0, 16))
     x = torch.randn(64, 8)
-    for net, site, fc in [(Functional(), "fc.prelu", "fc"), (swish, "0.composite", "0")]:
+    for net, site, fc in [(FunctionalPReLU(), "fc.prelu", "fc"), (swish, "0.composite", "0")]:
         with lightning_bn.Monitor(net, every_n_steps=1, example_input=x, gradients=False) as monitor:
             net(x).sum().backward()
             figures = monitor.step()
