@@ -231,3 +231,53 @@ def test_histograms_false_writes_no_activation_histogram(tmp_path):
         events = EventAccumulator(str(tmp_path / str(histograms)), size_guidance={"histograms": 0}).Reload()
         counts[histograms] = len(events.Tags()["histograms"])
     assert counts[True] > 0 and counts[False] == 0, counts
+
+
+from lightning.pytorch import LightningModule  # noqa: E402  (appended with the BERT-sized test)
+
+
+class _Bert(LightningModule):
+    """A transformers BertForSequenceClassification (small widths, real depth pattern) in a LightningModule."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=16, num_labels=2)  # fmt: skip
+        self.bert = BertForSequenceClassification(config)
+
+    def training_step(self, batch, batch_idx):
+        ids, labels = batch
+        return self.bert(input_ids=ids, labels=labels).loss
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(
+            torch.randint(0, 100, (32, 12), generator=generator), torch.randint(0, 2, (32,), generator=generator)
+        )
+        return torch.utils.data.DataLoader(data, batch_size=8)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_bert_sized_run_keeps_the_scalars_tab_small(tmp_path):
+    """A BERT-depth model (6 layers, >= 60 watched modules): the compact form leaves <= 20 scalar tags, the per-layer
+    form hundreds."""
+    pytest.importorskip("transformers")
+    counts, watched = {}, 0
+    for per_layer in (True, False):
+        torch.manual_seed(0)
+        model = _Bert()
+        monitors = [ActivationMonitor(every_n_steps=2, per_layer_scalars=per_layer),
+                    GradientMonitor(every_n_steps=2, per_layer_scalars=per_layer)]  # fmt: skip
+        tb = TensorBoardLogger(tmp_path, name=f"per_layer_{per_layer}")
+        trainer(tmp_path, logger=tb, max_steps=4, log_every_n_steps=2, callbacks=monitors).fit(model)
+        _, tags = _tags(Path(tb.log_dir))
+        counts[per_layer] = len(tags["scalars"])
+        watched = max(watched, len(read_run(Path(tb.log_dir))[1] or ()))
+    assert watched >= 60, watched
+    assert counts[False] <= 20, f"compact: {counts[False]} scalar tags (per-layer: {counts[True]})"
+    assert counts[True] > 200, f"per-layer: {counts[True]} scalar tags (compact: {counts[False]})"
+    print(f"scalar tags: compact {counts[False]}, per-layer {counts[True]}, watched {watched}")

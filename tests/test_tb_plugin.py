@@ -57,6 +57,22 @@ def killed_logdir(tmp_path_factory):
     return _killed_run(tmp_path_factory.mktemp("tb_plugin"))
 
 
+def _blocks_run(logdir):
+    """A short run of a model with numbered blocks (net.1.*, net.2.*) between two ungrouped Linears."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch import nn
+
+    from lightning_bn import ActivationMonitor, GradientMonitor
+    from tests.helpers import BoringClassifier, trainer
+
+    torch.manual_seed(0)
+    block = lambda: nn.Sequential(nn.Linear(32, 32), nn.ReLU())  # noqa: E731
+    net = nn.Sequential(nn.Linear(64, 32), block(), block(), nn.Linear(32, 10))
+    callbacks = [ActivationMonitor(every_n_steps=2), GradientMonitor(every_n_steps=2)]
+    logger = TensorBoardLogger(logdir, name="zblocks")
+    trainer(logdir.parent, logger=logger, callbacks=callbacks, max_steps=6).fit(BoringClassifier(net))
+
+
 def _client(logdir):
     """The plugin on ``logdir`` and a werkzeug test client of its routes (as TensorBoard mounts them)."""
     from tensorboard.plugins import base_plugin
@@ -84,6 +100,14 @@ def test_short_names_drop_only_the_common_prefix():
     assert short_names(["net.0", "net.1"]) == ["net.0", "net.1"]  # short names stay whole
 
 
+def test_block_of_is_the_prefix_up_to_the_first_block_number():
+    from lightning_bn.tb_plugin import block_of
+
+    assert block_of("bert.encoder.layer.3.attention.self.query") == "bert.encoder.layer.3."
+    assert block_of("net.1.0") == "net.1."
+    assert block_of("net.3") is None and block_of("head") is None  # a number that is the last part is no block
+
+
 def test_routes_give_layers_in_forward_order_and_the_flag_with_its_step(killed_logdir):
     plugin, client = _client(killed_logdir)
     assert plugin.is_active()
@@ -107,7 +131,18 @@ def test_routes_give_layers_in_forward_order_and_the_flag_with_its_step(killed_l
 
     steps = data["steps"]
     assert steps == sorted(steps) and KILL_STEP in steps
-    assert {"std_ratio", "saturation", "dead", "grad_ratio"} <= set(data["figures"])
+    assert {"std_ratio", "saturation", "dead", "grad_ratio", "transmission", "update_ratio", "kurtosis"} <= set(
+        data["figures"]
+    )
+    assert data["figures"]["transmission"]["scale"] == "transmission"
+    assert data["figures"]["kurtosis"]["scale"] == "kurtosis"
+    relu_transmission = data["figures"]["transmission"]["values"][ORDER.index("net.1")]
+    assert any(value is not None and 0.5 < value < 2 for value in relu_transmission)
+    update_row = data["figures"]["update_ratio"]["values"][ORDER.index("net.0")]
+    assert any(value is not None and value > 0 for value in update_row)
+    kurtosis_row = data["figures"]["kurtosis"]["values"][ORDER.index("net.0")]
+    assert any(value is not None and value >= 1 for value in kurtosis_row)  # Pearson's kurtosis is >= 1
+    assert all(layer["group"] is None for layer in data["layers"])  # net.0 .. net.6: no blocks
     dead_row = data["figures"]["dead"]["values"][ORDER.index(KILLED)]
     assert len(dead_row) == len(steps)
     assert dead_row[steps.index(KILL_STEP)] == 1.0 and dead_row[0] < 0.5
@@ -134,7 +169,11 @@ def test_the_plugin_is_an_installed_entry_point():
 
 
 @pytest.mark.slow
-def test_tab_in_tensorboard_shows_rows_in_forward_order_and_the_flag(killed_logdir, browser_binary):  # noqa: F811
+def test_tab_in_tensorboard_shows_rows_in_forward_order_and_the_flag(
+    killed_logdir,
+    tmp_path,
+    browser_binary,  # noqa: F811
+):
     from importlib.metadata import entry_points
 
     from lightning_bn.tb_plugin import run_data
@@ -142,8 +181,13 @@ def test_tab_in_tensorboard_shows_rows_in_forward_order_and_the_flag(killed_logd
 
     if not any(e.name == "lightning_bn" for e in entry_points(group="tensorboard_plugins")):
         pytest.skip("lightning-bn is not installed (pip install -e .): TensorBoard cannot find the tab")
+    import shutil
+
+    logdir = tmp_path / "logs"
+    shutil.copytree(killed_logdir, logdir)
+    _blocks_run(logdir)
     started = time.monotonic()
-    with tensorboard_server(killed_logdir) as url, Chromium(browser_binary) as browser:
+    with tensorboard_server(logdir) as url, Chromium(browser_binary) as browser:
         browser.page("Page.enable")
         browser.page("Page.addScriptToEvaluateOnNewDocument", source=_COLLECT_ERRORS)
         browser.goto(f"{url}/?darkMode=false#lightning_bn")
@@ -169,9 +213,16 @@ def test_tab_in_tensorboard_shows_rows_in_forward_order_and_the_flag(killed_logd
         assert [name for name, _, _ in rows] == ORDER
         flags = {name: dict(map(tuple, flags)) for name, flags, _ in rows}
         assert flags[KILLED].get("dead") == str(KILL_STEP)
-        assert all(strips >= 4 for _, _, strips in rows)
-        legends = browser.evaluate(f"{frame}.querySelectorAll('.legend').length")
-        assert legends >= 4
+        assert all(strips >= 7 for _, _, strips in rows)
+        legends = json.loads(
+            browser.evaluate(f"JSON.stringify([...{frame}.querySelectorAll('.legend')].map((l) => l.dataset.figure))")
+        )
+        assert {"std_ratio", "grad_ratio", "transmission", "update_ratio", "kurtosis"} <= set(legends)
+        for key in ("transmission", "update_ratio", "kurtosis"):
+            assert browser.evaluate(f"{frame}.querySelectorAll('canvas.strip[data-figure={key}]').length") == len(ORDER)
+        marks = browser.evaluate(f"{frame}.querySelectorAll('.legend .legend-mark').length")
+        assert marks == 2  # transmission's 1 (healthy) and kurtosis's 3
+        assert browser.evaluate(f"{frame}.querySelectorAll('.group').length") == 0  # no blocks in this run
 
         # sort by first flagged: the killed layer comes first; the filter keeps only matching rows
         browser.evaluate(
@@ -212,7 +263,49 @@ def test_tab_in_tensorboard_shows_rows_in_forward_order_and_the_flag(killed_logd
         browser.page("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
         tip = browser.evaluate(f"{frame}.querySelector('.tooltip').textContent")
         assert tip == f"{KILLED} · dead fraction = 1.00 at step {KILL_STEP}", tip
+        # a click on a row opens its curves, one line chart per figure; a second click closes them
+        click_row = f"{frame}.querySelector('.row[data-layer=\\'{KILLED}\\'] .name').click()"
+        browser.evaluate(click_row)
+        charts = json.loads(
+            browser.evaluate(
+                f"JSON.stringify([...{frame}.querySelectorAll('.curves[data-layer=\\'{KILLED}\\'] svg.curve')]"
+                ".map((c) => [c.dataset.figure, c.querySelectorAll('polyline').length]))"
+            )
+        )
+        assert [key for key, _ in charts] == list(run_data(killed_logdir / "mlp" / "version_0")["figures"])
+        assert dict(charts)["dead"] == 1 and dict(charts)["kurtosis"] == 1
         browser.screenshot("/tmp/lightning_bn_tab.png")
+        browser.evaluate(click_row)
+        assert browser.evaluate(f"{frame}.querySelectorAll('.curves').length") == 0
+
+        # a run with numbered blocks: its rows grouped under one header per block; a click collapses, another expands
+        browser.evaluate(
+            f"(() => {{ const b = {frame}; b.dataset.loaded = ''; const s = b.querySelector('#run'); "
+            "s.value = 'zblocks/version_0'; s.dispatchEvent(new Event('change')); })()"
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and browser.evaluate(f"{frame}.dataset.loaded") != "zblocks/version_0":
+            time.sleep(0.2)
+        layout = lambda: json.loads(  # noqa: E731
+            browser.evaluate(
+                f"JSON.stringify([...{frame}.querySelectorAll('.group, .row')].map((r) => "
+                "r.classList.contains('group') ? 'group ' + r.dataset.group : r.dataset.layer))"
+            )
+        )
+        assert layout() == [
+            "net.0",
+            "group net.1.",
+            "net.1.0",
+            "net.1.1",
+            "group net.2.",
+            "net.2.0",
+            "net.2.1",
+            "net.3",
+        ]
+        browser.evaluate(f"{frame}.querySelector('.group[data-group=\\'net.1.\\']').click()")
+        assert layout() == ["net.0", "group net.1.", "group net.2.", "net.2.0", "net.2.1", "net.3"]
+        browser.evaluate(f"{frame}.querySelector('.group[data-group=\\'net.1.\\']').click()")
+        assert layout()[2:4] == ["net.1.0", "net.1.1"]
 
         errors = json.loads(
             browser.evaluate(

@@ -11,16 +11,30 @@ from typing import Any
 
 from lightning_bn.report import analyze
 from lightning_bn.report.reading import find_runs, read_run
-from lightning_bn.tags import ACT_DEAD, ACT_SATURATION, ACT_STD, GRAD_NORM, WEIGHT_NORM, split_tag
+from lightning_bn.tags import (
+    ACT_DEAD,
+    ACT_SATURATION,
+    ACT_STD,
+    ACT_TRANSMISSION,
+    ACTIVATION_STATISTICS,
+    GRAD_NORM,
+    UPDATE_RATIO,
+    WEIGHT_NORM,
+    split_tag,
+)
 
-__all__ = ["FIGURES", "list_runs", "run_data", "short_names"]
+__all__ = ["FIGURES", "block_of", "list_runs", "run_data", "short_names"]
 
-#: the strips of each row: key -> (label, colour scale); "log": log10 of the value, "unit": a fraction 0..1
+#: the strips of each row: key -> (label, colour scale); "log": log10 of the value, "unit": a fraction 0..1,
+#: "transmission": 0..>=1 with 1 healthy, "kurtosis": log10 with 3 (a Gaussian's) marked
 FIGURES: dict[str, tuple[str, str]] = {
     "std_ratio": ("std / first of its kind", "log"),
     "saturation": ("saturation", "unit"),
     "dead": ("dead fraction", "unit"),
     "grad_ratio": ("‖g‖ / ‖w‖", "log"),
+    "transmission": ("gradient transmission", "transmission"),
+    "update_ratio": ("update ratio", "log"),
+    "kurtosis": ("kurtosis", "kurtosis"),
 }
 
 
@@ -56,6 +70,24 @@ def short_names(names: Sequence[str], longer_than: int = 24) -> list[str]:
     while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
         common += 1
     return [".".join(p[common:]) for p in parts]
+
+
+def block_of(name: str) -> str | None:
+    """The block ``name`` belongs to: its dotted prefix up to its first number that is not its last part (with the
+    trailing dot), or ``None`` when it has none.
+
+    Example::
+
+        >>> block_of("bert.encoder.layer.3.attention.self.query")
+        'bert.encoder.layer.3.'
+        >>> block_of("net.3") is None
+        True
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1]) + "."
+    return None
 
 
 def _finite(value: float | None) -> float | None:
@@ -95,6 +127,11 @@ def run_data(run: Path, name: str = "") -> dict[str, Any]:
         layer: {s: g / weights[layer][s] for s, g in values.items() if weights.get(layer, {}).get(s, 0.0) > 0}
         for layer, values in grads.items()
     }
+    update_ratio: dict[str, dict[int, float]] = {}  # the largest over each layer's parameters
+    for target, values in per.get(UPDATE_RATIO, {}).items():
+        acc = update_ratio.setdefault(target.rpartition(".")[0] or target, {})
+        for step, value in values.items():
+            acc[step] = max(acc.get(step, value), value)
     stds = per.get(ACT_STD, {})
     std_ratio: dict[str, dict[int, float]] = {}
     for layer in health.layers:
@@ -107,6 +144,9 @@ def run_data(run: Path, name: str = "") -> dict[str, Any]:
         "saturation": per.get(ACT_SATURATION, {}),
         "dead": per.get(ACT_DEAD, {}),
         "grad_ratio": grad_ratio,
+        "transmission": per.get(ACT_TRANSMISSION, {}),
+        "update_ratio": update_ratio,
+        "kurtosis": per.get(ACTIVATION_STATISTICS["kurtosis"], {}),
     }
     shorts = short_names(order)
     layers = []
@@ -127,6 +167,7 @@ def run_data(run: Path, name: str = "") -> dict[str, Any]:
                 "name": layer.name,
                 "short": short,
                 "depth": layer.depth,
+                "group": block_of(layer.name),
                 "kind": layer.kind,
                 "module_type": layer.module_type or entry.get("module_type"),
                 "activation": layer.activation or entry.get("activation"),

@@ -2,7 +2,7 @@
 // this plugin's route prefix, so "runs", "run" and "style.css" are the plugin's own routes.
 
 const CELL_W = 8; // px per step while the strip is between its bounds
-const STRIP_MIN = 160; // px of a strip, at least
+const STRIP_MIN = 110; // px of a strip, at least
 const STRIP_MAX = 320; // px of a strip, at most
 const STRIP_H = 16;
 const LOG_RANGE = {std_ratio: [-2, 2], grad_ratio: null}; // log10 bounds; null: from the data
@@ -44,6 +44,14 @@ function scaleOf(key, figure) {
   if (figure.scale === 'unit') {
     return {lo: 0, hi: 1, log: false, stops: SEQUENTIAL, t: (v) => v};
   }
+  if (figure.scale === 'transmission') { // 0 (blocked) .. 1 (healthy, white) .. >=2 (amplified)
+    return {lo: 0, hi: 2, log: false, stops: [...DIVERGING].reverse(), t: (v) => v / 2, mark: [1, '1 = healthy'],
+      over: true};
+  }
+  if (figure.scale === 'kurtosis') { // log10 1..1000, a Gaussian's 3 marked
+    return {lo: 0, hi: 3, log: true, stops: SEQUENTIAL, t: (v) => (v > 0 ? Math.log10(v) / 3 : 0),
+      mark: [Math.log10(3), '3 = Gaussian']};
+  }
   let range = LOG_RANGE[key];
   if (!range) {
     const logs = figure.values.flat().filter((v) => v !== null && v > 0).map(Math.log10);
@@ -77,11 +85,19 @@ function legend(key, figure, scale) {
     ctx.fillStyle = `rgb(${r},${g},${b})`;
     ctx.fillRect(x, 0, 1, 10);
   }
+  let mark = [];
+  if (scale.mark) {
+    const [at, text] = scale.mark;
+    const x = Math.round(((at - scale.lo) / (scale.hi - scale.lo)) * 119);
+    ctx.fillStyle = '#000';
+    ctx.fillRect(x, 0, 1, 10);
+    mark = [el('span', {class: 'legend-mark', text: `(| ${text})`})];
+  }
   const lo = scale.log ? `1e${scale.lo}` : `${scale.lo}`;
-  const hi = scale.log ? `1e${scale.hi}` : `${scale.hi}`;
+  const hi = scale.log ? `1e${scale.hi}` : `${scale.over ? '≥' : ''}${scale.hi}`;
   return el('div', {class: 'legend', 'data-figure': key},
     el('span', {class: 'legend-label', text: figure.label + (scale.log ? ' (log)' : '')}),
-    el('span', {class: 'legend-lo', text: lo}), canvas, el('span', {class: 'legend-hi', text: hi}));
+    el('span', {class: 'legend-lo', text: lo}), canvas, el('span', {class: 'legend-hi', text: hi}), ...mark);
 }
 
 function stripWidth(steps) {
@@ -146,6 +162,54 @@ function flagBadges(layer) {
   return box;
 }
 
+const SVG = 'http://www.w3.org/2000/svg';
+const CURVE_W = 240;
+const CURVE_H = 90;
+
+function svg(tag, attrs = {}) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === 'text') node.textContent = value;
+    else node.setAttribute(key, value);
+  }
+  return node;
+}
+
+// One small line chart per figure of layer `row` over the logged steps (log10 y for the log-scaled figures)
+function curves(data, row, keys) {
+  const box = el('div', {class: 'curves', 'data-layer': data.layers[row].name});
+  const steps = data.steps;
+  for (const key of keys) {
+    const figure = data.figures[key];
+    const log = figure.scale === 'log' || figure.scale === 'kurtosis';
+    const y = (v) => (v === null ? null : log ? (v > 0 ? Math.log10(v) : null) : v);
+    const points = figure.values[row].map((v, i) => [steps[i], y(v), v]).filter((p) => p[1] !== null);
+    const chart = svg('svg', {class: 'curve', 'data-figure': key, width: CURVE_W, height: CURVE_H,
+      viewBox: `0 0 ${CURVE_W} ${CURVE_H}`});
+    chart.append(svg('text', {x: 4, y: 11, class: 'curve-label', text: figure.label + (log ? ' (log)' : '')}));
+    if (points.length) {
+      const xs = [steps[0], steps[steps.length - 1]];
+      let lo = Math.min(...points.map((p) => p[1]));
+      let hi = Math.max(...points.map((p) => p[1]));
+      if (hi === lo) { lo -= 0.5; hi += 0.5; }
+      const px = (s) => 30 + ((s - xs[0]) / Math.max(1, xs[1] - xs[0])) * (CURVE_W - 36);
+      const py = (v) => CURVE_H - 14 - ((v - lo) / (hi - lo)) * (CURVE_H - 32);
+      chart.append(svg('rect', {x: 30, y: 18, width: CURVE_W - 36, height: CURVE_H - 32, class: 'curve-frame'}));
+      chart.append(svg('polyline', {points: points.map((p) => `${px(p[0]).toFixed(1)},${py(p[1]).toFixed(1)}`)
+        .join(' '), class: 'curve-line'}));
+      const tick = (v) => fmt(log ? 10 ** v : v);
+      chart.append(svg('text', {x: 2, y: 22, class: 'curve-tick', text: tick(hi)}),
+        svg('text', {x: 2, y: CURVE_H - 14, class: 'curve-tick', text: tick(lo)}),
+        svg('text', {x: 30, y: CURVE_H - 2, class: 'curve-tick', text: `${xs[0]}`}),
+        svg('text', {x: CURVE_W - 6, y: CURVE_H - 2, class: 'curve-tick', 'text-anchor': 'end', text: `${xs[1]}`}));
+    } else {
+      chart.append(svg('text', {x: 4, y: 40, class: 'curve-tick', text: 'not logged'}));
+    }
+    box.append(chart);
+  }
+  return box;
+}
+
 function renderRun(view, data, state, tooltip) {
   view.replaceChildren();
   const keys = Object.keys(data.figures);
@@ -158,7 +222,10 @@ function renderRun(view, data, state, tooltip) {
     keys.map((k) => `${stripWidth(data.steps)}px`).join(' ')}`});
   grid.append(el('div', {class: 'head', text: 'layer'}), el('div', {class: 'head', text: 'type'}),
     el('div', {class: 'head', text: 'activation'}), el('div', {class: 'head', text: 'flags (first step)'}));
-  for (const k of keys) grid.append(el('div', {class: 'head'}, el('div', {text: data.figures[k].label}), axis(data.steps)));
+  for (const k of keys) {
+    const label = data.figures[k].label;
+    grid.append(el('div', {class: 'head'}, el('div', {class: 'fig-label', title: label, text: label}), axis(data.steps)));
+  }
 
   const needle = state.filter.trim().toLowerCase();
   let rows = data.layers.map((layer, i) => ({layer, i}));
@@ -170,7 +237,24 @@ function renderRun(view, data, state, tooltip) {
     const first = (l) => (l.first_flagged === null ? Infinity : l.first_flagged);
     rows.sort((a, b) => first(a.layer) - first(b.layer) || a.i - b.i);
   }
+  const grouped = state.sort === 'forward';
+  const sizes = {};
+  for (const {layer} of rows) if (layer.group) sizes[layer.group] = (sizes[layer.group] || 0) + 1;
+  let current = null;
   for (const {layer, i} of rows) {
+    const group = grouped ? layer.group : null;
+    if (group && group !== current) {
+      const closed = state.collapsed.has(group);
+      const header = el('div', {class: `group${closed ? ' collapsed' : ''}`, 'data-group': group,
+        text: `${closed ? '▸' : '▾'} ${group} (${sizes[group]} layers)`});
+      header.addEventListener('click', () => {
+        if (!state.collapsed.delete(group)) state.collapsed.add(group);
+        renderRun(view, data, state, tooltip);
+      });
+      grid.append(header);
+    }
+    current = group;
+    if (group && state.collapsed.has(group)) continue;
     const cells = [
       el('div', {class: 'name', title: layer.name, text: layer.short}),
       el('div', {class: 'type', text: layer.module_type || layer.kind || ''}),
@@ -179,8 +263,14 @@ function renderRun(view, data, state, tooltip) {
       ...keys.map((k) => strip(k, i, data, scales[k], tooltip)),
     ];
     const row = el('div', {class: `row${layer.flags.length ? ' flagged' : ''}`, 'data-layer': layer.name});
+    if (group) row.dataset.group = group;
     row.append(...cells);
+    row.addEventListener('click', () => {
+      if (!state.open.delete(layer.name)) state.open.add(layer.name);
+      renderRun(view, data, state, tooltip);
+    });
     grid.append(row);
+    if (state.open.has(layer.name)) grid.append(curves(data, i, keys));
   }
   view.append(grid, el('p', {class: 'count', text: `${rows.length} of ${data.layers.length} layers, ${
     data.steps.length} logged steps`}));
@@ -198,12 +288,14 @@ export async function render() {
   document.body.append(el('div', {class: 'controls'},
     el('label', {}, 'run ', runSelect), el('label', {}, 'sort ', sortSelect), filter), status, view, tooltip);
 
-  const state = {sort: 'forward', filter: '', data: null};
+  const state = {sort: 'forward', filter: '', data: null, collapsed: new Set(), open: new Set()};
   const redraw = () => { if (state.data) renderRun(view, state.data, state, tooltip); };
   const load = async () => {
     status.textContent = `loading ${runSelect.value}…`;
     try {
       state.data = await getJSON(`./run?run=${encodeURIComponent(runSelect.value)}`);
+      state.collapsed.clear();
+      state.open.clear();
       status.textContent = '';
       document.body.dataset.loaded = runSelect.value;
       redraw();
