@@ -32,34 +32,19 @@ RESULTS = Path(__file__).with_name("COMPACT_AND_TAB.md")
 
 def write_log(directory: Path, steps: int, layers: int, per_layer_scalars: bool) -> tuple[Path, int]:
     """A monitors' log of ``steps`` logging steps x ``layers`` layers in one form; its event file and figure count."""
+    from _synthetic import layers_table, monitor_tags  # the script's directory is on sys.path
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_bn.tags import (
-        ACTIVATION_STATISTICS,
-        GRAD_NORM,
-        LOSS_TAG,
-        TOTAL_GRADIENT_TAG,
-        UPDATE_RATIO,
-        WEIGHT_NORM,
-        tag,
-    )
+    from lightning_bn.tags import LOSS_TAG, TOTAL_GRADIENT_TAG
     from lightning_bn.writers import Destination
 
     rng = random.Random(0)
     names = [f"model.encoder.layer.{i}" for i in range(layers)]
-    act_tags = [tag(statistic, name) for name in names for statistic in ACTIVATION_STATISTICS.values()]
-    grad_tags = [
-        tag(statistic, f"{name}.{kind}")
-        for name in names
-        for kind in ("weight", "bias")
-        for statistic in (GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM)
-    ]
+    act_tags, grad_tags = monitor_tags(names, ("weight", "bias"))
     writer = SummaryWriter(str(directory), max_queue=1000, flush_secs=3600)
     activations = Destination.of_writer(writer, per_layer_scalars=per_layer_scalars)
     gradients = Destination.of_writer(writer, per_layer_scalars=per_layer_scalars)
-    activations.write_layers(
-        [{"name": name, "module_type": "Linear", "activation": "gelu", "hook": "output"} for name in names]
-    )
+    activations.write_layers(layers_table(names, "gelu"))
     for step in range(steps):
         act = {key: rng.uniform(0.05, 0.5) for key in act_tags}
         act[LOSS_TAG] = rng.uniform(0.1, 2.0)

@@ -61,28 +61,18 @@ def write_log(directory: Path, steps: int, layers: int) -> Path:
     """A monitors' log of ``steps`` logging steps x ``layers`` layers; returns its event file."""
     import random
 
+    from _synthetic import layers_table, monitor_tags  # the script's directory is on sys.path
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_bn.tags import (
-        ACTIVATION_STATISTICS,
-        GRAD_NORM,
-        LAYERS_TAG,
-        LOSS_TAG,
-        TOTAL_GRADIENT_TAG,
-        UPDATE_RATIO,
-        WEIGHT_NORM,
-        tag,
-    )
+    from lightning_bn.tags import LAYERS_TAG, LOSS_TAG, TOTAL_GRADIENT_TAG
     from lightning_bn.writers import write_scalars
 
     rng = random.Random(0)
     names = [f"net.{2 * i}" for i in range(layers)]
-    tags = [tag(statistic, name) for name in names for statistic in ACTIVATION_STATISTICS.values()]
-    tags += [tag(statistic, f"{name}.weight") for name in names for statistic in (GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM)]
-    tags += [TOTAL_GRADIENT_TAG, LOSS_TAG]
+    activations, gradients = monitor_tags(names)
+    tags = [*activations, *gradients, TOTAL_GRADIENT_TAG, LOSS_TAG]
     writer = SummaryWriter(str(directory), max_queue=1000, flush_secs=3600)
-    table = [{"name": name, "module_type": "Linear", "activation": "relu", "hook": "output"} for name in names]
-    writer.add_text(LAYERS_TAG, json.dumps(table), 0)
+    writer.add_text(LAYERS_TAG, json.dumps(layers_table(names, "relu")), 0)
     for step in range(steps):
         write_scalars(writer, {key: rng.uniform(0.05, 0.5) for key in tags}, step)
     writer.close()
