@@ -141,7 +141,9 @@ def is_chain(trace: LayerTrace) -> bool:
     )
 
 
-def _plan(name: str, trace: LayerTrace, choice: str, aliases: list[str], model_map: ModelMap) -> LayerPlan:
+def _plan(
+    name: str, trace: LayerTrace, choice: str, aliases: list[str], model_map: ModelMap, branches: int
+) -> LayerPlan:
     """The rule for one layer the policy does not keep."""
     gated_by = trace.gated_by
     activation = _init_activation(trace)
@@ -180,7 +182,7 @@ def _plan(name: str, trace: LayerTrace, choice: str, aliases: list[str], model_m
     elif choice == "auto" and is_branch_end(trace) and not plan.lsuv:
         # the last layer of a residual branch: its output joins the stream with at most 1/sqrt(branches) of the
         # stream's std (GPT-2's 1/sqrt(2 n_layer); Fixup, T-Fixup, DeepNet), or the model's own smaller share
-        share = min(trace.output_std / trace.shortcut_std, 1 / math.sqrt(max(model_map_branches(model_map), 1)))
+        share = min(trace.output_std / trace.shortcut_std, 1 / math.sqrt(max(branches, 1)))
         plan.role, plan.correct, plan.target_std = "branch", False, share * trace.shortcut_std
     return plan
 
@@ -274,6 +276,7 @@ def plan_layers(
             )
     aliases = _aliases(model)
     attention = {name for pair in model_map.attention for name in pair}
+    branches = model_map_branches(model_map)  # once: every branch end is scaled by 1/sqrt(branches)
     frozen = _frozen_names(model) if frozen is None else set(frozen)
     memory = uninitialized_memory(model, model_map, frozen, values=values)
     plans: list[LayerPlan] = []
@@ -293,7 +296,7 @@ def plan_layers(
             skipped.append(Skipped(name, "override 'skip'"))
             continue
         if memory is not None and name in memory.layers:  # garbage or zero memory: drawn, whatever it holds
-            plans.append(_fresh(_plan(name, trace, choice, names, model_map), memory.reason))
+            plans.append(_fresh(_plan(name, trace, choice, names, model_map, branches), memory.reason))
             continue
         held = _frozen_layer(name, trace.module, frozen)
         if held is not None:
@@ -305,7 +308,7 @@ def plan_layers(
                 kept.append(Kept(name, reason))
                 continue
             auto.add(name)
-        plan = _plan(name, trace, choice, names, model_map)
+        plan = _plan(name, trace, choice, names, model_map, branches)
         if name in attention and math.isfinite(trace.output_std) and trace.output_std > 0:
             plan.target_std, plan.lsuv, plan.correct, plan.role = trace.output_std, False, False, "attention"
         plans.append(plan)
