@@ -574,8 +574,9 @@ def _apply(
     for kind in sorted({p.activation.name for p in critical}):
         group = [p for p in critical if p.activation.name == kind]
         point = group[0].critical
-        why = (" (the forward-preserving Xavier gain would give χ₁ "
-               f"{_xavier_chi1(point.activation):.3g}: gradients {_phase(point.activation)} with depth)"
+        xavier = _xavier_chi1(point.activation)
+        why = (f" (the forward-preserving Xavier gain would give χ₁ {xavier:.3g}: gradients "
+               f"{'explode' if xavier > 1 else 'vanish'} with depth)"
                if all(p.role == "chain" for p in group) else "")  # fmt: skip
         changes.append(
             f"critical init (mean-field, χ₁ = 1) for {_layers(len(group))} before {kind}{why}: {point.describe()}; "
@@ -678,10 +679,6 @@ def _xavier_chi1(activation: Activation) -> float:
     """χ₁ of a chain drawn with the forward-preserving gain (``σ_w² = 1/E[φ(z)²]``, ``σ_b = 0``)."""
     weight_variance = activation.gain**2
     return chi1(activation, weight_variance, fixed_point(activation, weight_variance))
-
-
-def _phase(activation: Activation) -> str:
-    return "explode" if _xavier_chi1(activation) > 1 else "vanish"
 
 
 def _row(plan: LayerPlan, outcome: _Outcome) -> LayerReport:
