@@ -39,7 +39,7 @@ from lightning_bn.tracing import (
     run_forward,
     trace_model,
 )
-from lightning_bn.tracing.policy import plan_layers
+from lightning_bn.tracing.policy import plan_layers, weight_rms
 
 __all__ = [
     "DEFAULT_DEPTH_RATIO",
@@ -118,10 +118,6 @@ def _trace(model: nn.Module, example_input: Any) -> ModelMap | None:
         return None
 
 
-def _rms(weight: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(weight.detach().float())) / math.sqrt(max(weight.numel(), 1))
-
-
 def _scale_finding(name: str, ratio: float, what: str, factor: float) -> InitFinding | None:
     if not math.isfinite(ratio) or ratio == 0 or 1 / factor <= ratio <= factor:
         return None
@@ -139,7 +135,7 @@ def _weight_scale(model: nn.Module, found: ModelMap | None, factor: float) -> li
                 continue
             fans = get_layer_kind(module).weights(module)[0]
             needed = scheme_std(activation.kind.init, fans.fan_in, fans.fan_out, activation.gain)
-            rms = _rms(module.weight)
+            rms = weight_rms(module.weight)
             what = f"weight std {rms:.3g} is {rms / needed:.3g}x the {needed:.3g} that {activation.describe()} needs"
             finding = _scale_finding(name, rms / needed, what, factor)
             findings += [finding] if finding is not None and rms > 0 else []
@@ -154,7 +150,7 @@ def _weight_scale(model: nn.Module, found: ModelMap | None, factor: float) -> li
         if plan.critical is not None:
             gain = plan.critical.gain
         needed = scheme_std(plan.scheme, spec.fan_in, spec.fan_out, gain)
-        rms = _rms(spec.effective_weight(plan.module))
+        rms = weight_rms(spec.effective_weight(plan.module))
         ratio = rms / needed
         what = (f"weight std {rms:.3g} is {ratio:.3g}x the {needed:.3g} that prepare() would draw "
                 f"({plan.scheme} for {plan.activation.describe()}); output std {trace.output_std:.3g}")  # fmt: skip

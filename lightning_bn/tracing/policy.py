@@ -404,7 +404,8 @@ def _zero_gain(module: nn.Module) -> str | None:
     return None
 
 
-def _rms(weight: torch.Tensor) -> float:
+def weight_rms(weight: torch.Tensor) -> float:
+    """Root mean square of a weight (its std for a zero-mean draw), as a float."""
     return float(torch.linalg.vector_norm(weight.detach().float())) / math.sqrt(max(weight.numel(), 1))
 
 
@@ -413,7 +414,7 @@ def _scale_ratio(plan: LayerPlan) -> tuple[float, float]:
     spec = get_layer_kind(plan.module).weights(plan.module)[0]
     gain = plan.critical.gain if plan.critical is not None else 1.0 if plan.scheme == "lecun" else plan.activation.gain
     needed = scheme_std(plan.scheme, spec.fan_in, spec.fan_out, gain)
-    return (_rms(spec.tensor(plan.module)) / needed if needed > 0 else math.nan), needed
+    return (weight_rms(spec.tensor(plan.module)) / needed if needed > 0 else math.nan), needed
 
 
 def _head_scales(plans: list[LayerPlan], auto: set[str]) -> tuple[list[LayerPlan], list[Kept]]:
