@@ -33,11 +33,11 @@ class Monitor:
         model: the module trained (a ``torch.compile``'d, Fabric- or DDP-wrapped model is fine: figures carry the
             plain model's names).
         every_n_steps: log on steps (counted by :meth:`step` from 0) that are multiples of this.
-        writer: where figures go: a ``torch.utils.tensorboard.SummaryWriter`` (scalars as one event per step, plus
-            histograms, the Custom Scalars layout, the layers table ``lightning-bn report`` reads and the saturation
-            heatmap at :meth:`close`), a Lightning ``Fabric`` (``fabric.log_dict``, on its loggers), a Lightning
-            logger (``log_metrics``), any callable ``(metrics, step)``, or ``None`` (kept in :attr:`figures` and
-            returned by :meth:`step`).
+        writer: where figures go: a ``torch.utils.tensorboard.SummaryWriter`` (one event per step: the model-wide
+            scalars and the per-layer figures as one compact record, see ``per_layer_scalars``; plus histograms, the
+            layers table ``lightning-bn report`` reads and the saturation heatmap at :meth:`close`), a Lightning
+            ``Fabric`` (``fabric.log_dict``, on its loggers), a Lightning logger (``log_metrics``), any callable
+            ``(metrics, step)``, or ``None`` (kept in :attr:`figures` and returned by :meth:`step`).
         example_input: traced once to find every activation (functional calls too); default: the first call of
             ``model`` is traced as it runs (its ``forward`` runs once).
         **options: those of :class:`~lightning_bn.monitoring.MonitorOptions` (``activations``, ``gradients``,
@@ -90,7 +90,7 @@ class Monitor:
         update_ratio: bool | str = True,
         update_ratio_budget: float = 0.25,
         nonfinite_every_step: bool = True,
-        per_layer_scalars: bool = True,
+        per_layer_scalars: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         options = MonitorOptions(every_n_steps, activations, gradients, modules, histograms, gradient_histograms,

@@ -1,11 +1,12 @@
 """Write monitor figures to any Lightning logger; TensorBoard extras only when a TensorBoard logger is present.
 
 Scalars go to every logger through ``log_metrics``. With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`
-(or any logger whose ``experiment`` is a ``SummaryWriter``) we also write histograms, a custom-scalars layout
-that overlays all layers in one chart per statistic, text, and images such as the saturation heatmap.
+(or any logger whose ``experiment`` is a ``SummaryWriter``) the per-layer figures go as one compact record per
+logging step (below; ``per_layer_scalars=True``: as scalars too, with a Custom Scalars layout that overlays all layers
+in one chart per statistic), and we also write histograms, text, and images such as the saturation heatmap.
 
-The compact record (``per_layer_scalars=False``)
--------------------------------------------------
+The compact record (``per_layer_scalars=False``, the default)
+---------------------------------------------------------------
 With ``per_layer_scalars=False`` a TensorBoard writer gets a logging step's per-layer figures (every monitor tag but
 ``grad_norm/total`` and the loss, see :func:`lightning_bn.tags.is_row_tag`) as ONE tensor summary instead of one
 scalar each; its Scalars tab keeps the model-wide figures only: ``grad_norm/total``, ``lightning_bn/loss``,
@@ -334,7 +335,7 @@ class Destination:
         self,
         scalars: Callable[[Mapping[str, float], int], None] | None,
         tensorboard: Sequence[Any] = (),
-        per_layer_scalars: bool = True,
+        per_layer_scalars: bool = False,
     ):
         self.scalars = scalars
         self.tensorboard = list(tensorboard)
@@ -342,7 +343,7 @@ class Destination:
         self.per_layer_scalars = per_layer_scalars
 
     @classmethod
-    def of_loggers(cls, loggers: Sequence[Any], per_layer_scalars: bool = True) -> Destination:
+    def of_loggers(cls, loggers: Sequence[Any], per_layer_scalars: bool = False) -> Destination:
         """Every Lightning logger; TensorBoard extras for the TensorBoard ones (without ``per_layer_scalars``, the
         compact record instead of per-layer scalars: see the module docstring)."""
         loggers = list(loggers)
@@ -350,7 +351,7 @@ class Destination:
                    tensorboard_writers(loggers), per_layer_scalars)  # fmt: skip
 
     @classmethod
-    def of_writer(cls, writer: Any, per_layer_scalars: bool = True) -> Destination:
+    def of_writer(cls, writer: Any, per_layer_scalars: bool = False) -> Destination:
         """A ``SummaryWriter``, a Lightning ``Fabric`` (``log_dict``), a Lightning logger (``log_metrics``), a callable
         ``(metrics, step)`` or ``None``; raises ``ValueError`` naming a writer of no known kind.
         ``per_layer_scalars=False`` concerns a ``SummaryWriter`` only (the others always get scalars)."""

@@ -171,8 +171,23 @@ def trainer(tmp_path, **kwargs) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
+def _compact_cells(directory) -> dict[str, list[tuple[int, float]]]:
+    """The per-layer figures of the compact records (``lightning_bn/rows``, the monitors' default with a TensorBoard
+    logger) in one run directory, as the scalars they stand for (``act_std/net.0``: [(step, value)])."""
+    import numpy as np
+
+    from lightning_bn.report.reading import _load
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for step, figures, rows, present, matrix in _load(directory, expand=False)[2]:
+        for i, j in zip(*np.nonzero(present)):
+            out.setdefault(f"{figures[j]}/{rows[i]}", []).append((step, float(matrix[i, j])))
+    return out
+
+
 def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the TensorBoard event files under ``logdir``: tag -> [(step, value)]."""
+    """Every scalar in the TensorBoard event files under ``logdir``: tag -> [(step, value)], the cells of the monitors'
+    compact records (their default with a TensorBoard logger) read as the scalars they stand for."""
     from pathlib import Path
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -183,10 +198,14 @@ def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+        for tag, series in _compact_cells(directory).items():
+            out.setdefault(tag, []).extend(series)
     return out
 
 
 def event_tags(logdir) -> dict[str, list[str]]:
+    """The tags of every kind in the event files under ``logdir``; ``"scalars"`` includes the figures of the monitors'
+    compact records (their default with a TensorBoard logger), as the scalar tags they stand for."""
     from pathlib import Path
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -198,6 +217,7 @@ def event_tags(logdir) -> dict[str, list[str]]:
         for kind, names in acc.Tags().items():
             if isinstance(names, list):
                 tags.setdefault(kind, []).extend(names)
+        tags.setdefault("scalars", []).extend(_compact_cells(directory))
     return tags
 
 

@@ -1,5 +1,6 @@
 """End to end in a real browser: a short Lightning run with ``ActivationMonitor`` and ``GradientMonitor``, TensorBoard
-serving its log directory, and headless Chromium rendering the Custom Scalars and Images dashboards.
+serving its log directory, and headless Chromium rendering the Custom Scalars (with ``per_layer_scalars=True``) and
+Images dashboards.
 
 ``chromium --dump-dom`` is not enough here: TensorBoard's Polymer dashboards draw their chart titles inside shadow
 roots, which the dumped light DOM does not contain. So Chromium is driven over the Chrome DevTools Protocol, spoken on
@@ -310,7 +311,9 @@ def test_tensorboard_renders_custom_scalars_and_heatmap(tmp_path, browser_binary
     from tests.helpers import BoringClassifier, mlp, trainer
 
     logdir = tmp_path / "logs"
-    callbacks = [ActivationMonitor(every_n_steps=2), GradientMonitor(every_n_steps=2)]
+    # the Custom Scalars layout comes with the opt-in per-layer scalars (the default writes one compact record)
+    callbacks = [ActivationMonitor(every_n_steps=2, per_layer_scalars=True),
+                 GradientMonitor(every_n_steps=2, per_layer_scalars=True)]  # fmt: skip
     trainer(tmp_path, logger=TensorBoardLogger(logdir), callbacks=callbacks, max_steps=6).fit(
         BoringClassifier(mlp(2, 16, nn.Tanh))
     )

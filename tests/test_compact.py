@@ -1,4 +1,4 @@
-"""``per_layer_scalars=False``: a logging step's per-layer figures as one compact TensorBoard record
+"""``per_layer_scalars=False`` (the default): a logging step's per-layer figures as one compact TensorBoard record
 (``lightning_bn/rows``), a handful of model-wide scalars, and the same diagnosis as from per-layer scalars."""
 
 from __future__ import annotations
@@ -44,15 +44,14 @@ class ZeroLayerAt(Callback):
                 pl_module.net[6].bias.zero_()
 
 
-def _fit(root: Path, name: str, per_layer_scalars: bool, extra_logger: bool = False) -> Path:
+def _fit(root: Path, name: str, per_layer_scalars: bool | None, extra_logger: bool = False) -> Path:
+    """``per_layer_scalars=None``: the monitors' default."""
     torch.manual_seed(0)
     net = mlp(7, 32, nn.ReLU)  # 8 Linears + 7 ReLUs: 15 watched layers, 16 parameters
     model = BoringClassifier(net, lr=0.1, batch_size=32, data=random_data(32 * STEPS))
-    monitors = [
-        ActivationMonitor(every_n_steps=EVERY, per_layer_scalars=per_layer_scalars),
-        GradientMonitor(every_n_steps=EVERY, per_layer_scalars=per_layer_scalars),
-        ZeroLayerAt(),
-    ]
+    option = {} if per_layer_scalars is None else {"per_layer_scalars": per_layer_scalars}
+    monitors = [ActivationMonitor(every_n_steps=EVERY, **option), GradientMonitor(every_n_steps=EVERY, **option),
+                ZeroLayerAt()]  # fmt: skip
     tb = TensorBoardLogger(root, name=name)
     loggers = [tb, CSVLogger(root, name=f"{name}_csv")] if extra_logger else tb
     trainer(root, logger=loggers, max_steps=STEPS, callbacks=monitors).fit(model)
@@ -68,7 +67,7 @@ def _tags(run: Path) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("compact")
-    return _fit(root, "per_layer", True), _fit(root, "compact", False, extra_logger=True), root
+    return _fit(root, "per_layer", True), _fit(root, "compact", None, extra_logger=True), root
 
 
 def _flags(health) -> dict[str, dict[str, int]]:
@@ -205,10 +204,12 @@ def test_per_layer_scalars_is_checked(bad):
         Monitor(nn.Linear(2, 2), per_layer_scalars=bad)
 
 
-def test_default_is_unchanged_and_keeps_the_checkpoint_key():
-    assert MonitorOptions().per_layer_scalars is True
+def test_default_is_compact_and_keeps_the_checkpoint_key():
+    assert MonitorOptions().per_layer_scalars is False
+    assert ActivationMonitor().per_layer_scalars is False and GradientMonitor().per_layer_scalars is False
+    # a checkpoint written before the option existed (no key for it) restores into the default callbacks
     assert "per_layer_scalars" not in ActivationMonitor().state_key
-    assert "per_layer_scalars" in ActivationMonitor(per_layer_scalars=False).state_key
+    assert "per_layer_scalars" in ActivationMonitor(per_layer_scalars=True).state_key
 
 
 def test_histograms_false_writes_no_activation_histogram(tmp_path):
@@ -259,25 +260,48 @@ class _Bert(LightningModule):
         return torch.utils.data.DataLoader(data, batch_size=8)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def test_bert_sized_run_keeps_the_scalars_tab_small(tmp_path):
-    """A BERT-depth model (6 layers, >= 60 watched modules): the compact form leaves <= 20 scalar tags, the per-layer
-    form hundreds."""
+class _KillIntermediate(Callback):
+    """Zeroes encoder layer 3's intermediate dense (weight and bias) at step 6: its GELU outputs a constant."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 6:
+            dense = pl_module.bert.bert.encoder.layer[3].intermediate.dense
+            with torch.no_grad():
+                dense.weight.zero_()
+                dense.bias.zero_()
+
+
+def test_bert_sized_run_keeps_the_scalars_tab_small_and_the_report_the_same(tmp_path, capsys):
+    """A BERT-depth model (6 layers, >= 60 watched modules) with a layer killed at step 6: by default the run leaves
+    <= 20 scalar tags (per_layer_scalars=True: hundreds), and `lightning-bn report` says the same of both runs."""
     pytest.importorskip("transformers")
-    counts, watched = {}, 0
-    for per_layer in (True, False):
+    from lightning_bn.cli import main
+
+    counts, watched, reports = {}, 0, {}
+    for per_layer in (True, None):
         torch.manual_seed(0)
         model = _Bert()
-        monitors = [ActivationMonitor(every_n_steps=2, per_layer_scalars=per_layer),
-                    GradientMonitor(every_n_steps=2, per_layer_scalars=per_layer)]  # fmt: skip
+        option = {} if per_layer is None else {"per_layer_scalars": per_layer}
+        monitors = [ActivationMonitor(every_n_steps=2, **option), GradientMonitor(every_n_steps=2, **option),
+                    _KillIntermediate()]  # fmt: skip
         tb = TensorBoardLogger(tmp_path, name=f"per_layer_{per_layer}")
-        trainer(tmp_path, logger=tb, max_steps=4, log_every_n_steps=2, callbacks=monitors).fit(model)
+        trainer(tmp_path, logger=tb, max_steps=12, log_every_n_steps=2, callbacks=monitors).fit(model)
         _, tags = _tags(Path(tb.log_dir))
         counts[per_layer] = len(tags["scalars"])
         watched = max(watched, len(read_run(Path(tb.log_dir))[1] or ()))
+        capsys.readouterr()
+        code = main(["report", tb.log_dir, "--format", "json"])
+        reports[per_layer] = (code, next(iter(json.loads(capsys.readouterr().out)["runs"].values())))
     assert watched >= 60, watched
-    assert counts[False] <= 20, f"compact: {counts[False]} scalar tags (per-layer: {counts[True]})"
-    assert counts[True] > 200, f"per-layer: {counts[True]} scalar tags (compact: {counts[False]})"
-    print(f"scalar tags: compact {counts[False]}, per-layer {counts[True]}, watched {watched}")
+    assert counts[None] <= 20, f"default: {counts[None]} scalar tags (per-layer: {counts[True]})"
+    assert counts[True] > 200, f"per-layer: {counts[True]} scalar tags (default: {counts[None]})"
+    (code_a, report_a), (code_b, report_b) = reports[True], reports[None]
+    assert code_a == code_b and report_a["layers"] == report_b["layers"]
+    flagged = {name: layer for name, layer in report_b["layers"].items() if layer["flags"]}
+    killed = "bert.bert.encoder.layer.3.intermediate.intermediate_act_fn"
+    assert killed in flagged and min(f["first_step"] for f in flagged[killed]["flags"].values()) == 6, flagged
+    assert len(flagged) <= 6, sorted(flagged)  # the killed block's rows, not the whole model
+    print(f"scalar tags: default {counts[None]}, per-layer {counts[True]}, watched {watched}; {sorted(flagged)}")

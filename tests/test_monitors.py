@@ -41,7 +41,7 @@ def test_event_files_hold_every_statistic(tmp_path):
     assert "grad_norm/total" in scalars
     assert {"act_hist/net.1", "grad_hist/net.0.weight"} <= set(tags["histograms"])
     assert "act_saturation_heatmap" in tags["images"]
-    assert "custom_scalars__config__" in tags["tensors"]
+    assert "custom_scalars__config__" not in tags["tensors"]  # no layout by default: its charts would be empty
     values = read_scalars(tmp_path)
     assert [step for step, _ in values["act_std/net.1"]] == [0, 2]
 
@@ -64,9 +64,10 @@ def _layouts(logdir: Path) -> list:
 
 @pytest.mark.parametrize("gradient_first", [False, True])
 def test_one_merged_layout_per_run_whatever_the_callback_order(tmp_path, gradient_first):
-    """TensorBoard shows one custom-scalars layout per run: exactly one is written, holding both monitors'
-    sections (activations first), whichever callback comes first."""
-    callbacks = [ActivationMonitor(every_n_steps=2), GradientMonitor(every_n_steps=2)]
+    """TensorBoard shows one custom-scalars layout per run: exactly one is written (with the opt-in per-layer
+    scalars), holding both monitors' sections (activations first), whichever callback comes first."""
+    callbacks = [ActivationMonitor(every_n_steps=2, per_layer_scalars=True),
+                 GradientMonitor(every_n_steps=2, per_layer_scalars=True)]  # fmt: skip
     if gradient_first:
         callbacks.reverse()
     t = trainer(tmp_path, logger=TensorBoardLogger(tmp_path), max_steps=4, callbacks=callbacks)

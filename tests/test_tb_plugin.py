@@ -4,6 +4,7 @@ tab itself in headless Chromium (like tests/test_browser.py) on a run where one 
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -149,12 +150,40 @@ def test_routes_give_layers_in_forward_order_and_the_flag_with_its_step(killed_l
     grad_row = data["figures"]["grad_ratio"]["values"][ORDER.index("net.0")]
     assert any(value is not None and value > 0 for value in grad_row)
     assert data["figures"]["std_ratio"]["values"][0][0] == pytest.approx(1.0)  # the first Linear is its own reference
+    # a dead ReLU outputs exactly 0: its std ratio is sent as 0 (the tab draws it on the log axis's floor), not null
+    killed_std = data["figures"]["std_ratio"]["values"][ORDER.index(KILLED)]
+    assert killed_std[steps.index(KILL_STEP)] == 0.0
+    assert all(len(repr(v)) <= 11 for row in data["figures"]["update_ratio"]["values"] for v in row)  # 4 digits
 
     assert client.get("/run", query_string={"run": "../.."}).status_code == 404  # nothing outside the logdir
     js = client.get("/index.js")
     assert js.status_code == 200 and b"export async function render" in js.get_data()
     assert "javascript" in js.headers["Content-Type"]
     assert client.get("/style.css").status_code == 200
+
+
+def test_is_active_scans_the_logdir_at_most_every_few_seconds(tmp_path, killed_logdir, monkeypatch):
+    import shutil
+
+    from lightning_bn.tb_plugin import plugin as module
+
+    scans = []
+    list_runs = module.list_runs
+    main = threading.current_thread()  # the scans of is_active itself, not those of the prefetch it starts
+
+    def counted(logdir):
+        if threading.current_thread() is main:
+            scans.append(logdir)
+        return list_runs(logdir)
+
+    monkeypatch.setattr(module, "list_runs", counted)
+    plugin, _ = _client(tmp_path)
+    assert not plugin.is_active() and not plugin.is_active()
+    assert len(scans) == 1  # an empty directory: not scanned again within RESCAN_S
+    shutil.copytree(killed_logdir, tmp_path / "later")
+    assert not plugin.is_active()
+    plugin._scanned -= module.RESCAN_S  # RESCAN_S later
+    assert plugin.is_active() and plugin.is_active() and len(scans) == 2  # a positive answer is kept
 
 
 def test_the_plugin_is_an_installed_entry_point():
@@ -274,6 +303,18 @@ def test_tab_in_tensorboard_shows_rows_in_forward_order_and_the_flag(
         )
         assert [key for key, _ in charts] == list(run_data(killed_logdir / "mlp" / "version_0")["figures"])
         assert dict(charts)["dead"] == 1 and dict(charts)["kurtosis"] == 1
+        # its std ratio is 0 once dead: drawn on a floor line of the log axis (ticked 0), which the label announces
+        floor = json.loads(
+            browser.evaluate(
+                f"(() => {{ const c = {frame}.querySelector("
+                f"'.curves[data-layer=\\'{KILLED}\\'] svg.curve[data-figure=std_ratio]'); "
+                "return JSON.stringify([c.dataset.zeroFloor, c.querySelector('.curve-label').textContent, "
+                "c.querySelectorAll('line.curve-floor').length, [...c.querySelectorAll('.curve-tick')]"
+                ".map((t) => t.textContent)]); })()"
+            )
+        )
+        assert floor[0] is not None and "0 on the floor" in floor[1] and floor[2] == 1 and "0" in floor[3], floor
+        assert browser.evaluate(f"{frame}.dataset.ready") == "1"
         browser.screenshot("/tmp/lightning_bn_tab.png")
         browser.evaluate(click_row)
         assert browser.evaluate(f"{frame}.querySelectorAll('.curves').length") == 0

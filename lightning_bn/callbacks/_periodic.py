@@ -93,7 +93,7 @@ class MonitorCallback(Callback):
         # Lightning reads it at every hook call (its profiler's names): made once, the options are frozen
         if getattr(self, "_state_key", None) is None:
             # per_layer_scalars only when not the default: checkpoints written before it existed keep their key
-            state = {k: repr(v) for k, v in vars(self.options).items() if k != "per_layer_scalars" or not v}
+            state = {k: repr(v) for k, v in vars(self.options).items() if k != "per_layer_scalars" or v}
             self._state_key = self._generate_state_key(**state)
         return self._state_key
 

@@ -46,9 +46,10 @@ class ActivationMonitor(MonitorCallback):
         zero_tol: ``|x|`` at or below this counts towards ``act_zero``.
         fused: how the one fused pass per watched tensor runs: ``"auto"`` (compiled with ``torch.compile`` on CUDA,
             eager on CPU; ``LIGHTNING_BN_FUSED`` overrides), ``"compiled"`` or ``"eager"``. Both give the same figures.
-        per_layer_scalars: a TensorBoard scalar per figure and layer; ``False``: TensorBoard gets each logging step's
-            per-layer figures as one compact record (``lightning_bn/rows``, see :mod:`lightning_bn.writers`) and
-            scalars for the model-wide figures only; other loggers always get every scalar.
+        per_layer_scalars: ``False`` (default): TensorBoard gets each logging step's per-layer figures as one
+            compact record (``lightning_bn/rows``, see :mod:`lightning_bn.writers`; the lightning-bn tab, the report,
+            ``analyze`` and ``plot`` read it) and scalars for the model-wide figures only; ``True``: a TensorBoard
+            scalar per figure and layer as well. Other loggers (CSV, W&B, ...) always get every scalar.
 
     Raises:
         MisconfigurationException: naming the bad value (the checks of
@@ -71,7 +72,7 @@ class ActivationMonitor(MonitorCallback):
         heatmap: bool = True,
         zero_tol: float = DEFAULT_ZERO_TOL,
         fused: str = "auto",
-        per_layer_scalars: bool = True,
+        per_layer_scalars: bool = False,
     ) -> None:
         super().__init__(
             options(every_n_steps=every_n_steps, activations=True, gradients=False, modules=modules,

@@ -33,9 +33,10 @@ class GradientMonitor(MonitorCallback):
         update_ratio_budget: fraction of each large parameter's elements copied on a logging step.
         nonfinite_every_step: watch every step for non-finite gradients (one fused norm over the gradients per step,
             on the device, no host sync: ~1-4% of a CPU step, nothing on a GPU); ``False``: on logging steps only.
-        per_layer_scalars: a TensorBoard scalar per figure and layer; ``False``: TensorBoard gets each logging step's
-            per-layer figures as one compact record (``lightning_bn/rows``, see :mod:`lightning_bn.writers`) and
-            scalars for the model-wide figures only; other loggers always get every scalar.
+        per_layer_scalars: ``False`` (default): TensorBoard gets each logging step's per-layer figures as one
+            compact record (``lightning_bn/rows``, see :mod:`lightning_bn.writers`; the lightning-bn tab, the report,
+            ``analyze`` and ``plot`` read it) and scalars for the model-wide figures only; ``True``: a TensorBoard
+            scalar per figure and layer as well. Other loggers (CSV, W&B, ...) always get every scalar.
 
     Raises:
         MisconfigurationException: naming the bad value (the checks of
@@ -57,7 +58,7 @@ class GradientMonitor(MonitorCallback):
         update_ratio: bool | str = True,
         update_ratio_budget: float = 0.25,
         nonfinite_every_step: bool = True,
-        per_layer_scalars: bool = True,
+        per_layer_scalars: bool = False,
     ) -> None:
         checked(checks.boolean, "histograms", histograms)  # named as the user wrote it
         super().__init__(

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lightning_bn import checks
 from lightning_bn.checks import user_stacklevel
+from lightning_bn.monitoring import rows as _rows
 from lightning_bn.monitoring.activation import ActivationProbe, layer_entry
 from lightning_bn.monitoring.gradients import GradientProbe, dense_values, local
 from lightning_bn.monitoring.rows import BACKENDS, COMPILE_SECONDS, DEFAULT_ZERO_TOL
@@ -86,9 +87,10 @@ class MonitorOptions:
         update_ratio_budget: fraction of each large parameter's elements copied on a logging step.
         nonfinite_every_step: watch every step for non-finite gradients (on the device, no host sync); ``False``:
             on logging steps only.
-        per_layer_scalars: a TensorBoard scalar per figure and layer; ``False``: TensorBoard gets a logging step's
-            per-layer figures as one compact record (``lightning_bn/rows``, :mod:`lightning_bn.writers`) and scalars
-            for the model-wide figures only (other loggers always get every scalar).
+        per_layer_scalars: ``False`` (default): TensorBoard gets a logging step's per-layer figures as one compact
+            record (``lightning_bn/rows``, :mod:`lightning_bn.writers`; the lightning-bn tab, the report, ``analyze``
+            and ``plot`` read it) and scalars for the model-wide figures only; ``True``: a TensorBoard scalar per
+            figure and layer as well. Other loggers (CSV, W&B, ...) always get every scalar.
 
     Raises:
         ValueError: naming the option and the bad value.
@@ -117,7 +119,7 @@ class MonitorOptions:
     update_ratio: bool | str = True
     update_ratio_budget: float = 0.25
     nonfinite_every_step: bool = True
-    per_layer_scalars: bool = True
+    per_layer_scalars: bool = False
 
     def __post_init__(self) -> None:
         checks.integer("every_n_steps", self.every_n_steps)
@@ -158,7 +160,41 @@ def is_rank_zero() -> bool:
 
 
 def _is_compiled(module: object) -> bool:
-    return type(module).__name__ == "OptimizedModule"  # torch._dynamo.eval_frame.OptimizedModule, a private path
+    """Whether ``module`` runs through torch.compile: ``torch.compile(module)`` (an ``OptimizedModule``, a private
+    path), ``module.compile()`` in place, or a LightningModule ``trainer.fit(torch.compile(model))`` unwrapped
+    (Lightning's ``from_compiled`` keeps the compiled forward and steps in ``_compiler_ctx``)."""
+    if type(module).__name__ == "OptimizedModule":  # torch._dynamo.eval_frame.OptimizedModule
+        return True
+    state = getattr(module, "__dict__", {})
+    return state.get("_compiled_call_impl") is not None or state.get("_compiler_ctx") is not None
+
+
+#: the holders (engines, by id) that need torch.compile'd code to run eagerly now, and the stance to restore
+_eager_holders: set[int] = set()
+_eager_stance: list[Any] = []
+
+
+def _run_eagerly(holder: object, on: bool) -> None:
+    """While some holder asks (a logging step of a compiled model), torch.compile'd code runs eagerly
+    (``torch.compiler.set_stance("force_eager")``; the previous stance comes back when the last holder lets go).
+
+    Dynamo does not guard on module hooks (``skip_nnmodule_hook_guards``): a graph compiled while no hook was on
+    would silently skip the monitor's hooks, and guarding on them would recompile at every attach and detach (and
+    log it, up to the recompile limit). Running the logging step eagerly measures every layer, breaks no graph and
+    recompiles nothing; the other steps keep the compiled code."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    if stance is None:  # torch < 2.6
+        return
+    key = id(holder)
+    if on and key not in _eager_holders:
+        _eager_holders.add(key)
+        if len(_eager_holders) == 1:
+            _eager_stance.append(stance("force_eager"))  # set now; its __exit__ restores the stance before it
+    elif not on and key in _eager_holders:
+        _eager_holders.discard(key)
+        if not _eager_holders and _eager_stance:
+            _eager_stance.pop().__exit__(None, None, None)
+    _rows.eager_stance_held = bool(_eager_holders)
 
 
 class MonitorEngine:
@@ -234,6 +270,7 @@ class MonitorEngine:
         self.skipped_steps = 0
         self._index: tuple[tuple[int, ...], Tensor] | None = None
         self._compile_reported = False
+        self._compiled_model = False  # a torch.compile'd model or part: its logging steps run eagerly
         self._named_unwatched: set[str] = set()  # activation sites and scripted modules named in a warning
         self._warned_new_parameters = False
 
@@ -264,11 +301,12 @@ class MonitorEngine:
         opts = self.options
         self._histogram_bins = opts.histogram_bins if tensorboard and opts.histograms else 0
         compiled = [self._plain(n) or type(model).__name__ for n, m in model.named_modules() if _is_compiled(m)]
+        self._compiled_model = bool(compiled)
         if compiled and opts.activations:
             self._warn(
-                f"{self.owner}: {compiled[0]!r} is torch.compile'd. On logging steps the monitor's hooks run eagerly "
-                "(a graph break at each watched module) and dynamo may recompile when they are attached or removed; "
-                "the figures stay exact. Raise `every_n_steps` to keep compiled speed on most steps."
+                f"{self.owner}: {compiled[0]!r} is torch.compile'd. Logging steps run it eagerly "
+                "(torch.compiler.set_stance('force_eager')) so that the monitor's hooks see every layer: the figures "
+                "stay exact, the other steps run compiled. Raise `every_n_steps` to keep compiled speed on most steps."
             )
         if opts.gradients:
             self._gradients = GradientProbe(
@@ -452,6 +490,8 @@ class MonitorEngine:
                 self._order.attach()
             if snapshot:
                 self._gradients.snapshot()
+        if self._compiled_model and (self._probe is not None or self._order is not None):
+            _run_eagerly(self, True)  # hooks on a compiled model: see _run_eagerly
         return True
 
     def watch_nonfinite(self, step: int) -> None:
@@ -552,6 +592,7 @@ class MonitorEngine:
         :data:`~lightning_bn.tags.LOSS_TAG` when gradients are watched); the figures are kept in :attr:`figures` and
         returned. ``None`` when no logging step is pending. Every process must call it under data parallelism."""
         step, self._pending = self._pending, None
+        _run_eagerly(self, False)
         if step is None:
             return None
         self.last_logged_step = step
@@ -681,6 +722,7 @@ class MonitorEngine:
         if self._gradients is not None:
             self._gradients.reset()
         self._pending = None
+        _run_eagerly(self, False)
 
     def close(self) -> None:
         """:meth:`release`, for good: a closed engine attaches nothing again."""
@@ -740,10 +782,20 @@ def _layer_of(tag: str) -> str:
     return tag.partition("/")[2]
 
 
-def _eager_compiled() -> AbstractContextManager:
-    """Run ``torch.compile``'d parts of a model eagerly while it is traced (the trace's hooks are no graph)."""
+@contextmanager
+def _eager_compiled() -> Iterator[None]:
+    """Run ``torch.compile``'d parts of a model eagerly while it is traced (the trace's hooks are no graph); the
+    fused pass still runs compiled when chosen (:data:`~lightning_bn.monitoring.rows.eager_stance_held`)."""
     stance = getattr(torch.compiler, "set_stance", None)
-    return stance("force_eager") if stance is not None else nullcontext()
+    if stance is None:
+        yield
+        return
+    held, _rows.eager_stance_held = _rows.eager_stance_held, True
+    try:
+        with stance("force_eager"):
+            yield
+    finally:
+        _rows.eager_stance_held = held
 
 
 @contextmanager

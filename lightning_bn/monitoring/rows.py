@@ -25,6 +25,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -106,6 +107,18 @@ _FAR = 1e30
 #: Absolute value below which an element counts as "near zero".
 DEFAULT_ZERO_TOL = 1e-6
 
+
+def _compiler_stance() -> AbstractContextManager:
+    """The default compiler stance for the fused pass while a monitor forces a compiled model eager (else no change)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    if not eager_stance_held or stance is None:
+        return nullcontext()
+    try:
+        return stance("default")  # set now; leaving the block restores force_eager
+    except RuntimeError:  # inside a compiled region (hooks run outside one): leave the stance
+        return nullcontext()
+
+
 Backend = Literal["auto", "compiled", "eager"]
 BACKENDS: tuple[str, ...] = ("auto", "compiled", "eager")
 #: ``{(rank, dtype, judged): seconds}`` of every compilation this process made.
@@ -113,6 +126,9 @@ COMPILE_SECONDS: dict[tuple, float] = {}
 _ENV = "LIGHTNING_BN_FUSED"
 _compiled: Callable | None = None
 _compile_failed = False
+#: set while a monitor runs a torch.compile'd model's logging step eagerly (``set_stance("force_eager")``, see
+#: ``lightning_bn.monitoring.engine._run_eagerly``): the compiled fused pass lifts that stance for its own call
+eager_stance_held = False
 
 
 def _summary(
@@ -444,7 +460,8 @@ def fused_row(
         key = (x.ndim, y.ndim, str(y.dtype), judge, y.device.type)
         try:
             started = time.perf_counter()
-            out = _compiled(*args)
+            with _compiler_stance():
+                out = _compiled(*args)
             if key not in COMPILE_SECONDS:
                 COMPILE_SECONDS[key] = time.perf_counter() - started
             return out

@@ -130,7 +130,7 @@ def analyze(
         if tag in (TOTAL_GRADIENT_TAG, LOSS_TAG) or not is_monitor_tag(tag):
             continue
         statistic, _, target = tag.partition("/")
-        values = {int(step): float(value) for step, value in series}
+        values = _series(series)
         if statistic in _ACTIVATION_STATISTICS:
             activations.setdefault(target, {})[statistic] = values
         else:
@@ -215,7 +215,7 @@ def analyze(
         kind = _kind(act)
         grad = grads[layer]
         update = _per_step(params, _update_ratio)
-        weights = _per_step(params, _weight_norm)
+        weights = weight_norms[layer]
         ratio, reference = std_ratios.get(layer, ({}, None))
         judged_ratio, judged_update = ratio, update
         judged_act = act
@@ -313,13 +313,28 @@ def analyze_runs(
     return runs, skipped
 
 
+def _series(series: Sequence[tuple[int, float]]) -> dict[int, float]:
+    """``{int(step): float(value)}`` of a logged series (what :func:`read_run` gives: ints and floats, built in C)."""
+    try:
+        values = dict(series)
+    except (TypeError, ValueError):
+        values = None
+    if values is not None and set(map(type, values)) <= {int} and set(map(type, values.values())) <= {float}:
+        return values
+    return {int(step): float(value) for step, value in series}
+
+
 def _per_step(
     params: Mapping[str, Mapping[str, Mapping[int, float]]],
     combine: Callable[[list[Mapping[str, Mapping[int, float]]], int], float | None],
 ) -> dict[int, float]:
+    fast = getattr(combine, "per_step", None)
+    if fast is not None:
+        return fast(params)
     out = {}
+    series = list(params.values())
     for step in sorted(_steps(params)):
-        value = combine(list(params.values()), step)
+        value = combine(series, step)
         if value is not None:
             out[step] = value
     return out
@@ -333,6 +348,15 @@ def _norm_of(statistic: str) -> Callable[[list[Mapping[str, Mapping[int, float]]
         norms = [p[statistic][step] for p in params if step in p.get(statistic, {})]
         return math.sqrt(sum(n * n for n in norms)) if norms else None
 
+    def per_step(params: Mapping[str, Mapping[str, Mapping[int, float]]]) -> dict[int, float]:
+        """``_per_step(params, combine)`` in one pass over the series (the squares summed in the same order)."""
+        squares: dict[int, float] = {}
+        for p in params.values():
+            for step, n in p.get(statistic, {}).items():
+                squares[step] = squares.get(step, 0) + n * n
+        return {step: math.sqrt(squares[step]) for step in sorted(squares)}
+
+    combine.per_step = per_step  # type: ignore[attr-defined]
     return combine
 
 

@@ -227,13 +227,37 @@ def read_rows(run: Path) -> dict[str, tuple[list[int], list[str], np.ndarray]]:
 _Record = tuple[int, list[str], list[str], np.ndarray, np.ndarray]  # step, figures, rows, present (bool), matrix
 
 
-def _record(value: Any) -> tuple[tuple[list[str], list[str], np.ndarray, np.ndarray] | None, str]:
+def _record(
+    value: Any, parsed: dict[bytes, Any] | None = None
+) -> tuple[tuple[list[str], list[str], np.ndarray, np.ndarray] | None, str]:
     """``(figures, rows, present, matrix)`` of a compact record, or ``None`` and why it is refused; nothing the
-    record claims is allocated before it is checked against the bytes that are there."""
+    record claims is allocated before it is checked against the bytes that are there. ``parsed`` remembers each
+    metadata's checked ``(figures, rows, present)`` by its bytes (every step of a run repeats the same)."""
     if value.metadata.plugin_data.plugin_name != ROWS_PLUGIN:
         return None, f"plugin name {value.metadata.plugin_data.plugin_name!r}, not {ROWS_PLUGIN!r}"
+    raw = value.metadata.plugin_data.content
+    known = parsed.get(raw) if parsed is not None else None
+    if known is None:
+        known = _metadata(raw)
+        if parsed is not None:
+            parsed[raw] = known
+    if known[0] is None:
+        return None, known[1]
+    figures, rows, mask = known[0]
+    tensor = value.tensor
+    dims = [dim.size for dim in tensor.tensor_shape.dim]
+    if tensor.dtype != _DT_FLOAT or dims != [len(rows), len(figures)]:
+        return None, f"a tensor of data type {tensor.dtype} and shape {dims}, not float32 {[len(rows), len(figures)]}"
+    if len(tensor.tensor_content) != 4 * len(rows) * len(figures):
+        return None, f"{len(tensor.tensor_content)} bytes of data for {len(rows) * len(figures)} float32 values"
+    matrix = np.frombuffer(tensor.tensor_content, dtype="<f4").reshape(len(rows), len(figures))
+    return (figures, rows, mask, matrix), ""
+
+
+def _metadata(raw: bytes) -> tuple[tuple[list[str], list[str], np.ndarray] | None, str]:
+    """``(figures, rows, present)`` of a compact record's metadata, or ``None`` and why it is refused."""
     try:
-        content = json.loads(value.metadata.plugin_data.content.decode("utf-8"))
+        content = json.loads(raw.decode("utf-8"))
         figures, rows, present = content["figures"], content["rows"], content["present"]
     except (UnicodeDecodeError, ValueError, RecursionError, TypeError, KeyError) as err:
         return None, f"its metadata is not the record's JSON ({str(err)[:80]})"
@@ -243,15 +267,8 @@ def _record(value: Any) -> tuple[tuple[list[str], list[str], np.ndarray, np.ndar
         return None, "its figures or rows are not names, or present is not one mask per row"
     if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << len(figures) for x in present):
         return None, "a present mask is not a bit mask of the figures"
-    tensor = value.tensor
-    dims = [dim.size for dim in tensor.tensor_shape.dim]
-    if tensor.dtype != _DT_FLOAT or dims != [len(rows), len(figures)]:
-        return None, f"a tensor of data type {tensor.dtype} and shape {dims}, not float32 {[len(rows), len(figures)]}"
-    if len(tensor.tensor_content) != 4 * len(rows) * len(figures):
-        return None, f"{len(tensor.tensor_content)} bytes of data for {len(rows) * len(figures)} float32 values"
-    matrix = np.frombuffer(tensor.tensor_content, dtype="<f4").reshape(len(rows), len(figures))
     mask = ((np.array(present, dtype=np.int64)[:, None] >> np.arange(len(figures))[None, :]) & 1).astype(bool)
-    return (figures, rows, mask, matrix), ""
+    return (figures, rows, mask), ""
 
 
 def _load(
@@ -268,6 +285,8 @@ def _load(
     records_read: list[_Record] = []
     known: dict[str, str | None] = {}  # logged tag -> what it is read as (_TABLE: a layers table); None: not read
     prefix: str | None = None
+    parsed: dict[bytes, Any] = {}  # a record's metadata -> its checked (figures, rows, present)
+    targets: dict[bytes, tuple[Any, list[list[tuple[int, float]]]]] = {}  # -> its present cells and their series
     for path in _run_files(Path(run)):
         records, why = _records(path.read_bytes())
         if why is not None:
@@ -300,17 +319,24 @@ def _load(
                     if value.HasField("tensor"):
                         tables.append((event.wall_time, step, logged, path, value.tensor))
                 elif target == ROWS_TAG:
-                    found_record, why = _record(value)
+                    found_record, why = _record(value, parsed)
                     if found_record is None:
                         warnings.warn(
                             ReportWarning(f"'{path}': the record {logged} of step {step} is malformed: {why}; ignored"),
                             stacklevel=3,
                         )
-                    elif expand:
+                    elif expand:  # the present cells, row by row, each appended to its tag's series
                         figures, rows, present, matrix = found_record
-                        for i, name in enumerate(rows):
-                            for j in np.flatnonzero(present[i]).tolist():
-                                scalars.setdefault(f"{figures[j]}/{name}", []).append((step, float(matrix[i, j])))
+                        key = value.metadata.plugin_data.content
+                        cells = targets.get(key)
+                        if cells is None:  # first met: the series of its cells, created in row-major order
+                            where = np.nonzero(present)
+                            cells = targets[key] = (
+                                where,
+                                [scalars.setdefault(f"{figures[j]}/{rows[i]}", []) for i, j in zip(*map(list, where))],
+                            )
+                        for series, cell in zip(cells[1], matrix[cells[0]].tolist()):
+                            series.append((step, cell))
                     else:
                         records_read.append((step, *found_record))
                 elif value.HasField("simple_value"):

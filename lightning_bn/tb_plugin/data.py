@@ -1,13 +1,14 @@
 """What the lightning-bn tab shows, as JSON-ready data: the runs under a log directory and, per run, its layers in
 forward order (name, shortened name, module type, activation kind, the report's flags with the step each started)
-and one layer x step matrix per figure. Pure Python over :mod:`lightning_bn.report`; no TensorBoard import."""
+and one layer x step matrix per figure. Python and numpy over :mod:`lightning_bn.report`; no TensorBoard import."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lightning_bn.report import analyze
 from lightning_bn.report.reading import find_runs, read_run
@@ -90,63 +91,119 @@ def block_of(name: str) -> str | None:
     return None
 
 
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
+#: significant digits of the values sent to the tab (a strip colours a cell, a tooltip shows 3 digits)
+DIGITS = 4
 
 
-def _matrix(order: Sequence[str], series: Mapping[str, Mapping[int, float]], steps: Sequence[int]) -> list[list[Any]]:
-    return [[_finite(series.get(layer, {}).get(step)) for step in steps] for layer in order]
+class _Series:
+    """Per target (layer or parameter) of one statistic, its values over the run's steps as one row: ``values``
+    (float64, 0 where not logged) and ``logged`` (bool); a step logged twice keeps its last value."""
+
+    def __init__(self, steps: Sequence[int]) -> None:
+        self.steps = np.asarray(steps, dtype=np.int64)
+        self.rows: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # statistic -> target -> row
+
+    def add(self, statistic: str, target: str, series: Sequence[tuple[int, float]]) -> None:
+        values = np.zeros(len(self.steps))
+        logged = np.zeros(len(self.steps), dtype=bool)
+        last = dict(series)  # a step logged twice (a resumed run): its last value
+        if last:
+            at = np.fromiter(last.keys(), dtype=np.float64, count=len(last)).astype(np.int64)
+            cells = np.fromiter(last.values(), dtype=np.float64, count=len(last))
+            columns = np.minimum(np.searchsorted(self.steps, at), max(len(self.steps) - 1, 0))
+            if len(self.steps) == 0 or not np.array_equal(self.steps[columns], at):  # a step the tab does not show
+                inside = len(self.steps) > 0 and self.steps[columns] == at
+                cells, columns = cells[inside], columns[inside]
+            values[columns] = cells
+            logged[columns] = True
+        self.rows.setdefault(statistic, {})[target] = (values, logged)
+
+    def of(self, statistic: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return self.rows.get(statistic, {})
+
+
+def _layer_norms(params: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The 2-norm over each layer's parameters (``<layer>.weight``, ``<layer>.bias``) of a per-parameter norm, the
+    squares summed in the parameters' logged order."""
+    squares: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for target, (values, logged) in params.items():
+        layer = target.rpartition(".")[0] or target
+        acc, seen = squares.get(layer, (np.zeros(len(values)), np.zeros(len(values), dtype=bool)))
+        squares[layer] = (np.where(logged, acc + values * values, acc), seen | logged)
+    return {layer: (np.sqrt(acc), seen) for layer, (acc, seen) in squares.items()}
+
+
+def _largest(params: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The largest value over each layer's parameters (the first of equals; a NaN first met stays, as in ``max``)."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for target, (values, logged) in params.items():
+        layer = target.rpartition(".")[0] or target
+        if layer not in out:
+            out[layer] = (np.where(logged, values, 0.0), logged.copy())
+            continue
+        acc, seen = out[layer]
+        take = logged & (~seen | (values > acc))
+        out[layer] = (np.where(take, values, acc), seen | logged)
+    return out
+
+
+def _rounded(values: np.ndarray, shown: np.ndarray) -> list[Any]:
+    """``values`` to :data:`DIGITS` significant digits (the double nearest the rounded decimal, so that JSON writes
+    it short), ``None`` where not ``shown`` or not finite."""
+    shown = shown & np.isfinite(values)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        digits = DIGITS - 1 - np.floor(np.log10(np.abs(np.where(shown & (values != 0), values, 1.0))))
+        digits = np.clip(digits, -300, 300)
+        up, down = 10.0 ** np.maximum(digits, 0), 10.0 ** np.maximum(-digits, 0)  # exact powers of ten up to 1e22
+        rounded = np.where(digits >= 0, np.round(values * up) / up, np.round(values / down) * down)
+        rounded = np.where(np.isfinite(rounded) & (np.abs(digits) <= 22), rounded, values)
+    out = rounded.tolist()
+    for i in np.flatnonzero(~shown).tolist():
+        out[i] = None
+    return out
 
 
 def run_data(run: Path, name: str = "") -> dict[str, Any]:
     """Everything the tab draws for one run: ``steps``, ``layers`` (forward order) and ``figures`` (per figure a
-    layer x step matrix, ``null`` where nothing finite was logged)."""
+    layer x step matrix of values to :data:`DIGITS` significant digits, ``null`` where nothing finite was logged)."""
     scalars, table = read_run(Path(run))
     health = analyze(scalars, name, layers=table)
     entries = {e["name"]: e for e in table or () if isinstance(e, Mapping)}
     order = [layer.name for layer in health.layers]
     steps = list(health.steps)
 
-    per: dict[str, dict[str, dict[int, float]]] = {}  # statistic -> target -> step -> value
+    wanted = {ACT_STD, ACT_SATURATION, ACT_DEAD, ACT_TRANSMISSION, ACTIVATION_STATISTICS["kurtosis"]}
+    wanted |= {GRAD_NORM, WEIGHT_NORM, UPDATE_RATIO}
+    per = _Series(steps)
     for logged, values in scalars.items():
         statistic, target = split_tag(logged)
-        per.setdefault(statistic, {})[target] = {int(step): float(value) for step, value in values}
+        if statistic in wanted:
+            per.add(statistic, target, values)
 
-    def layer_norm(statistic: str) -> dict[str, dict[int, float]]:
-        """The 2-norm over each layer's parameters (``<layer>.weight``, ``<layer>.bias``) of a per-parameter norm."""
-        squares: dict[str, dict[int, float]] = {}
-        for target, values in per.get(statistic, {}).items():
-            layer = target.rpartition(".")[0] or target
-            acc = squares.setdefault(layer, {})
-            for step, value in values.items():
-                acc[step] = acc.get(step, 0.0) + value * value
-        return {layer: {s: math.sqrt(v) for s, v in values.items()} for layer, values in squares.items()}
-
-    grads, weights = layer_norm(GRAD_NORM), layer_norm(WEIGHT_NORM)
-    grad_ratio = {
-        layer: {s: g / weights[layer][s] for s, g in values.items() if weights.get(layer, {}).get(s, 0.0) > 0}
-        for layer, values in grads.items()
-    }
-    update_ratio: dict[str, dict[int, float]] = {}  # the largest over each layer's parameters
-    for target, values in per.get(UPDATE_RATIO, {}).items():
-        acc = update_ratio.setdefault(target.rpartition(".")[0] or target, {})
-        for step, value in values.items():
-            acc[step] = max(acc.get(step, value), value)
-    stds = per.get(ACT_STD, {})
-    std_ratio: dict[str, dict[int, float]] = {}
-    for layer in health.layers:
-        reference = stds.get(layer.std_reference or layer.name, {})
-        std_ratio[layer.name] = {
-            s: v / reference[s] for s, v in stds.get(layer.name, {}).items() if reference.get(s, 0.0) != 0
-        }
+    grads, weights = _layer_norms(per.of(GRAD_NORM)), _layer_norms(per.of(WEIGHT_NORM))
+    grad_ratio = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for layer, (g, g_logged) in grads.items():
+            w, w_logged = weights.get(layer, (None, None))
+            if w is not None:
+                grad_ratio[layer] = (g / np.where(w > 0, w, 1.0), g_logged & w_logged & (w > 0))
+        stds = per.of(ACT_STD)
+        std_ratio = {}
+        for layer in health.layers:
+            if layer.name not in stds:
+                continue
+            std, std_logged = stds[layer.name]
+            ref, ref_logged = stds.get(layer.std_reference or layer.name, (None, None))
+            if ref is not None:
+                std_ratio[layer.name] = (std / np.where(ref != 0, ref, 1.0), std_logged & ref_logged & (ref != 0))
     matrices = {
         "std_ratio": std_ratio,
-        "saturation": per.get(ACT_SATURATION, {}),
-        "dead": per.get(ACT_DEAD, {}),
+        "saturation": per.of(ACT_SATURATION),
+        "dead": per.of(ACT_DEAD),
         "grad_ratio": grad_ratio,
-        "transmission": per.get(ACT_TRANSMISSION, {}),
-        "update_ratio": update_ratio,
-        "kurtosis": per.get(ACTIVATION_STATISTICS["kurtosis"], {}),
+        "transmission": per.of(ACT_TRANSMISSION),
+        "update_ratio": _largest(per.of(UPDATE_RATIO)),
+        "kurtosis": per.of(ACTIVATION_STATISTICS["kurtosis"]),
     }
     shorts = short_names(order)
     layers = []
@@ -168,6 +225,7 @@ def run_data(run: Path, name: str = "") -> dict[str, Any]:
                 "short": short,
                 "depth": layer.depth,
                 "group": block_of(layer.name),
+                "group_label": block_of(short),  # the block as the rows show it (the common prefix dropped)
                 "kind": layer.kind,
                 "module_type": layer.module_type or entry.get("module_type"),
                 "activation": layer.activation or entry.get("activation"),
@@ -176,9 +234,14 @@ def run_data(run: Path, name: str = "") -> dict[str, Any]:
                 "first_flagged": min((f["first_step"] for f in flags), default=None),
             }
         )
+    nothing = [None] * len(steps)
     figures = {
-        key: {"label": label, "scale": scale, "values": _matrix(order, matrices[key], steps)}
+        key: {
+            "label": label,
+            "scale": scale,
+            "values": [_rounded(*matrices[key][layer]) if layer in matrices[key] else list(nothing) for layer in order],
+        }
         for key, (label, scale) in FIGURES.items()
-        if any(matrices[key].get(layer) for layer in order)
+        if any(layer in matrices[key] and matrices[key][layer][1].any() for layer in order)
     }
     return {"run": name, "steps": steps, "forward_order": health.forward_order, "layers": layers, "figures": figures}
