@@ -214,8 +214,12 @@ def logdir_of(trainer: pl.Trainer) -> Path:
 
 
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the TensorBoard event files under ``logdir``: tag -> [(step, value)] sorted by step."""
+    """Every scalar in the TensorBoard event files under ``logdir``: tag -> [(step, value)] sorted by step. The
+    monitors' per-layer figures (by default one compact record per logging step, not scalars) are read with
+    :func:`lightning_bn.report.reading.read_scalars`, as the scalars they stand for."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_bn.report.reading import read_scalars as read_figures
 
     out: dict[str, list[tuple[int, float]]] = {}
     for events in sorted({p.parent for p in Path(logdir).rglob("events.out.tfevents.*")}):
@@ -223,6 +227,9 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+        for tag, values in read_figures(events).items():
+            if tag not in acc.Tags()["scalars"]:  # a compact record's cell
+                out.setdefault(tag, []).extend(values)
     return {tag: sorted(values) for tag, values in out.items()}
 
 
