@@ -16,7 +16,7 @@ from lightning_bn.activations import register_activation
 from lightning_bn.guards import BatchNormWarning, guard
 from lightning_bn.layers import register_layer
 from lightning_bn.monitor import Monitor
-from lightning_bn.norms import convert_norms, register_norm
+from lightning_bn.norms import convert_norms, insert_qk_norm, register_norm
 from lightning_bn.prepare import prepare
 from lightning_bn.recalibration import recalibrate
 from lightning_bn.report import analyze
@@ -62,6 +62,7 @@ __all__ = [
     "analyze",
     "convert_norms",
     "guard",
+    "insert_qk_norm",
     "plot",
     "prepare",
     "recalibrate",

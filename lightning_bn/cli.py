@@ -127,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("--stalled-steps", _number, "... on this many consecutive logged steps ..."),
         ("--min-loss-improvement", _number, "... while the training loss falls by less than this fraction ..."),
         ("--converged-loss", _number, "... and stays above this"),
+        ("--max-attention-logit", _number, "attention_logit_growth above this max pre-softmax logit of an attention "
+         "row ..."),
+        ("--attention-logit-growth", _number, "... or when it grows by this factor ..."),
+        ("--attention-logit-window", _number, "... within this many logged steps ..."),
+        ("--attention-logit-floor", _number, "... to beyond this"),
+        ("--min-entropy-fraction", _number, "attention_entropy_collapse below this fraction of an attention row's "
+         "mean entropy at its first logged step ..."),
+        ("--min-attention-entropy", _number, "... and below this many nats"),
+        ("--max-log-z", _number, "output_logit_divergence when the mean log Z of the output logits is further than "
+         "this from 0 ..."),
+        ("--max-log-z-drift", _number, "... and has moved more than this from its value at the first logged step"),
     ]  # fmt: skip
     for option, kind, text in threshold_options:
         default = getattr(defaults, option[2:].replace("-", "_"))

@@ -43,7 +43,10 @@ class Monitor:
         **options: those of :class:`~lightning_bn.monitoring.MonitorOptions` (``activations``, ``gradients``,
             ``modules``, ``histograms``, ``gradient_histograms``, ``histogram_bins``, ``heatmap``, ``zero_tol``,
             ``fused``, ``norm_type``, ``update_ratio``, ``update_ratio_budget``, ``nonfinite_every_step``,
-            ``per_layer_scalars``), with the same defaults as the callbacks.
+            ``per_layer_scalars``, ``attention``), with the same defaults as the callbacks. ``attention`` (default
+            ``True``): figures of every attention call the trace found (``attn_logit_max``, ``attn_logit_rms``,
+            ``attn_entropy``, ``attn_entropy_min``, one row per attention layer) and of the output logits of a
+            cross-entropy loss (``out_logit_max``, ``out_log_z``), on logging steps only.
         optimizer: the optimizer, when it is Adam-type, so that each parameter's per-element RMS gradient is logged
             relative to its ``eps`` (``grad_rms_eps``, what the report's uniform-vanish rule reads).
 
@@ -91,11 +94,12 @@ class Monitor:
         update_ratio_budget: float = 0.25,
         nonfinite_every_step: bool = True,
         per_layer_scalars: bool = False,
+        attention: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         options = MonitorOptions(every_n_steps, activations, gradients, modules, histograms, gradient_histograms,
                                  histogram_bins, heatmap, zero_tol, fused, norm_type, update_ratio,
-                                 update_ratio_budget, nonfinite_every_step, per_layer_scalars)  # fmt: skip
+                                 update_ratio_budget, nonfinite_every_step, per_layer_scalars, attention)  # fmt: skip
         self._destination = Destination.of_writer(writer, per_layer_scalars)
         self.engine = MonitorEngine(options, "Monitor", warn=self._warn)
         self.optimizer = optimizer

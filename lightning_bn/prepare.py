@@ -37,6 +37,7 @@ from lightning_bn.init import (
 from lightning_bn.init.check import WeightCheck, check_weights, weight_samples
 from lightning_bn.layers import fixed_scale, get_layer_kind
 from lightning_bn.norms import POSITIONS, NormInsertion, get_norm_layer, plan_insertions
+from lightning_bn.norms.qk import QKNormSite, plan_qk_norm
 from lightning_bn.tracing import LayerTrace, trace_model
 from lightning_bn.tracing.policy import Kept, LayerPlan, Skipped, plan_layers, uninitialized_memory
 
@@ -48,6 +49,7 @@ __all__ = [
     "LayerReport",
     "PrepareOptions",
     "Report",
+    "QK_NORMS",
     "Skipped",
     "has_layers",
     "prepare",
@@ -65,6 +67,9 @@ INIT_CHOICES: tuple[str, ...] = get_args(InitChoice)
 #: What an ``overrides`` value accepts: any ``init`` choice, or ``"skip"`` to leave the layer as it is.
 OVERRIDE_CHOICES: tuple[str, ...] = (*INIT_CHOICES, "skip")
 assert set(SCHEMES) <= set(INIT_CHOICES)
+#: ``norm=`` values that put a norm over the head dimension on attention queries and keys (QK-norm) instead of after
+#: layers: ``"qk"`` a LayerNorm, ``"qk_rms"`` an RMSNorm (:func:`lightning_bn.norms.insert_qk_norm`).
+QK_NORMS: dict[str, str] = {"qk": "layer", "qk_rms": "rms"}
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,9 @@ class PrepareOptions:
 
     def __post_init__(self) -> None:
         checks.choice("init", self.init, INIT_CHOICES)
-        if self.norm is not None and self.norm != "auto" and get_norm_layer(self.norm) is None:
-            raise ValueError(f"Expected `norm` to be a norm, 'auto' or None but got {self.norm!r}")
+        qk = isinstance(self.norm, str) and self.norm in QK_NORMS
+        if self.norm is not None and self.norm != "auto" and not qk and get_norm_layer(self.norm) is None:
+            raise ValueError(f"Expected `norm` to be a norm, 'auto', 'qk', 'qk_rms' or None but got {self.norm!r}")
         checks.choice("position", self.position, tuple(POSITIONS))
         exclude = self.exclude
         if exclude is None:
@@ -214,6 +220,8 @@ class Report:
     insertions: list[NormInsertion] = field(default_factory=list)
     renamed_keys: dict[str, str] = field(default_factory=dict)
     removed_keys: list[str] = field(default_factory=list)
+    qk_norms: list[QKNormSite] = field(default_factory=list)
+    added_keys: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -224,6 +232,8 @@ class Report:
             "insertions": [asdict(i) for i in self.insertions],
             "renamed_keys": dict(self.renamed_keys),
             "removed_keys": list(self.removed_keys),
+            "qk_norms": [asdict(q) for q in self.qk_norms],
+            "added_keys": list(self.added_keys),
         }
 
     def __str__(self) -> str:
@@ -257,8 +267,14 @@ class Report:
             + ("; bias removed" if i.bias_removed else "")
             for i in self.insertions
         ]
+        lines += [
+            f"qk-norm {q.attention or '(model)'}: {q.norm} over head_dim {q.head_dim} on query {q.query} ({q.heads} "
+            f"heads) and key {q.key} ({q.kv_heads} heads){' (packed)' if q.packed else ''}"
+            for q in self.qk_norms
+        ]
         lines += [f"renamed key {old} -> {new}" for old, new in self.renamed_keys.items()]
         lines += [f"removed key {key}" for key in self.removed_keys]
+        lines += [f"added key {key}" for key in self.added_keys]
         return "\n".join(lines)
 
 
@@ -438,8 +454,10 @@ def _prepare(model: nn.Module, example_input: Any, o: PrepareOptions) -> Report:
             f"skipped ({[s.layer for s in skipped]})"
         )
     plans = _without_fixed_scale(plans, o, kept, skipped)
-    insertion = None
-    if o.norm is not None:
+    insertion = qk_plan = None
+    if isinstance(o.norm, str) and o.norm in QK_NORMS:
+        qk_plan = plan_qk_norm(model, example_input, QK_NORMS[o.norm], exclude=o.exclude, model_map=model_map)
+    elif o.norm is not None:
         insertion = plan_insertions(model, example_input, traces, o.norm, o.position, o.exclude, o.keep_bias)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
@@ -448,6 +466,7 @@ def _prepare(model: nn.Module, example_input: Any, o: PrepareOptions) -> Report:
         changes, outcomes = _apply(model, example_input, plans, traces, o, after)
         changes += [reset] if reset else []
         inserted = insertion.apply(model) if insertion is not None else None
+        qk_inserted = qk_plan.apply(model) if qk_plan is not None else None
     except BaseException:
         model.load_state_dict(snapshot)
         raise
@@ -457,6 +476,15 @@ def _prepare(model: nn.Module, example_input: Any, o: PrepareOptions) -> Report:
         report.insertions, report.renamed_keys = inserted.insertions, inserted.renamed_keys
         report.removed_keys = inserted.removed_keys
         report.changes.append(_insertion_summary(inserted.insertions, len(inserted.renamed_keys)))
+    if qk_inserted is not None:
+        report.skipped += [Skipped(name, reason) for name, reason in qk_inserted.skipped]
+        report.qk_norms, report.added_keys = qk_inserted.sites, qk_inserted.added_keys
+        norm = "RMSNorm" if o.norm == "qk_rms" else "LayerNorm"
+        report.changes.append(
+            f"inserted a QK-norm ({norm} over the head dimension on queries and keys) into {len(qk_inserted.sites)} "
+            f"attention{'' if len(qk_inserted.sites) == 1 else 's'}; added {len(qk_inserted.added_keys)} state_dict "
+            "keys, none renamed (see Report.added_keys)"
+        )
     return report
 
 

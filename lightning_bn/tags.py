@@ -26,6 +26,7 @@ __all__ = [
     "ACTIVATION_HISTOGRAMS",
     "ACTIVATION_STATISTICS",
     "ACTIVATION_SECTION",
+    "ATTENTION_STATISTICS",
     "GRADIENT_HISTOGRAMS",
     "GRADIENT_SECTION",
     "GRADIENT_STATISTICS",
@@ -35,6 +36,7 @@ __all__ = [
     "LAYOUT_STATISTICS",
     "NONFINITE_LAYERS_TAG",
     "NONFINITE_PARAMETERS_TAG",
+    "OUTPUT_STATISTICS",
     "ROWS_PLUGIN",
     "ROWS_TAG",
     "SKIPPED_STEPS_TAG",
@@ -65,6 +67,18 @@ ACTIVATION_STATISTICS: dict[str, str] = {
 ACT_STD, ACT_SATURATION, ACT_DEAD, ACT_NONFINITE, ACT_TRANSMISSION, ACT_SAMPLES = (
     ACTIVATION_STATISTICS[k] for k in ("std", "saturation", "dead", "nonfinite", "transmission", "samples")
 )
+#: figure of an attention row (one per attention call site, named after the module whose ``forward`` made the call)
+#: -> the statistic its logged tag starts with: the largest and the RMS pre-softmax logit (masked entries left out),
+#: the mean attention entropy in nats (over batch, heads and queries) and the smallest per-head mean entropy
+ATTENTION_STATISTICS: dict[str, str] = {
+    "logit_max": "attn_logit_max",
+    "logit_rms": "attn_logit_rms",
+    "entropy": "attn_entropy",
+    "entropy_min": "attn_entropy_min",
+}
+#: figure of the output-logit row (the model's final layer, where the loss is a cross-entropy) -> its statistic:
+#: the largest output logit and the mean log-partition ``logsumexp`` over classes
+OUTPUT_STATISTICS: dict[str, str] = {"logit_max": "out_logit_max", "log_z": "out_log_z"}
 #: the statistics of a parameter
 GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM = "grad_norm", "update_ratio", "weight_norm"
 #: a parameter's per-element RMS gradient over its Adam-type optimizer's eps (logged only for those)
@@ -103,7 +117,12 @@ LAYOUT_STATISTICS: dict[str, tuple[str, ...]] = {
     ),
     GRADIENT_SECTION: GRADIENT_STATISTICS,
 }
-_MONITOR_STATISTICS = frozenset(ACTIVATION_STATISTICS.values()) | frozenset(GRADIENT_STATISTICS)
+_MONITOR_STATISTICS = (
+    frozenset(ACTIVATION_STATISTICS.values())
+    | frozenset(GRADIENT_STATISTICS)
+    | frozenset(ATTENTION_STATISTICS.values())
+    | frozenset(OUTPUT_STATISTICS.values())
+)
 
 
 def tag(statistic: str, name: str) -> str:
@@ -136,6 +155,8 @@ def is_monitor_tag(logged: str) -> bool:
 
         >>> is_monitor_tag("act_std/net.0"), is_monitor_tag("grad_norm/total"), is_monitor_tag("train_loss")
         (True, True, False)
+        >>> is_monitor_tag("attn_entropy/encoder.layers.0.self_attn"), is_monitor_tag("out_log_z/head")
+        (True, True)
     """
     statistic, name = split_tag(logged)
     return logged == LOSS_TAG or (bool(name) and statistic in _MONITOR_STATISTICS)
@@ -149,6 +170,8 @@ def is_row_tag(logged: str) -> bool:
 
         >>> is_row_tag("act_std/net.0"), is_row_tag("grad_norm/total"), is_row_tag(LOSS_TAG)
         (True, False, False)
+        >>> is_row_tag("attn_logit_max/h.0.attn"), is_row_tag("out_logit_max/lm_head")
+        (True, True)
     """
     return logged not in (LOSS_TAG, TOTAL_GRADIENT_TAG) and is_monitor_tag(logged)
 

@@ -184,6 +184,14 @@ def test_json_is_strict_and_complete(logs, capsys):
         "stalled_steps": 5,
         "min_loss_improvement": 0.01,
         "converged_loss": 1e-3,
+        "max_attention_logit": 100.0,
+        "attention_logit_growth": 10.0,
+        "attention_logit_window": 5,
+        "attention_logit_floor": 30.0,
+        "min_entropy_fraction": 0.1,
+        "min_attention_entropy": 0.5,
+        "max_log_z": 20.0,
+        "max_log_z_drift": 10.0,
     }
     assert document["flags"] == ["nonfinite"]
     layer = document["runs"]["version_0"]["layers"]["net.1"]

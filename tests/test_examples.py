@@ -153,3 +153,27 @@ def test_sharded_example_figures_equal_one_process(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "sharded.json").read_text())
     assert summary["figures_compared"] >= 40 and summary["missing_in_sharded"] == []
     assert summary["max_relative_difference"] <= 1e-5, summary["where"]
+
+
+def test_attention_logit_growth_qk_norm_trains_where_the_baseline_collapses(tmp_path: Path) -> None:
+    """Wortsman et al. 2023, --fast (seed 0, 100 steps, a 2-block width-128 byte-level LM): at lr 0.1 the baseline's
+    largest attention logit runs away (measured ~1.3e4, its least entropic head ~0 nats) while the QK-norm arm's
+    (inserted by ``insert_qk_norm``) stays below 50 (~16), and the QK-norm arm ends at a lower loss (2.68 vs 2.78);
+    at lr 3e-3 the two arms train alike (2.29 vs 2.30, logits < 50). The report flags ``attention_logit_growth`` on
+    the baseline's run at lr 0.1 (first logged step, 10) and no attention finding on the QK-norm arm's at either lr."""
+    summary = run_example("attention_logit_growth", tmp_path)
+    high, low = summary["by_lr"]["0.1"], summary["by_lr"]["0.003"]
+    base, qk = high["baseline"], high["qk_norm"]
+    assert base["max_logit"]["min"] > 1000, base["max_logit"]
+    assert qk["max_logit"]["max"] < 50, qk["max_logit"]
+    assert base["max_logit"]["min"] > 20 * qk["max_logit"]["max"]
+    assert base["min_entropy"]["max"] < 0.1 < qk["min_entropy"]["min"] - 0.5, (base["min_entropy"], qk["min_entropy"])
+    assert qk["final_loss"]["max"] < base["final_loss"]["min"] - 0.03, (qk["final_loss"], base["final_loss"])
+    assert abs(low["qk_norm"]["final_loss"]["mean"] - low["baseline"]["final_loss"]["mean"]) < 0.05, low
+    assert all(low[arm]["max_logit"]["max"] < 50 for arm in ("baseline", "qk_norm")), low
+    assert all("attention_logit_growth" in flags for flags in base["flags"]), base["flags"]
+    attention = ("attention_logit_growth", "attention_entropy_collapse", "output_logit_divergence")
+    # at lr 3e-3 neither arm is flagged: the baseline's logits grow from ~1.5 into the tens while it trains as well
+    # as the QK-norm arm (the growth rule's floor, 30, leaves that to learning)
+    for figures in (qk, low["qk_norm"], low["baseline"]):
+        assert not any(p in flags for flags in figures["flags"] for p in attention), figures["flags"]

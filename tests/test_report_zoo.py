@@ -2,6 +2,7 @@
 zero-initialized residual norms, a GPT-2 LM, a model whose modules are registered out of forward order."""
 
 import json
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -334,3 +335,43 @@ def test_stand_ins_raise_no_flag_as_built(arch):
     assert set(case.zero_params) <= {f"{name}.weight" for name in run.zero_init} | {
         f"{name}.bias" for name in run.zero_init}, (run.zero_init, case.zero_params)  # fmt: skip
     assert not run.problems(), {name: p["layers"] for name, p in run.problems().items()}
+
+
+_ATTENTION_ZOO = ["bert", "gpt2", "llama", "t5", "vit", "swin", "vit_layer_scale", "t5_like_attention",
+                  "lightning_transformer"]  # fmt: skip  (every model of tests/zoo.py whose trace finds attention)
+
+
+@pytest.mark.parametrize("arch", _ATTENTION_ZOO)
+def test_zoo_attention_rows_and_no_attention_flag_after_a_few_steps(arch):
+    """Every zoo model with attention, stock init, 6 AdamW steps (lr 1e-3): one attention row per site with finite
+    figures (logits, entropy within [0, log keys]), and none of the attention / output-logit flags."""
+    from lightning_bn import Monitor
+    from lightning_bn.report.health import ATTENTION_FLAGS
+    from lightning_bn.tracing import trace_model
+    from tests import zoo
+
+    torch.manual_seed(0)
+    case = getattr(zoo, arch)()
+    model = case.model.train()
+    sites = [site.name for site in trace_model(model, case.example_input).attention_sites]
+    assert sites, arch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Monitor(model, every_n_steps=1, example_input=case.example_input, histograms=False) as monitor:
+        for _ in range(6):
+            optimizer.zero_grad()
+            zoo.main_output(zoo.run_model(model, case.example_input)).float().pow(2).mean().backward()
+            optimizer.step()
+            monitor.step()
+    figures = {tag: list(series) for tag, series in monitor.figures.items()}
+    for site in sites:
+        maxima = [v for _, v in figures[f"attn_logit_max/{site}"]]
+        entropy = [v for _, v in figures[f"attn_entropy/{site}"]]
+        assert len(maxima) == 6 and all(math.isfinite(v) for v in maxima), (site, maxima)
+        assert all(0 <= v < 10 for v in entropy), (site, entropy)
+    run = analyze(figures, layers=monitor.layers)
+    # a row each (kind "attention"; an nn.MultiheadAttention's row is also its layer's, with its weights' figures)
+    assert {layer.name for layer in run.layers} >= set(sites)
+    if arch != "lightning_transformer":
+        assert all(layer.kind == "attention" for layer in run.layers if layer.name in sites)
+    flagged = {name: p["layers"] for name, p in run.problems().items() if name in ATTENTION_FLAGS}
+    assert not flagged, flagged

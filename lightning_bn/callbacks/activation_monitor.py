@@ -50,6 +50,12 @@ class ActivationMonitor(MonitorCallback):
             compact record (``lightning_bn/rows``, see :mod:`lightning_bn.writers`; the lightning-bn tab, the report,
             ``analyze`` and ``plot`` read it) and scalars for the model-wide figures only; ``True``: a TensorBoard
             scalar per figure and layer as well. Other loggers (CSV, W&B, ...) always get every scalar.
+        attention: also log, on logging steps, figures of every attention call the trace found (one row per
+            attention layer: ``attn_logit_max`` and ``attn_logit_rms`` of the pre-softmax logits, ``attn_entropy``
+            and ``attn_entropy_min`` of the attention rows; eager softmax attention, ``scaled_dot_product_attention``
+            and ``nn.MultiheadAttention``) and of the output logits where the loss is a cross-entropy
+            (``out_logit_max``, ``out_log_z``, under the final layer's name). Exact under DDP; nothing on other
+            steps.
 
     Raises:
         MisconfigurationException: naming the bad value (the checks of
@@ -73,12 +79,14 @@ class ActivationMonitor(MonitorCallback):
         zero_tol: float = DEFAULT_ZERO_TOL,
         fused: str = "auto",
         per_layer_scalars: bool = False,
+        attention: bool = True,
     ) -> None:
         super().__init__(
             options(every_n_steps=every_n_steps, activations=True, gradients=False, modules=modules,
                     histograms=histograms, histogram_bins=histogram_bins, heatmap=heatmap, zero_tol=zero_tol,
-                    fused=fused, per_layer_scalars=per_layer_scalars)  # fmt: skip
+                    fused=fused, per_layer_scalars=per_layer_scalars, attention=attention)  # fmt: skip
         )
         self.modules, self.histograms, self.histogram_bins = modules, histograms, histogram_bins
         self.heatmap, self.zero_tol, self.fused = heatmap, self.options.zero_tol, fused
         self.per_layer_scalars = per_layer_scalars
+        self.attention = attention

@@ -17,8 +17,13 @@ from lightning_bn.callbacks._periodic import MonitorCallback, checked
 from lightning_bn.report import FLAGS, RunHealth, Thresholds, analyze
 from lightning_bn.report.formatting import format_table
 from lightning_bn.report.health import ADVICE
+from lightning_bn.tags import ATTENTION_STATISTICS, OUTPUT_STATISTICS, split_tag
 
 __all__ = ["HealthCheck"]
+
+#: the statistics judged against their value at the first logged step (attention entropy, log Z: see
+#: :func:`lightning_bn.report.analyze`): their first point is kept for the judgement on a window of recent steps
+_BASELINE_STATISTICS = frozenset(ATTENTION_STATISTICS.values()) | frozenset(OUTPUT_STATISTICS.values())
 
 
 class HealthCheck(Callback):
@@ -29,8 +34,11 @@ class HealthCheck(Callback):
         stop_on: flags that stop training (``trainer.should_stop``, as ``EarlyStopping`` does) at the first logging
             step where one holds on some layer, with a warning naming the layer, the figure and what to try; any of
             ``"saturated"``, ``"dead"``, ``"nonfinite"``, ``"vanishing"``, ``"exploding"``, ``"vanishing_gradient"``,
-            ``"stalled"``, or ``"all"``. Empty (default) or ``None``: never stop. A run resumed from a checkpoint
-            judges again (the earlier stops are kept in :attr:`previous_stops`).
+            ``"exploding_gradient"``, ``"stalled"``, ``"attention_logit_growth"``, ``"attention_entropy_collapse"``,
+            ``"output_logit_divergence"`` (the last three on the attention and output-logit figures
+            ``ActivationMonitor`` logs for transformers), or ``"all"``. Empty (default) or ``None``: never stop. A run
+            resumed from a checkpoint judges again (the earlier stops are kept in :attr:`previous_stops`; the
+            starting values the attention entropy and log Z are compared with are then those of the resumed fit).
         summary: at fit end, print (rank zero) the report of the run: the flagged layers with the step each problem
             started, the healthy ones by type, and advice per flag.
         thresholds: when a layer is flagged (default: the report's defaults).
@@ -73,6 +81,7 @@ class HealthCheck(Callback):
         self.health: RunHealth | None = None
         self._monitors: list[MonitorCallback] = []
         self._judged = -1
+        self._first: dict[str, tuple[int, float]] = {}  # tag -> its first logged point (_BASELINE_STATISTICS)
 
     @property
     def state_key(self) -> str:
@@ -84,6 +93,7 @@ class HealthCheck(Callback):
             return
         self._monitors = [cb for cb in trainer.callbacks if isinstance(cb, MonitorCallback)]
         self.stopped, self.health, self._judged = None, None, -1
+        self._first = {}
         if not self._monitors:
             rank_zero_warn(
                 "`HealthCheck` found no ActivationMonitor or GradientMonitor in the Trainer's callbacks; it has "
@@ -93,12 +103,18 @@ class HealthCheck(Callback):
             )
 
     def _figures(self, window: int | None = None) -> dict[str, list[tuple[int, float]]]:
-        """Every monitor's figures; with ``window``, only each tag's latest ``window`` logged steps."""
+        """Every monitor's figures; with ``window``, only each tag's latest ``window`` logged steps, and the first
+        logged point of the figures judged against their starting value (kept here: the monitors keep the latest
+        steps only)."""
         out: dict[str, list[tuple[int, float]]] = {}
         for monitor in self._monitors:
             for tag, series in monitor.figures.items():
                 start = max(len(series) - window, 0) if window is not None else 0
                 out[tag] = list(itertools.islice(series, start, None))
+                if series and split_tag(tag)[0] in _BASELINE_STATISTICS:
+                    first = self._first.setdefault(tag, series[0])
+                    if out[tag][0][0] > first[0]:
+                        out[tag].insert(0, first)
         return out
 
     def _layers(self) -> list[dict[str, Any]] | None:
@@ -134,8 +150,8 @@ class HealthCheck(Callback):
 
     def _judge(self, latest: int) -> tuple[int, str, str, str] | None:
         """The first ``stop_on`` flag that holds at the latest logged step, judged on a short window of steps."""
-        health = analyze(self._figures(self.thresholds.stalled_steps + 1), thresholds=self.thresholds,
-                         layers=self._layers())  # fmt: skip
+        window = max(self.thresholds.stalled_steps, self.thresholds.attention_logit_window) + 1
+        health = analyze(self._figures(window), thresholds=self.thresholds, layers=self._layers())
         for flag in FLAGS:
             if flag not in self.stop_on:
                 continue

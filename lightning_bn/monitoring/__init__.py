@@ -8,6 +8,7 @@ non-finite watch, history, layout, the heatmap grid) under one validated :class:
 """
 
 from lightning_bn.monitoring.activation import ActivationProbe, ProbeResult, layer_entry
+from lightning_bn.monitoring.attention import AttentionProbe
 from lightning_bn.monitoring.engine import MonitorEngine, MonitorOptions, StepResult, is_rank_zero
 from lightning_bn.monitoring.gradients import GradientProbe, GradientResult
 from lightning_bn.monitoring.rows import figures, summarize
@@ -24,6 +25,7 @@ from lightning_bn.monitoring.select import (
 
 __all__ = [
     "ActivationProbe",
+    "AttentionProbe",
     "ForwardOrder",
     "GradientProbe",
     "GradientResult",

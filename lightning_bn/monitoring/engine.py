@@ -25,6 +25,7 @@ from lightning_bn import checks
 from lightning_bn.checks import user_stacklevel
 from lightning_bn.monitoring import rows as _rows
 from lightning_bn.monitoring.activation import ActivationProbe, layer_entry
+from lightning_bn.monitoring.attention import AttentionProbe
 from lightning_bn.monitoring.gradients import GradientProbe, dense_values, local
 from lightning_bn.monitoring.rows import BACKENDS, COMPILE_SECONDS, DEFAULT_ZERO_TOL
 from lightning_bn.monitoring.select import (
@@ -91,6 +92,10 @@ class MonitorOptions:
             record (``lightning_bn/rows``, :mod:`lightning_bn.writers`; the lightning-bn tab, the report, ``analyze``
             and ``plot`` read it) and scalars for the model-wide figures only; ``True``: a TensorBoard scalar per
             figure and layer as well. Other loggers (CSV, W&B, ...) always get every scalar.
+        attention: with ``activations``, figures of every attention call the trace found (one row per attention
+            layer: ``attn_logit_max``, ``attn_logit_rms``, ``attn_entropy``, ``attn_entropy_min``) and of the output
+            logits where the loss is a cross-entropy (``out_logit_max``, ``out_log_z``), on logging steps only
+            (:mod:`lightning_bn.monitoring.attention`); nothing for a model with neither.
 
     Raises:
         ValueError: naming the option and the bad value.
@@ -120,11 +125,12 @@ class MonitorOptions:
     update_ratio_budget: float = 0.25
     nonfinite_every_step: bool = True
     per_layer_scalars: bool = False
+    attention: bool = True
 
     def __post_init__(self) -> None:
         checks.integer("every_n_steps", self.every_n_steps)
         for name in ("activations", "gradients", "histograms", "gradient_histograms", "heatmap",
-                     "nonfinite_every_step", "per_layer_scalars"):  # fmt: skip
+                     "nonfinite_every_step", "per_layer_scalars", "attention"):  # fmt: skip
             checks.boolean(name, getattr(self, name))
         validate_module_filter(self.modules)
         checks.integer("histogram_bins", self.histogram_bins)
@@ -253,6 +259,7 @@ class MonitorEngine:
         self._model: nn.Module | None = None
         self._plain: Callable[[str], str] = str
         self._probe: ActivationProbe | None = None
+        self._attention: AttentionProbe | None = None
         self._gradients: GradientProbe | None = None
         self._histogram_bins = 0
         self._entries: dict[str, tuple[nn.Module, Any]] = {}  # first-call traces not run yet: name -> (module, saved)
@@ -382,7 +389,19 @@ class MonitorEngine:
             was.detach()
             probe.attach()
         probe.adopt(*keep)
-        self.layers = [layer_entry(t) for t in probe.targets] + self._unwatched(found)
+        layers = [layer_entry(t) for t in probe.targets]
+        if opts.attention:
+            attention = AttentionProbe.of_map(unwrap(self._model), found, self._plain)
+            was, self._attention = self._attention, attention
+            if was is not None:
+                attention.adopt(was)
+            if was is not None and was.attached:
+                was.detach()
+                attention.attach()
+            elif was is not None:
+                was.detach()
+            layers = _with_attention(layers, attention, found, self._plain)
+        self.layers = layers + self._unwatched(found)
 
     def _unwatched(self, found: ModelMap | None) -> list[dict[str, Any]]:
         """The layers-table rows of the activations the trace found and no hook can see (a ``silu`` in a plain
@@ -443,8 +462,9 @@ class MonitorEngine:
         probe = self._probe
         if probe is not None:
             probe.quiet = _quiet
+        attention = self._attention.first_call(module) if measuring and self._attention else nullcontext()
         try:
-            with _eager_compiled():
+            with _eager_compiled(), attention:
                 output, found, failed = trace_call(module, original, args, kwargs, observe)
         finally:
             if probe is not None:
@@ -484,13 +504,15 @@ class MonitorEngine:
         self._pending = step
         if self._probe is not None:
             self._probe.attach()
+        if self._attention is not None:
+            self._attention.attach()
         if self._gradients is not None:
             if self._order_names is None and (self.model_map is None or not self.options.activations):
                 self._order = self._order or ForwardOrder(unwrap(self._model))
                 self._order.attach()
             if snapshot:
                 self._gradients.snapshot()
-        if self._compiled_model and (self._probe is not None or self._order is not None):
+        if self._compiled_model and (self._probe is not None or self._order is not None or self._attention):
             _run_eagerly(self, True)  # hooks on a compiled model: see _run_eagerly
         return True
 
@@ -602,6 +624,10 @@ class MonitorEngine:
             self._probe.detach()
             rows, parse = self._probe.gather()
             parts.append((rows, lambda host, parse=parse: self._take_activations(parse(host), result)))
+        if self._attention is not None:
+            self._attention.detach()
+            rows, parse = self._attention.gather()
+            parts.append((rows, lambda host, parse=parse: result.metrics.update(parse(host))))
         if self._order is not None:
             self._order.detach()
             self._order_names, self._order = [self._plain(n) for n in self._order.names], None
@@ -715,6 +741,9 @@ class MonitorEngine:
         """Remove every hook and drop what an unfinished step holds (the engine stays usable)."""
         if self._probe is not None:
             self._probe.detach()
+        if self._attention is not None:
+            self._attention.detach()
+            self._attention.reset()
         if self._order is not None:
             self._order.detach()
             self._order = None
@@ -772,6 +801,31 @@ def _not_taken(metrics: dict[str, float]) -> bool:
         return False
     weights = [v for t, v in metrics.items() if split_tag(t)[0] == WEIGHT_NORM]
     return bool(weights) and all(math.isfinite(v) for v in weights)
+
+
+def _with_attention(
+    layers: list[dict[str, Any]], probe: AttentionProbe, found: ModelMap | None, plain: Callable[[str], str]
+) -> list[dict[str, Any]]:
+    """The layers table with a row per attention site (``hook="attention"``), in forward order: right after the
+    latest of its module and its query and key layers (the map's order), or at the end."""
+    if found is None or not probe.sites:
+        return layers
+    rank = {plain(name): i for i, name in enumerate(found.order)}
+    out = list(layers)
+    taken = {entry["name"] for entry in layers}
+    for spec, entry in probe.entries():
+        if entry["name"] in taken:
+            continue
+        taken.add(entry["name"])
+        here = max(rank.get(plain(n), -1) for n in (spec.module_name, *spec.query, *spec.key))
+        at = len(out)
+        for i, other in enumerate(out):
+            position = rank.get(other["name"], rank.get(other["name"].rpartition(".")[0]))
+            if position is not None and position > here and other.get("hook") != "attention":
+                at = i
+                break
+        out.insert(at, entry)
+    return out
 
 
 def _module_of(parameter: str) -> str:

@@ -13,7 +13,8 @@ channel axis differs from the data's (BatchNorm on ``(N, T, C)`` from a Linear, 
 Conv) is wrapped in :class:`ChannelsLast` / :class:`ChannelsFirst`, which move the channel axis around it.
 
 Modules: ``modules`` (the wrappers and rank-agnostic norms), ``registry`` (the kinds), ``report`` (what changed),
-``insert`` (insertion), ``convert`` (conversion). The package builds on :mod:`lightning_bn.tracing`,
+``insert`` (insertion), ``convert`` (conversion), ``qk`` (QK-norm: :func:`insert_qk_norm` puts a LayerNorm or RMSNorm
+over the head dimension on the queries and keys of every attention). The package builds on :mod:`lightning_bn.tracing`,
 :mod:`lightning_bn.activations` and :mod:`lightning_bn.monitoring.rows` only.
 """
 
@@ -23,6 +24,16 @@ from lightning_bn.norms.insert import POSITIONS as POSITIONS
 from lightning_bn.norms.insert import InsertionPlan, final_layers, insert_norms, plan_insertions
 from lightning_bn.norms.insert import Position as Position
 from lightning_bn.norms.modules import BatchNormXd, ChannelsFirst, ChannelsLast, InstanceNormXd
+from lightning_bn.norms.qk import (
+    QK_NORM_KINDS,
+    QKNorm,
+    QKNormMultiheadAttention,
+    QKNormPlan,
+    QKNormReport,
+    QKNormSite,
+    insert_qk_norm,
+    plan_qk_norm,
+)
 from lightning_bn.norms.registry import Layout as Layout
 from lightning_bn.norms.registry import (
     NormKind,
@@ -44,6 +55,12 @@ __all__ = [
     "NormInsertion",
     "NormKind",
     "NormReport",
+    "QK_NORM_KINDS",
+    "QKNorm",
+    "QKNormMultiheadAttention",
+    "QKNormPlan",
+    "QKNormReport",
+    "QKNormSite",
     "available_norms",
     "convert_norms",
     "create_norm_layer",
@@ -51,7 +68,9 @@ __all__ = [
     "final_layers",
     "get_norm_layer",
     "insert_norms",
+    "insert_qk_norm",
     "plan_insertions",
+    "plan_qk_norm",
     "register_norm",
 ]
 # Also importable from here, as before, outside __all__ (the `X as X` imports): AUTO_MIN_BATCH, POSITIONS, Position,

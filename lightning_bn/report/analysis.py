@@ -18,9 +18,11 @@ from lightning_bn.tags import (
     ACT_STD,
     ACT_TRANSMISSION,
     ACTIVATION_STATISTICS,
+    ATTENTION_STATISTICS,
     GRAD_NORM,
     GRAD_RMS_EPS,
     LOSS_TAG,
+    OUTPUT_STATISTICS,
     TOTAL_GRADIENT_TAG,
     UPDATE_RATIO,
     WEIGHT_NORM,
@@ -44,8 +46,16 @@ from .reading import find_runs, read_run
 __all__ = ["analyze", "analyze_runs"]
 
 _ACTIVATION_STATISTICS = frozenset(ACTIVATION_STATISTICS.values())
+_ATTENTION_STATISTICS = frozenset(ATTENTION_STATISTICS.values())
+_OUTPUT_STATISTICS = frozenset(OUTPUT_STATISTICS.values())
+ATTN_LOGIT_MAX, ATTN_ENTROPY, ATTN_ENTROPY_MIN = (
+    ATTENTION_STATISTICS[k] for k in ("logit_max", "entropy", "entropy_min")
+)
+OUT_LOG_Z = OUTPUT_STATISTICS["log_z"]
 #: a layer whose weight norm at its first logged step is below this times the median layer's started deliberately tiny
 _TINY_START = 1e-2
+#: optimizer steps after a zero or tiny weight starts to move during which its update ratio is not judged
+_YOUNG_STEPS = 10
 
 
 @overload
@@ -124,6 +134,9 @@ def analyze(
     if isinstance(scalars, (str, os.PathLike)):
         return analyze_runs(Path(scalars), thresholds)[0]
     activations: dict[str, dict[str, dict[int, float]]] = {}
+    attention: dict[str, dict[str, dict[int, float]]] = {}  # attention rows: attn_* figures
+    outputs: dict[str, dict[str, dict[int, float]]] = {}  # the output-logit row: out_* figures
+    rows: dict[str, None] = {}  # the rows with figures of their own, in the order first logged
     parameters: dict[str, dict[str, dict[str, dict[int, float]]]] = {}
     loss = {int(step): float(value) for step, value in scalars.get(LOSS_TAG, ())}
     for tag, series in scalars.items():
@@ -133,11 +146,18 @@ def analyze(
         values = _series(series)
         if statistic in _ACTIVATION_STATISTICS:
             activations.setdefault(target, {})[statistic] = values
+            rows.setdefault(target)
+        elif statistic in _ATTENTION_STATISTICS:
+            attention.setdefault(target, {})[statistic] = values
+            rows.setdefault(target)
+        elif statistic in _OUTPUT_STATISTICS:
+            outputs.setdefault(target, {})[statistic] = values
+            rows.setdefault(target)
         else:
             module = target.rpartition(".")[0] or target
             parameters.setdefault(module, {}).setdefault(target, {})[statistic] = values
     table = _layer_table(layers)
-    order = layer_order(activations, layers if table is not None else None, parameters)
+    order = layer_order(rows, layers if table is not None else None, parameters)
     zero_init = {layer for layer in order if _is_zero_init(layer, activations.get(layer, {}), parameters, table)}
     # the activation inside a zero-initialized norm-act layer (timm's BatchNormAct2d under zero_init_last: the norm's
     # weight is 0, its `act` child is watched) outputs f(bias) until the norm has learned: it shares the norm's grace
@@ -212,7 +232,8 @@ def analyze(
     out = []
     for depth, layer in enumerate(order):
         act, params = activations.get(layer, {}), parameters.get(layer, {})
-        kind = _kind(act)
+        attn, out_logits = attention.get(layer, {}), outputs.get(layer, {})
+        kind = _kind(act) if act else "attention" if attn else "output" if out_logits else "parameters"
         grad = grads[layer]
         update = _per_step(params, _update_ratio)
         weights = weight_norms[layer]
@@ -228,10 +249,13 @@ def analyze(
         if layer in zero_init:
             awake = [step for step, value in sorted(ratio.items()) if value >= thresholds.min_std_ratio]
             judged_ratio = {step: value for step, value in ratio.items() if awake and step >= awake[0]}
-            left_zero = _left_zero(params.get(f"{layer}.weight", {}))  # the update from 0 reads 1: no judgement
-            judged_update = {step: value for step, value in update.items() if left_zero is None or step > left_zero}
+            # the update from 0 reads 1, and for a few steps more the weight is the sum of a few updates, which can
+            # cancel (an update that reverses the last one reads > 1): not judged for _YOUNG_STEPS optimizer steps
+            left_zero = _left_zero(params.get(f"{layer}.weight", {}))
+            judged_update = {step: value for step, value in update.items()
+                             if left_zero is None or step > left_zero + _YOUNG_STEPS}  # fmt: skip
         elif layer in tiny_start:  # a deliberately tiny init (LayerScale's 1e-6) moves by its own size at first
-            judged_update = {step: value for step, value in update.items() if step > tiny_start[layer]}
+            judged_update = {step: value for step, value in update.items() if step > tiny_start[layer] + _YOUNG_STEPS}
         entry = table.get(layer) if table is not None else None
         healthy = entry.get("healthy_saturation") if entry is not None else None
         healthy = float(healthy) if isinstance(healthy, (int, float)) and math.isfinite(healthy) else None
@@ -241,6 +265,22 @@ def analyze(
             for step, value in grad.items()
             if math.isfinite(value) and judged(layer, step)
         }
+        flags = _flags(
+            judged_act,
+            grad,
+            judged_update,
+            ratio,
+            judged_ratio,
+            reference or "",
+            thresholds,
+            limit,
+            gradient_share,
+            weights,
+            layer,
+            loss,
+            {step: v for step, v in eps_scales[layer].items() if eps_median.get(step, math.inf) < 1},
+        )
+        flags.update(_attention_flags(attn, out_logits, thresholds))
         out.append(
             LayerHealth(
                 layer,
@@ -260,30 +300,24 @@ def analyze(
                 nonfinite=_latest(act.get(ACT_NONFINITE)),
                 worst_nonfinite=_worst(act.get(ACT_NONFINITE)),
                 nonfinite_gradient=any(not math.isfinite(v) for v in grad.values()),
-                flags=_flags(
-                    judged_act,
-                    grad,
-                    judged_update,
-                    ratio,
-                    judged_ratio,
-                    reference or "",
-                    thresholds,
-                    limit,
-                    gradient_share,
-                    weights,
-                    layer,
-                    loss,
-                    {step: v for step, v in eps_scales[layer].items() if eps_median.get(step, math.inf) < 1},
-                ),
+                flags={name: flags[name] for name in FLAGS if name in flags},
                 module_type=_module_type(entry),
                 std_reference=reference,
                 zero_init=layer in zero_init,
                 activation=_activation(entry),
                 healthy_saturation=healthy,
                 saturation_limit=limit if ACT_SATURATION in act else None,
+                logit_max=_latest(attn.get(ATTN_LOGIT_MAX)),
+                worst_logit_max=_worst(attn.get(ATTN_LOGIT_MAX)),
+                entropy=_latest(attn.get(ATTN_ENTROPY)),
+                lowest_entropy=_lowest(attn.get(ATTN_ENTROPY)),
+                entropy_min=_latest(attn.get(ATTN_ENTROPY_MIN)),
+                log_z=_latest(out_logits.get(OUT_LOG_Z)),
+                worst_log_z=_furthest(out_logits.get(OUT_LOG_Z)),
             )
         )
-    steps = {s for layer in [*activations.values(), *parameters.values()] for s in _steps(layer)}
+    figures = [*activations.values(), *attention.values(), *outputs.values(), *parameters.values()]
+    steps = {s for layer in figures for s in _steps(layer)}
     unwatched = [e["name"] for e in (table or {}).values() if e.get("hook") == "unwatched"]
     return RunHealth(name, sorted(steps), out, forward_order=table is not None, unwatched=unwatched)
 
@@ -401,6 +435,14 @@ def _lowest(series: Mapping[int, float] | None) -> float | None:
     return min(finite) if finite else math.nan
 
 
+def _furthest(series: Mapping[int, float] | None) -> float | None:
+    """The value furthest from 0; NaN only when every value is NaN."""
+    if not series:
+        return None
+    finite = [v for v in series.values() if not math.isnan(v)]
+    return max(finite, key=abs) if finite else math.nan
+
+
 def _worst(series: Mapping[int, float] | None) -> float | None:
     """The largest value; NaN only when every value is NaN."""
     if not series:
@@ -508,6 +550,73 @@ def _flags(
         if found:
             out[name] = Flag(name, found[0][0], found[-1][0], found[-1][0] == last_step, found[0][1])
     return out
+
+
+def _attention_flags(
+    attn: Mapping[str, Mapping[int, float]], out: Mapping[str, Mapping[int, float]], t: Thresholds
+) -> dict[str, Flag]:
+    """The flags of an attention row (``attn_*`` figures) and of the output-logit row (``out_*``), each judged at
+    every logged step of its figure (NaN steps are not judged; inf is beyond every bound); *active* when it holds at
+    the figure's latest logged step. The starting values (entropy, log Z) are those at the figure's first logged step
+    with a finite value: the caller passes the whole series, or (:class:`lightning_bn.HealthCheck`) a window with the
+    first point kept."""
+    hits: dict[str, list[tuple[int, str]]] = {}
+    logits = sorted(attn.get(ATTN_LOGIT_MAX, {}).items())
+    window = t.attention_logit_window
+    # the bound flags a logit *rising past* it: a row already beyond it at its first logged step (an init whose
+    # attention is one-hot from the start, e.g. unscaled N(0, 1) embeddings into nn.Transformer) is judged by growth
+    first = next((v for _, v in logits if math.isfinite(v)), None)
+    rises = first is not None and first <= t.max_attention_logit
+    for i, (step, value) in enumerate(logits):
+        if math.isnan(value):
+            continue
+        if value > t.max_attention_logit and rises:
+            hits.setdefault("attention_logit_growth", []).append(
+                (step, f"max attention logit {value:.3g} > {t.max_attention_logit:g}: the softmax is one-hot")
+            )
+            continue
+        before = [(s, v) for s, v in logits[max(0, i - window) : i] if math.isfinite(v) and v > 0]
+        if value <= t.attention_logit_floor or not before:
+            continue
+        low_step, low = min(before, key=lambda item: item[1])
+        if value >= t.attention_logit_growth * low:
+            reason = (
+                f"max attention logit {value:.3g}, {value / low:.3g} x its {low:.3g} at step {low_step} (a growth of "
+                f"{t.attention_logit_growth:g}x within {window} logged steps, beyond {t.attention_logit_floor:g})"
+            )
+            hits.setdefault("attention_logit_growth", []).append((step, reason))
+    entropy = sorted((s, v) for s, v in attn.get(ATTN_ENTROPY, {}).items() if not math.isnan(v))
+    start = next(((s, v) for s, v in entropy if math.isfinite(v)), None)
+    if start is not None:
+        start_step, first = start
+        heads = attn.get(ATTN_ENTROPY_MIN, {})
+        for step, value in entropy:
+            if value < t.min_entropy_fraction * first and value < t.min_attention_entropy:
+                reason = (
+                    f"mean attention entropy {value:.3g} nats, {value / first:.2g} x its {first:.3g} at step "
+                    f"{start_step} (< {t.min_entropy_fraction:g} x and < {t.min_attention_entropy:g} nats)"
+                )
+                if step in heads:
+                    reason += f"; lowest head {heads[step]:.3g} nats"
+                hits.setdefault("attention_entropy_collapse", []).append((step, reason))
+    log_z = sorted((s, v) for s, v in out.get(OUT_LOG_Z, {}).items() if not math.isnan(v))
+    start = next(((s, v) for s, v in log_z if math.isfinite(v)), None)
+    if start is not None:
+        start_step, first = start
+        for step, value in log_z:
+            if abs(value) > t.max_log_z and abs(value - first) > t.max_log_z_drift:
+                reason = (
+                    f"mean log Z {value:.3g}, {value - first:+.3g} from {first:.3g} at step {start_step} "
+                    f"(|log Z| > {t.max_log_z:g}, moved > {t.max_log_z_drift:g})"
+                )
+                hits.setdefault("output_logit_divergence", []).append((step, reason))
+    last = {"attention_logit_growth": max(attn.get(ATTN_LOGIT_MAX, {}), default=None),
+            "attention_entropy_collapse": max(attn.get(ATTN_ENTROPY, {}), default=None),
+            "output_logit_divergence": max(out.get(OUT_LOG_Z, {}), default=None)}  # fmt: skip
+    return {
+        name: Flag(name, found[0][0], found[-1][0], found[-1][0] == last[name], found[0][1])
+        for name, found in hits.items()
+    }
 
 
 def _stalled(update: Mapping[int, float], loss: Mapping[int, float], t: Thresholds) -> list[tuple[int, str]]:

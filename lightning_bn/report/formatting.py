@@ -27,6 +27,20 @@ _COLUMNS = (
     "nonfinite",
     "flags",
 )
+#: the columns of the attention and output-logit figures: (column, LayerHealth attribute, format), shown before
+#: ``flags`` in the runs that logged them
+_ATTENTION_COLUMNS = (
+    ("max logit", "logit_max", ".3g"),
+    ("entropy", "entropy", ".3g"),
+    ("log Z", "log_z", ".3g"),
+)
+
+
+def _columns(run: RunHealth) -> tuple[tuple[str, ...], tuple[tuple[str, str, str], ...]]:
+    """The columns of a run's table: the figures columns of every run, then those of the attention and output-logit
+    figures the run logged (none in a run without them: its table is as before), then ``flags``."""
+    extra = tuple(c for c in _ATTENTION_COLUMNS if any(getattr(layer, c[1]) is not None for layer in run.layers))
+    return (*_COLUMNS[:-1], *(c[0] for c in extra), _COLUMNS[-1]), extra
 
 
 def format_table(runs: list[RunHealth], skipped: list[str], thresholds: Thresholds, every_layer: bool = False) -> str:
@@ -36,9 +50,10 @@ def format_table(runs: list[RunHealth], skipped: list[str], thresholds: Threshol
     for run in runs:
         shown = run.layers if every_layer else [layer for layer in run.layers if layer.flags]
         lines = [f"run {run.name}: {_steps(run)}"]
+        columns, extra = _columns(run)
         if shown:
-            rows = [_COLUMNS, *(tuple(map(printable, _row(layer))) for layer in shown)]
-            widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+            rows = [columns, *(tuple(map(printable, _row(layer, extra))) for layer in shown)]
+            widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
             lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
         if not every_layer:
             lines += _healthy(run, "  ", "    ")
@@ -56,9 +71,10 @@ def format_markdown(
     blocks: list[str] = []
     for run in runs:
         shown = run.layers if every_layer else [layer for layer in run.layers if layer.flags]
-        header = "| " + " | ".join(_COLUMNS) + " |"
-        rule = "|" + "|".join("---" for _ in _COLUMNS) + "|"
-        cells = [[printable(cell).replace("|", "\\|") for cell in _row(layer)] for layer in shown]
+        columns, extra = _columns(run)
+        header = "| " + " | ".join(columns) + " |"
+        rule = "|" + "|".join("---" for _ in columns) + "|"
+        cells = [[printable(cell).replace("|", "\\|") for cell in _row(layer, extra)] for layer in shown]
         rows = ["| " + " | ".join(row) + " |" for row in cells]
         table = [header, rule, *rows, ""] if shown else []
         healthy = [] if every_layer else [*_healthy(run, "- ", "  - "), ""]
@@ -115,6 +131,14 @@ def format_rules(t: Thresholds) -> str:
             "  exploding_gradient: the same depth rule, growing towards the input",
             f"  stalled: update ratio < {t.min_update_ratio:g} for {t.stalled_steps} logged steps in a row while the "
             f"loss does not improve by {t.min_loss_improvement:g} and stays above {t.converged_loss:g}",
+            "  attention_logit_growth: (attention rows) max attention logit rising past "
+            f"{t.max_attention_logit:g}, or > "
+            f"{t.attention_logit_floor:g} and >= {t.attention_logit_growth:g} x its smallest over the "
+            f"{t.attention_logit_window} logged steps before",
+            f"  attention_entropy_collapse: (attention rows) mean attention entropy < {t.min_entropy_fraction:g} x "
+            f"its value at the first logged step and < {t.min_attention_entropy:g} nats",
+            f"  output_logit_divergence: (output-logit row) |mean log Z| > {t.max_log_z:g} and moved more than "
+            f"{t.max_log_z_drift:g} from its value at the first logged step",
             f"  {_ZERO_INIT_NOTE} (no flag): weights (or a norm's output) exactly 0 at the first logged step, not "
             f"flagged vanishing until std/first reaches {t.min_std_ratio:g}",
         ]
@@ -141,6 +165,9 @@ def _healthy(run: RunHealth, bullet: str, nested: str) -> list[str]:
                 ("std", "std", ".3g"),
                 ("grad norm", "grad_norm", ".2g"),
                 ("update ratio", "update_ratio", ".2g"),
+                ("max logit", "logit_max", ".3g"),
+                ("entropy", "entropy", ".3g"),
+                ("log Z", "log_z", ".3g"),
             )
             if any(getattr(layer, attribute) is not None for layer in layers)
         ]
@@ -168,7 +195,7 @@ def _steps(run: RunHealth) -> str:
     )
 
 
-def _row(layer: Any) -> tuple[str, ...]:
+def _row(layer: Any, extra: tuple[tuple[str, str, str], ...] = ()) -> tuple[str, ...]:
     nonfinite = _number(layer.worst_nonfinite, ".0f")
     if layer.nonfinite_gradient:
         nonfinite = "grad" if layer.worst_nonfinite is None else f"{nonfinite}+grad"
@@ -185,6 +212,7 @@ def _row(layer: Any) -> tuple[str, ...]:
         _number(layer.grad_norm, ".3g"),
         _number(layer.update_ratio, ".2g"),
         nonfinite,
+        *(_number(getattr(layer, attribute), spec) for _, attribute, spec in extra),
         ", ".join([flag.describe() for flag in layer.flags.values()] + [_ZERO_INIT_NOTE] * layer.zero_init) or "-",
     )
 

@@ -7,12 +7,22 @@ from typing import Any
 
 from lightning_bn import checks
 
-__all__ = ["ADVICE", "FLAGS", "MIN_DEAD_SAMPLES", "UNKNOWN_BASELINE", "Flag", "LayerHealth", "RunHealth", "Thresholds"]
+__all__ = [
+    "ADVICE", "ATTENTION_FLAGS", "FLAGS", "MIN_DEAD_SAMPLES", "UNKNOWN_BASELINE", "Flag", "LayerHealth", "RunHealth",
+    "Thresholds",
+]  # fmt: skip
 
 #: Every problem the report can flag, in the order it lists them.
 FLAGS = (
-    "saturated", "dead", "nonfinite", "vanishing", "exploding", "vanishing_gradient", "exploding_gradient", "stalled"
+    "saturated", "dead", "nonfinite", "vanishing", "exploding", "vanishing_gradient", "exploding_gradient", "stalled",
+    "attention_logit_growth", "attention_entropy_collapse", "output_logit_divergence",
 )  # fmt: skip
+
+#: The flags judged on attention rows (``attn_*`` figures) and on the output-logit row (``out_*`` figures).
+ATTENTION_FLAGS = ("attention_logit_growth", "attention_entropy_collapse", "output_logit_divergence")
+
+#: How to try QK normalization, in the advice lines.
+_QK_NORM = 'normalize queries and keys (lightning_bn.prepare(model, x, norm="qk"))'
 
 #: The saturation baseline of a layer whose activation kind is unknown (no layers table, or a table without it):
 #: a ReLU's, the highest of the common kinds, so that no healthy layer is flagged for want of its kind.
@@ -43,6 +53,12 @@ ADVICE: dict[str, str] = {
     "stalled": "the weights barely move and the loss does not improve: converged, or starved; if the loss is still "
     "high, raise the learning rate (for this parameter group), or check weight decay and "
     "the optimizer's state",
+    "attention_logit_growth": "the attention logits grow until the softmax is one-hot and training diverges (Dehghani "
+    f"et al. 2023; Wortsman et al. 2023): {_QK_NORM}, lower the learning rate or lengthen the warm-up",
+    "attention_entropy_collapse": "the attention concentrates on single keys, which precedes instability (Zhai et al. "
+    f"2023): {_QK_NORM}, lower the learning rate or lengthen the warm-up",
+    "output_logit_divergence": "the output logits drift as a whole, away from log Z = 0 (Wortsman et al. 2023): add "
+    "the z-loss 1e-4 * logsumexp(logits, -1).square().mean() to the loss (PaLM's), or lower the learning rate",
 }
 
 
@@ -103,6 +119,34 @@ class Thresholds:
         converged_loss: ... and stays above this: a net at a loss this low has converged (its updates are small
             because its gradients are). Without a logged loss, the update ratio alone decides and the report says it
             could not tell converged from starved.
+        max_attention_logit: ``attention_logit_growth`` when an attention row's largest pre-softmax logit
+            (``attn_logit_max``) rises past this (a row already beyond it at its first logged step is judged by the
+            growth rule only: Lightning's demo ``nn.Transformer`` on N(0, 1) embeddings starts at ~150). A logit 100
+            above the others gets all but e^-100 of the weight: the softmax is one-hot whatever the number of keys, and
+            its gradient vanishes. The figure is a maximum, not the gap between a query's logits, so the bound leaves
+            room above the tens that healthy trained models reach (attention sinks included); the runs that diverge from
+            attention-logit growth run on to 1e3-1e4 (Dehghani et al. 2023, ViT-22B; Wortsman et al. 2023, small-scale
+            proxies at high learning rates), and their growth is exponential: the bound costs a few steps of warning ...
+        attention_logit_growth: ... as does the growth rule: also flagged when the max logit is at least this many
+            times its smallest value over the ``attention_logit_window`` logged steps before ...
+        attention_logit_window: ... (a runaway, not the slow growth of learning) ...
+        attention_logit_floor: ... once beyond this: logits growing from near 0 at init to the tens of a working
+            sharpness are learning, not a runaway (a 2-block byte-level LM at lr 3e-3 goes 1.5 -> 15-28 in 40 steps
+            and trains as well as with QK-norm: ``examples/attention_logit_growth.py``).
+        min_entropy_fraction: ``attention_entropy_collapse`` when an attention row's mean entropy (``attn_entropy``,
+            over batch, heads and queries) falls below this fraction of its value at the row's first logged step
+            (about log(keys) at init: 4.9 nats for 128 keys) ...
+        min_attention_entropy: ... and below this many nats: e^0.5 ~ 1.6 keys attended per query, on average over
+            every head, which healthy trained models stay well above (heads attending to one token, such as
+            previous-token heads, are a few among many; the smallest head, ``attn_entropy_min``, is quoted, not
+            judged). Zhai et al. 2023 see this collapse precede the divergence.
+        max_log_z: ``output_logit_divergence`` when the mean log-partition of the output logits (``out_log_z``,
+            ``logsumexp`` over classes) is further than this from 0 ...
+        max_log_z_drift: ... and has moved more than this from its value at the first logged step. A cross-entropy
+            is blind to a shift of all logits, so they can drift as a whole (Wortsman et al. 2023: very negative,
+            then divergence; PaLM's z-loss keeps log Z near 0); at 20 a bf16 logit is rounded by ~0.06, its
+            probability by ~6%. The drift condition keeps a large vocabulary's log Z at init (log V, 10.8 for GPT-2's
+            50257 tokens) and a pretrained model's resting value from being flagged.
 
     Example::
 
@@ -129,6 +173,14 @@ class Thresholds:
     stalled_steps: int = 5
     min_loss_improvement: float = 0.01
     converged_loss: float = 1e-3
+    max_attention_logit: float = 100.0
+    attention_logit_growth: float = 10.0
+    attention_logit_window: int = 5
+    attention_logit_floor: float = 30.0
+    min_entropy_fraction: float = 0.1
+    min_attention_entropy: float = 0.5
+    max_log_z: float = 20.0
+    max_log_z_drift: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("min_transmission", "saturation_margin", "max_dead"):
@@ -144,6 +196,14 @@ class Thresholds:
                                                                          self.min_loss_improvement))  # fmt: skip
         object.__setattr__(self, "converged_loss", checks.number("converged_loss", self.converged_loss, 0.0,
                                                                  strict=False))  # fmt: skip
+        for name in ("max_attention_logit", "attention_logit_floor", "min_attention_entropy", "max_log_z",
+                     "max_log_z_drift"):  # fmt: skip
+            object.__setattr__(self, name, checks.number(name, getattr(self, name)))
+        object.__setattr__(self, "attention_logit_growth",
+                           checks.number("attention_logit_growth", self.attention_logit_growth, 1.0))  # fmt: skip
+        checks.integer("attention_logit_window", self.attention_logit_window)
+        object.__setattr__(self, "min_entropy_fraction", checks.fraction("min_entropy_fraction",
+                                                                         self.min_entropy_fraction))  # fmt: skip
 
     def saturation_limit(self, healthy: float | None) -> float:
         """The saturation above which a layer whose kind saturates ``healthy`` at a N(0, 1) input is flagged."""
@@ -178,9 +238,14 @@ class Flag:
 class LayerHealth:
     """The figures of one layer (``None`` where not logged) and its flags.
 
-    ``kind`` is ``"activation"`` (has saturation), ``"layer"`` (other watched outputs: Linear, Conv, norms) or
-    ``"parameters"`` (only gradients were logged). The gradient norm is the 2-norm over the layer's parameters; the
-    update ratio is ``‖Δθ‖ / ‖θ‖`` over them. ``module_type`` comes from the layers table (``None`` without it);
+    ``kind`` is ``"activation"`` (has saturation), ``"layer"`` (other watched outputs: Linear, Conv, norms),
+    ``"attention"`` (an attention call site: ``attn_*`` figures, no output figures), ``"output"`` (the output logits
+    of a cross-entropy: ``out_*`` figures only) or ``"parameters"`` (only gradients were logged). ``logit_max``
+    and ``entropy`` (the latest ``attn_logit_max`` and ``attn_entropy``; ``worst_logit_max`` the largest,
+    ``lowest_entropy`` the smallest, ``entropy_min`` the latest smallest head's), ``log_z`` (the latest
+    ``out_log_z``, ``worst_log_z`` the one furthest from 0) are ``None`` on rows without them. The gradient norm is
+    the 2-norm over the layer's parameters; the update ratio is ``‖Δθ‖ / ‖θ‖`` over them. ``module_type`` comes from
+    the layers table (``None`` without it);
     ``std_ratio`` is relative to the layer ``std_reference``; ``zero_init`` marks a deliberately zero-initialized
     layer (see :func:`analyze`).
     """
@@ -209,13 +274,22 @@ class LayerHealth:
     saturation_limit: float | None = None
     transmission: float | None = None
     worst_transmission: float | None = None
+    logit_max: float | None = None
+    worst_logit_max: float | None = None
+    entropy: float | None = None
+    lowest_entropy: float | None = None
+    entropy_min: float | None = None
+    log_z: float | None = None
+    worst_log_z: float | None = None
 
     @property
     def layer_type(self) -> str:
         """What the layer is, for the report's type column: ``"relu"``, ``"Linear"``, ``"LayerNorm"``, ..."""
         if self.activation:
             return self.activation
-        return self.module_type or {"activation": "activation", "parameters": "(parameters)"}.get(self.kind, "layer")
+        kinds = {"activation": "activation", "parameters": "(parameters)", "attention": "attention",
+                 "output": "output logits"}  # fmt: skip
+        return self.module_type or kinds.get(self.kind, "layer")
 
     def to_dict(self) -> dict[str, Any]:
         figures = {
@@ -239,6 +313,13 @@ class LayerHealth:
             "update_ratio": {"latest": self.update_ratio, "worst": self.worst_update_ratio},
             "nonfinite": {"latest": self.nonfinite, "worst": self.worst_nonfinite, "gradient": self.nonfinite_gradient},
         }
+        if self.logit_max is not None or self.entropy is not None or self.entropy_min is not None:
+            figures["attention"] = {
+                "logit_max": {"latest": self.logit_max, "worst": self.worst_logit_max},
+                "entropy": {"latest": self.entropy, "lowest": self.lowest_entropy, "min_head": self.entropy_min},
+            }
+        if self.log_z is not None:
+            figures["output"] = {"log_z": {"latest": self.log_z, "worst": self.worst_log_z}}
         return {**figures, "flags": {name: flag.to_dict() for name, flag in self.flags.items()}}
 
 

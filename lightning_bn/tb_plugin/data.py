@@ -18,7 +18,9 @@ from lightning_bn.tags import (
     ACT_STD,
     ACT_TRANSMISSION,
     ACTIVATION_STATISTICS,
+    ATTENTION_STATISTICS,
     GRAD_NORM,
+    OUTPUT_STATISTICS,
     UPDATE_RATIO,
     WEIGHT_NORM,
     split_tag,
@@ -27,7 +29,10 @@ from lightning_bn.tags import (
 __all__ = ["FIGURES", "block_of", "list_runs", "run_data", "short_names"]
 
 #: the strips of each row: key -> (label, colour scale); "log": log10 of the value, "unit": a fraction 0..1,
-#: "transmission": 0..>=1 with 1 healthy, "kurtosis": log10 with 3 (a Gaussian's) marked
+#: "transmission": 0..>=1 with 1 healthy, "kurtosis": log10 with 3 (a Gaussian's) marked, "logit": log10 1..1000
+#: with the report's bound on the max attention logit (100) marked, "retained": a fraction of the row's starting
+#: value 0..>=1 with the collapse fraction (0.1) marked, "signed": -40..40 with 0 healthy (the output log Z).
+#: Attention rows have the attention strips only, the output-logit row log Z; the other strips are blank there.
 FIGURES: dict[str, tuple[str, str]] = {
     "std_ratio": ("std / first of its kind", "log"),
     "saturation": ("saturation", "unit"),
@@ -36,7 +41,13 @@ FIGURES: dict[str, tuple[str, str]] = {
     "transmission": ("gradient transmission", "transmission"),
     "update_ratio": ("update ratio", "log"),
     "kurtosis": ("kurtosis", "kurtosis"),
+    "attn_logit_max": ("max attention logit", "logit"),
+    "attn_entropy": ("attention entropy / at start", "retained"),
+    "out_log_z": ("output log Z", "signed"),
 }
+
+_ATTN_LOGIT_MAX, _ATTN_ENTROPY = ATTENTION_STATISTICS["logit_max"], ATTENTION_STATISTICS["entropy"]
+_OUT_LOG_Z = OUTPUT_STATISTICS["log_z"]
 
 
 def list_runs(logdir: Path) -> list[str]:
@@ -147,6 +158,17 @@ def _largest(params: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, t
     return out
 
 
+def _of_start(values: np.ndarray, logged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A row over its value at its first logged step with a finite, non-zero value (what the report compares the
+    attention entropy with); nothing shown before that step or without one."""
+    usable = logged & np.isfinite(values) & (values != 0)
+    if not usable.any():
+        return values, np.zeros_like(logged)
+    first = int(np.argmax(usable))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return values / values[first], logged & (np.arange(len(values)) >= first)
+
+
 def _rounded(values: np.ndarray, shown: np.ndarray) -> list[Any]:
     """``values`` to :data:`DIGITS` significant digits (the double nearest the rounded decimal, so that JSON writes
     it short), ``None`` where not ``shown`` or not finite."""
@@ -173,7 +195,7 @@ def run_data(run: Path, name: str = "") -> dict[str, Any]:
     steps = list(health.steps)
 
     wanted = {ACT_STD, ACT_SATURATION, ACT_DEAD, ACT_TRANSMISSION, ACTIVATION_STATISTICS["kurtosis"]}
-    wanted |= {GRAD_NORM, WEIGHT_NORM, UPDATE_RATIO}
+    wanted |= {GRAD_NORM, WEIGHT_NORM, UPDATE_RATIO, _ATTN_LOGIT_MAX, _ATTN_ENTROPY, _OUT_LOG_Z}
     per = _Series(steps)
     for logged, values in scalars.items():
         statistic, target = split_tag(logged)
@@ -197,6 +219,9 @@ def run_data(run: Path, name: str = "") -> dict[str, Any]:
             if ref is not None:
                 std_ratio[layer.name] = (std / np.where(ref != 0, ref, 1.0), std_logged & ref_logged & (ref != 0))
     matrices = {
+        "attn_logit_max": per.of(_ATTN_LOGIT_MAX),
+        "attn_entropy": {layer: _of_start(*row) for layer, row in per.of(_ATTN_ENTROPY).items()},
+        "out_log_z": per.of(_OUT_LOG_Z),
         "std_ratio": std_ratio,
         "saturation": per.of(ACT_SATURATION),
         "dead": per.of(ACT_DEAD),

@@ -14,7 +14,7 @@ from lightning_bn.tracing.hooks import (
     run_forward,
 )
 from lightning_bn.tracing.measure import module_order_activations, output_stds
-from lightning_bn.tracing.model_map import ActivationSite, LayerTrace, Layout, ModelMap
+from lightning_bn.tracing.model_map import ActivationSite, AttentionSite, LayerTrace, Layout, ModelMap
 from lightning_bn.tracing.recognize import Recognition, recognize
 from lightning_bn.tracing.trace import LAYER_TYPES, NORM_TYPES, PASS_TYPES, trace_activations, trace_call, trace_model
 
@@ -23,6 +23,7 @@ __all__ = [
     "NORM_TYPES",
     "PASS_TYPES",
     "ActivationSite",
+    "AttentionSite",
     "HookSet",
     "LayerTrace",
     "Layout",

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_bn.activations import Activation
 
-__all__ = ["ActivationSite", "LayerTrace", "Layout", "ModelMap"]
+__all__ = ["ActivationSite", "AttentionSite", "LayerTrace", "Layout", "ModelMap"]
 
 _FIRST = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
 _LAST = {2: "(N, C)", 3: "(N, T, C)", 4: "(N, H, W, C)", 5: "(N, D, H, W, C)"}
@@ -161,6 +161,37 @@ class ActivationSite:
 
 
 @dataclass
+class AttentionSite:
+    """One attention call: ``softmax`` of logits ``q·kᵀ`` (eager attention) or ``scaled_dot_product_attention``.
+
+    Attributes:
+        name: the row its figures are logged under: the qualified name of the module whose ``forward`` made the call
+            (``"bert.encoder.layer.0.attention.self"``; ``""`` for the model itself), with ``":<n>"`` for the
+            ``n``-th further attention call of the same module.
+        module_name: qualified name of that module.
+        how: ``"softmax"`` (logits computed in ``forward``, then a softmax), ``"sdpa"``, or ``"mha"`` (an
+            ``nn.MultiheadAttention``, whose attention runs inside it: the site is the module itself).
+        query: the layers the queries came from (``q_proj``; a packed ``c_attn``; ``nn.MultiheadAttention`` itself).
+        key: the layers the keys came from.
+        heads: query heads, where the call's shapes tell (``(B, H, T, D)``); ``None`` where heads are folded into the
+            batch (``nn.MultiheadAttention``'s ``(B·H, T, D)``).
+        kv_heads: key heads (fewer than ``heads`` under grouped-query attention), where the shapes tell.
+        head_dim: the size of one query head (the last dimension of q).
+        call: the index of this call among the module's attention calls in one forward pass.
+    """
+
+    name: str
+    module_name: str
+    how: Literal["softmax", "sdpa", "mha"]
+    query: tuple[str, ...]
+    key: tuple[str, ...]
+    heads: int | None
+    kv_heads: int | None
+    head_dim: int
+    call: int = 0
+
+
+@dataclass
 class ModelMap:
     """Everything one traced forward pass found (see :func:`lightning_bn.tracing.trace_model`).
 
@@ -173,6 +204,7 @@ class ModelMap:
         order: qualified names of the modules in the order of their first call (forward order).
         attention: ``(query layer, key layer)`` pairs whose outputs meet in ``softmax(q·kᵀ)`` (or
             ``scaled_dot_product_attention``).
+        attention_sites: every attention call, in execution order (:class:`AttentionSite`).
         functional: layers that were not called, but whose weight went into a torch function
             (``F.linear(x, self.qkv.weight)``: timm EVA/BEiT, torchvision Swin).
     """
@@ -185,6 +217,7 @@ class ModelMap:
     order: list[str] = field(default_factory=list)
     attention: list[tuple[str, str]] = field(default_factory=list)
     functional: list[str] = field(default_factory=list)
+    attention_sites: list[AttentionSite] = field(default_factory=list)
 
     def site(self, name: str) -> ActivationSite:
         """The site called ``name``; ``KeyError`` naming the known ones otherwise."""
@@ -229,7 +262,10 @@ class ModelMap:
                         [(name(n), why) for n, why in self.unwatchable], self.forward_calls,
                         [name(n) for n in self.order],
                         [(name(q), name(k)) for q, k in self.attention],
-                        [name(n) for n in self.functional])  # fmt: skip
+                        [name(n) for n in self.functional],
+                        [replace(a, name=name(a.name), module_name=name(a.module_name),
+                                 query=tuple(map(name, a.query)), key=tuple(map(name, a.key)))
+                         for a in self.attention_sites])  # fmt: skip
 
     def merged(self, other: ModelMap) -> ModelMap:
         """This map and another one's layers, sites and placeholders (for parts of a model traced separately)."""
@@ -242,6 +278,8 @@ class ModelMap:
             list(dict.fromkeys(self.order + other.order)),
             self.attention + [a for a in other.attention if a not in self.attention],
             list(dict.fromkeys(self.functional + other.functional)),
+            self.attention_sites + [a for a in other.attention_sites if a.name not in
+                                    {s.name for s in self.attention_sites}],  # fmt: skip
         )
 
     def __str__(self) -> str:

@@ -27,7 +27,7 @@ from lightning_bn.activations import Activation, activation_of_call, activation_
 from lightning_bn.layers import get_layer_kind
 from lightning_bn.tracing.composite import Composites
 from lightning_bn.tracing.hooks import as_call, model_state, run_forward
-from lightning_bn.tracing.model_map import ActivationSite, LayerTrace, Layout, ModelMap
+from lightning_bn.tracing.model_map import ActivationSite, AttentionSite, LayerTrace, Layout, ModelMap
 from lightning_bn.tracing.recognize import Recognition, recognize
 from lightning_bn.tracing.types import (
     _LOOK_THROUGH,
@@ -76,6 +76,7 @@ class _Meta:
     layout: Layout | None = None
     site: int | None = None  # index of the activation call whose output it is, when no hook can see that call
     scores: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # attention logits q·kᵀ: (q layers, k layers)
+    heads: tuple[int | None, int | None, int] | None = None  # of attention logits: (heads, kv heads, head dim)
     act_of: tuple[str, ...] = ()  # the layers whose activation's output it is (possibly rearranged): a gate candidate
 
     @property
@@ -129,6 +130,7 @@ class _Tracer:
         self.functional: dict[str, None] = {}  # layers whose weight went into a torch function
         self.shortcut: dict[str, Tensor] = {}  # residual-branch layer -> std of the shortcut it is added to (device)
         self.attention: list[tuple[str, str]] = []
+        self.attention_sites: list[AttentionSite] = []
         self.sites: list[ActivationSite] = []
         self.site_keys: set[tuple[int, str, str]] = set()
         self.pending: list[_PendingCall] = []
@@ -299,6 +301,11 @@ class _Tracer:
         same_shape = isinstance(main, Tensor) and first[1] is not None and first[1].shape == main.shape
         layout = first[0].layout if same_shape else None
         if role == "layer":
+            if isinstance(module, nn.MultiheadAttention):  # its attention runs inside the layer, opaque to the trace
+                heads = int(module.num_heads)
+                self.stack.append(module)
+                self._note_site("mha", (name,), (name,), (heads, heads, int(module.head_dim)))
+                self.stack.pop()
             self._leave_layer(module, name, merged, output, main)
         elif role == "norm":
             for producer, path in merged.tags.items():
@@ -406,18 +413,25 @@ class _Tracer:
         """Follow attention logits q·kᵀ to their softmax; True if the call was about attention."""
         if name == "scaleddotproductattention" and len(seen) >= 2:
             self._note_attention(seen[0][0].tags, seen[1][0].tags)
+            if seen[0][0].tags and seen[1][0].tags:
+                self._note_site("sdpa", tuple(seen[0][0].tags), tuple(seen[1][0].tags),
+                                _head_shape(seen[0][1], seen[1][1]))  # fmt: skip
             return False
-        scores = next((m.scores for m, _ in seen if m.scores is not None), None)
+        found = next((m for m, _ in seen if m.scores is not None), None)
+        scores = found.scores if found is not None else None
         if scores is not None and name in ("softmax", "logsoftmax"):
             self._note_attention(dict.fromkeys(scores[0]), dict.fromkeys(scores[1]))
+            if name == "softmax" and found.heads is not None:
+                self._note_site("softmax", scores[0], scores[1], found.heads)
             return False
         if scores is not None and name in _SCORE_OPS:
-            self.put(output, _Meta({}, merged.depth, merged.reach, scores=scores))
+            self.put(output, _Meta({}, merged.depth, merged.reach, scores=scores, heads=found.heads))
             return True
         tagged = [(m, t) for m, t in seen if m.tags and t.ndim >= 2]
         if name in ("matmul", "bmm", "einsum") and len(tagged) == 2:
             self.put(output, _Meta({}, merged.depth, merged.reach, scores=(tuple(tagged[0][0].tags),
-                                                                           tuple(tagged[1][0].tags))))  # fmt: skip
+                                                                           tuple(tagged[1][0].tags)),
+                                   heads=_head_shape(tagged[0][1], tagged[1][1], transposed=True)))  # fmt: skip
             return True
         return False
 
@@ -426,6 +440,14 @@ class _Tracer:
             for k in keys:
                 if (q, k) not in self.attention:
                     self.attention.append((q, k))
+
+    def _note_site(self, how: str, queries: tuple[str, ...], keys: tuple[str, ...],
+                   heads: tuple[int | None, int | None, int]) -> None:  # fmt: skip
+        """An attention call, named after the module whose ``forward`` made it."""
+        module = self.names[self.stack[-1]] if self.stack else ""
+        call = sum(1 for a in self.attention_sites if a.module_name == module)
+        name = module if call == 0 else f"{module}:{call}"
+        self.attention_sites.append(AttentionSite(name, module, how, queries, keys, *heads, call=call))  # type: ignore[arg-type]
 
     def _inside_norm(self) -> str | None:
         if self.stack and self.roles[self.stack[-1]] == "norm-act":
@@ -522,7 +544,15 @@ class _Tracer:
         order = [self.names[m] for m in self.called]
         functional = [n for n in self.functional if n not in self.layers]
         return ModelMap(self.layers, self.sites, self.placeholders, unwatchable, order=order, attention=self.attention,
-                        functional=functional)  # fmt: skip
+                        functional=functional, attention_sites=self.attention_sites)  # fmt: skip
+
+
+def _head_shape(q: Tensor, k: Tensor, transposed: bool = False) -> tuple[int | None, int | None, int]:
+    """``(heads, kv heads, head dim)`` of attention between ``q`` ``(..., H, T, D)`` and ``k`` ``(..., Hkv, S, D)``
+    (``transposed``: ``kᵀ``, ``(..., Hkv, D, S)``); heads ``None`` where they are folded into the batch (3-d)."""
+    heads = int(q.shape[-3]) if q.ndim >= 4 else None
+    kv_heads = int(k.shape[-3]) if k.ndim >= 4 else None
+    return heads, kv_heads, int(q.shape[-1])
 
 
 class _TraceMode(TorchFunctionMode):

@@ -53,6 +53,17 @@ function scaleOf(key, figure) {
     return {lo: 0, hi: 3, log: true, stops: SEQUENTIAL, t: (v) => (v > 0 ? Math.log10(v) / 3 : 0),
       mark: [Math.log10(3), '3 = Gaussian']};
   }
+  if (figure.scale === 'logit') { // a max attention logit: log10 1..1000, the report's bound (100) marked
+    return {lo: 0, hi: 3, log: true, stops: SEQUENTIAL, t: (v) => (v > 0 ? Math.log10(v) / 3 : 0),
+      mark: [2, '100 = bound']};
+  }
+  if (figure.scale === 'retained') { // a fraction of the starting value: 0 (collapsed, dark) .. >=1 (pale)
+    return {lo: 0, hi: 1, log: false, stops: [...SEQUENTIAL].reverse(), t: (v) => v, mark: [0.1, '0.1 = collapse'],
+      over: true};
+  }
+  if (figure.scale === 'signed') { // log Z: -40 .. 40, 0 (white) healthy
+    return {lo: -40, hi: 40, log: false, stops: DIVERGING, t: (v) => (v + 40) / 80, mark: [0, '0']};
+  }
   let range = LOG_RANGE[key];
   if (!range) { // a loop, not Math.min(...values): 61 x 1,000 arguments overflow the stack
     let min = Infinity;
@@ -212,7 +223,7 @@ function curves(data, row, keys) {
   const steps = data.steps;
   for (const key of keys) {
     const figure = data.figures[key];
-    const log = figure.scale === 'log' || figure.scale === 'kurtosis';
+    const log = figure.scale === 'log' || figure.scale === 'kurtosis' || figure.scale === 'logit';
     const values = figure.values[row];
     // on a log axis a 0 (a dead layer's std, a frozen layer's update) has no place: it is drawn on a floor line one
     // decade under the smallest positive value, labelled 0, and the chart's label says so
