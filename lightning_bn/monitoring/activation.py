@@ -8,6 +8,7 @@ rows and all-reduces them across processes (two collectives); the engine moves e
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,8 +62,29 @@ def layer_entry(target: WatchTarget) -> dict[str, Any]:
 
 
 def _eager(fn: Callable) -> Callable:
-    """Run ``fn`` eagerly when called from a ``torch.compile``'d forward (a graph break there, not a retrace)."""
-    return torch.compiler.disable(fn)
+    """Run ``fn`` eagerly when called from a ``torch.compile``'d forward (a graph break there, not a retrace), and
+    outside the attention probe's torch-function mode (its own reductions are no attention calls: each torch call
+    through the mode's Python dispatch costs ~10 us, hundreds a layer)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with outside_capture():
+            return fn(*args, **kwargs)
+
+    return torch.compiler.disable(run)
+
+
+@contextlib.contextmanager
+def outside_capture() -> Iterator[None]:
+    """Leave the attention probe's mode (when it is the innermost torch-function mode) for the block."""
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    stack = _get_current_function_mode_stack()
+    if stack and getattr(stack[-1], "lightning_bn_capture", False):
+        with _pop_mode_temporarily():
+            yield
+    else:
+        yield
 
 
 @dataclass

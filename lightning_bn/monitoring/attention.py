@@ -256,6 +256,8 @@ class _Site:
 class _Capture(TorchFunctionMode):
     """Sees ``softmax``, ``scaled_dot_product_attention`` and ``cross_entropy`` calls; lets every call through."""
 
+    lightning_bn_capture = True  # the monitors' own reductions step out of it (activation.outside_capture)
+
     def __init__(self, probe: AttentionProbe) -> None:
         super().__init__()
         self.probe = probe
@@ -296,8 +298,14 @@ class AttentionProbe(HookSet):
         ['attn_entropy/', 'attn_entropy_min/', 'attn_logit_max/', 'attn_logit_rms/']
     """
 
-    def __init__(self, sites: Sequence[tuple[AttentionSite, str, nn.Module]], output: str | None = "output") -> None:
+    def __init__(
+        self,
+        sites: Sequence[tuple[AttentionSite, str, nn.Module]],
+        output: str | None = "output",
+        output_module: nn.Module | None = None,
+    ) -> None:
         super().__init__()
+        self._output_module = output_module  # its forward starts the mode when there is no site to start it
         self._sites = [_Site(spec, name, module, max(spec.heads or 1, 1)) for spec, name, module in sites]
         self._by_call = {(s.spec.module_name, s.spec.call): s for s in self._sites if s.spec.how != "mha"}
         self._mha = {s.spec.module_name: s for s in self._sites if s.spec.how == "mha"}
@@ -307,6 +315,7 @@ class AttentionProbe(HookSet):
         self._out_sums: Tensor | None = None
         self._out_top: Tensor | None = None
         self._mode: _Capture | None = None
+        self._armed = False  # attached for a step: the mode starts with the first forward of a site (or the output)
         modules: dict[int, tuple[nn.Module, str]] = {}
         for s in self._sites:
             modules.setdefault(id(s.module), (s.module, s.spec.module_name))
@@ -326,13 +335,13 @@ class AttentionProbe(HookSet):
             module = named.get(spec.module_name)
             if module is not None:
                 sites.append((spec, plain(spec.name), module))
-        final = "output"
+        final, final_module = "output", None
         if found is not None:
             finals = found.final_layers()
             ordered = [n for n in found.order if n in finals]
             if ordered:
-                final = plain(ordered[-1]) or "output"
-        return cls(sites, final if output else None)
+                final, final_module = plain(ordered[-1]) or "output", named.get(ordered[-1])
+        return cls(sites, final if output else None, final_module)
 
     @property
     def sites(self) -> list[tuple[AttentionSite, str, nn.Module]]:
@@ -355,22 +364,45 @@ class AttentionProbe(HookSet):
         for (module, _), (enter, leave) in zip(self._modules, self._hooks):
             yield module.register_forward_pre_hook(enter, with_kwargs=True)
             yield module.register_forward_hook(leave, always_call=True)
+        if self._output_module is not None and self.output is not None:
+            yield self._output_module.register_forward_pre_hook(torch.compiler.disable(self._start))
 
     @property
     def attached(self) -> bool:
         return bool(self._handles) or self._mode is not None
 
     def attach(self) -> None:
+        """Hooks on for the step; the mode is pushed by the first forward of a site module or the output layer (a
+        probe attached for a step that never runs the model leaves no mode behind), and leaves at :meth:`pause` or
+        :meth:`detach`."""
         if self.attached:
             return
         super().attach()
-        if self._by_call or self.output is not None:
+        self._armed = bool(self._by_call or self.output is not None)
+
+    def _start(self, *_: Any) -> None:
+        if self._armed and self._mode is None:
             self._mode = _Capture(self)
             self._mode.__enter__()
+
+    def start(self) -> None:
+        """Push the mode now (attached, not paused): the model has already started its forward."""
+        self._start()
+
+    @property
+    def capturing(self) -> bool:
+        """Whether the mode is on (the model ran on this attached step)."""
+        return self._mode is not None
 
     def detach(self) -> None:
         super().detach()
         self._frames = []
+        self.pause()
+
+    def pause(self) -> None:
+        """Stop seeing torch calls for the rest of the step (the forward passes and the loss are done: the engine's
+        own measurement and the optimizer step need not run through the mode); the rows taken so far are kept."""
+        self._armed = False
         mode, self._mode = self._mode, None
         if mode is None:
             return
@@ -390,6 +422,7 @@ class AttentionProbe(HookSet):
 
     def _enter(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._start()
             mha = self._mha.get(name)
             self._frames.append([name, 0, mha is not None])
             if mha is not None and _measuring():
@@ -445,6 +478,7 @@ class AttentionProbe(HookSet):
         ``softmax`` / SDPA call is summarized by the innermost running module of ``model`` (hooks on all of them, for
         this one call), every ``nn.MultiheadAttention`` call too; the probe built from the trace :meth:`adopt` s the
         rows of its sites."""
+        self._start()  # the model runs now
         if self._mode is None:
             yield
             return

@@ -396,8 +396,11 @@ class MonitorEngine:
             if was is not None:
                 attention.adopt(was)
             if was is not None and was.attached:
+                running = was.capturing  # the model ran (a first call traced): the new probe's mode starts now
                 was.detach()
                 attention.attach()
+                if running:
+                    attention.start()
             elif was is not None:
                 was.detach()
             layers = _with_attention(layers, attention, found, self._plain)
@@ -585,6 +588,8 @@ class MonitorEngine:
         by the gradient's scale — a vanish that no comparison between layers can see when it hits them all."""
         if self._gradients is None or self._pending is None:
             return  # several optimizers (manual optimization) may each have advanced the step count
+        if self._attention is not None:  # forward passes and loss done: the rest of the step runs without the mode
+            self._attention.pause()
         if optimizer is not None and self.options.norm_type == 2:
             for group in optimizer.param_groups:
                 if "eps" in group and "betas" in group and group["eps"] > 0:
