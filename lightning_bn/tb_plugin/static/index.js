@@ -185,8 +185,10 @@ function axis(steps) {
   const ticks = Math.min(4, steps.length);
   for (let k = 0; k < ticks; k++) {
     const i = ticks === 1 ? 0 : Math.round((k * (steps.length - 1)) / (ticks - 1));
-    const left = Math.min(width - 1, Math.floor(i * w));
-    box.append(el('span', {class: 'tick', style: `left:${left}px`, text: `${steps[i]}`}));
+    // the last tick ends at the strip's right edge (right-aligned), so it never runs into the next strip's first
+    const last = ticks > 1 && k === ticks - 1;
+    const place = last ? 'right:0' : `left:${Math.min(width - 1, Math.floor(i * w))}px`;
+    box.append(el('span', {class: 'tick', style: place, text: `${steps[i]}`}));
   }
   return box;
 }
