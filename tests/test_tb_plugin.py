@@ -250,7 +250,8 @@ def test_tab_in_tensorboard_shows_rows_in_forward_order_and_the_flag(
         for key in ("transmission", "update_ratio", "kurtosis"):
             assert browser.evaluate(f"{frame}.querySelectorAll('canvas.strip[data-figure={key}]').length") == len(ORDER)
         marks = browser.evaluate(f"{frame}.querySelectorAll('.legend .legend-mark').length")
-        assert marks == 2  # transmission's 1 (healthy) and kurtosis's 3
+        # transmission's 1 (healthy), kurtosis's 3 and the output log Z's 0 (the MLP's cross-entropy head)
+        assert "out_log_z" in legends and marks == 3
         assert browser.evaluate(f"{frame}.querySelectorAll('.group').length") == 0  # no blocks in this run
 
         # sort by first flagged: the killed layer comes first; the filter keeps only matching rows
