@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from lightning_bn.tracing import as_call
+
 __all__ = [
     "QK_NORM_KINDS",
     "QKNorm",
@@ -636,11 +638,8 @@ def _probe(model: nn.Module, example_input: Any, candidates: list[_Candidate]) -
 
 
 def _call(model: nn.Module, example_input: Any) -> Any:
-    if isinstance(example_input, dict):
-        return model(**example_input)
-    if isinstance(example_input, (tuple, list)):
-        return model(*example_input)
-    return model(example_input)
+    args, kwargs = as_call(model, example_input)
+    return model(*args, **kwargs)
 
 
 def insert_qk_norm(
