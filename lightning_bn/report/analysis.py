@@ -165,8 +165,8 @@ def analyze(
               for norm in zero_init if layer.startswith(f"{norm}.")}  # fmt: skip
     std_ratios = _std_ratios(order, activations, table, zero_init | set(graced))
     woken_by = {norm: layer for layer, norm in graced.items()}  # a norm-act's own output is not watched: its act's is
-    grads = {layer: _per_step(parameters.get(layer, {}), _grad_norm) for layer in order}
-    weight_norms = {layer: _per_step(parameters.get(layer, {}), _weight_norm) for layer in order}
+    grads = {layer: _layer_norm(parameters.get(layer, {}), GRAD_NORM) for layer in order}
+    weight_norms = {layer: _layer_norm(parameters.get(layer, {}), WEIGHT_NORM) for layer in order}
     # the relative gradient ||g|| / ||w|| of each layer (what moves it, whatever its size), and per step where the
     # layers stand: layer gradient norms themselves differ by 1e-4..1e-6 between healthy layers of real models
     # (ConvNeXt, Swin, BERT), their relative gradients by less than 1e-2 (measured on the conformance zoo)
@@ -362,9 +362,6 @@ def _per_step(
     params: Mapping[str, Mapping[str, Mapping[int, float]]],
     combine: Callable[[list[Mapping[str, Mapping[int, float]]], int], float | None],
 ) -> dict[int, float]:
-    fast = getattr(combine, "per_step", None)
-    if fast is not None:
-        return fast(params)
     out = {}
     series = list(params.values())
     for step in sorted(_steps(params)):
@@ -374,27 +371,14 @@ def _per_step(
     return out
 
 
-def _norm_of(statistic: str) -> Callable[[list[Mapping[str, Mapping[int, float]]], int], float | None]:
-    """The 2-norm over the layer's parameters of a per-parameter norm (``"grad_norm"``, ``"weight_norm"``; exact for
-    the monitor's default 2-norms; inf/NaN propagate)."""
-
-    def combine(params: list[Mapping[str, Mapping[int, float]]], step: int) -> float | None:
-        norms = [p[statistic][step] for p in params if step in p.get(statistic, {})]
-        return math.sqrt(sum(n * n for n in norms)) if norms else None
-
-    def per_step(params: Mapping[str, Mapping[str, Mapping[int, float]]]) -> dict[int, float]:
-        """``_per_step(params, combine)`` in one pass over the series (the squares summed in the same order)."""
-        squares: dict[int, float] = {}
-        for p in params.values():
-            for step, n in p.get(statistic, {}).items():
-                squares[step] = squares.get(step, 0) + n * n
-        return {step: math.sqrt(squares[step]) for step in sorted(squares)}
-
-    combine.per_step = per_step  # type: ignore[attr-defined]
-    return combine
-
-
-_grad_norm, _weight_norm = _norm_of(GRAD_NORM), _norm_of(WEIGHT_NORM)
+def _layer_norm(params: Mapping[str, Mapping[str, Mapping[int, float]]], statistic: str) -> dict[int, float]:
+    """Per step, the 2-norm over the layer's parameters of a per-parameter norm (``"grad_norm"``, ``"weight_norm"``;
+    exact for the monitor's default 2-norms; inf/NaN propagate), in one pass over the series."""
+    squares: dict[int, float] = {}
+    for p in params.values():
+        for step, n in p.get(statistic, {}).items():
+            squares[step] = squares.get(step, 0) + n * n
+    return {step: math.sqrt(squares[step]) for step in sorted(squares)}
 
 
 def _smallest(statistic: str) -> Callable[[list[Mapping[str, Mapping[int, float]]], int], float | None]:
