@@ -365,7 +365,7 @@ class AttentionProbe(HookSet):
             yield module.register_forward_pre_hook(enter, with_kwargs=True)
             yield module.register_forward_hook(leave, always_call=True)
         if self._output_module is not None and self.output is not None:
-            yield self._output_module.register_forward_pre_hook(torch.compiler.disable(self._start))
+            yield self._output_module.register_forward_pre_hook(torch.compiler.disable(self.start))
 
     @property
     def attached(self) -> bool:
@@ -380,14 +380,12 @@ class AttentionProbe(HookSet):
         super().attach()
         self._armed = bool(self._by_call or self.output is not None)
 
-    def _start(self, *_: Any) -> None:
+    def start(self, *_: Any) -> None:
+        """Push the mode (attached, not paused, not yet on): the model's forward has started (also a forward pre-hook
+        of the output layer)."""
         if self._armed and self._mode is None:
             self._mode = _Capture(self)
             self._mode.__enter__()
-
-    def start(self) -> None:
-        """Push the mode now (attached, not paused): the model has already started its forward."""
-        self._start()
 
     @property
     def capturing(self) -> bool:
@@ -422,7 +420,7 @@ class AttentionProbe(HookSet):
 
     def _enter(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._start()
+            self.start()
             mha = self._mha.get(name)
             self._frames.append([name, 0, mha is not None])
             if mha is not None and _measuring():
@@ -478,7 +476,7 @@ class AttentionProbe(HookSet):
         ``softmax`` / SDPA call is summarized by the innermost running module of ``model`` (hooks on all of them, for
         this one call), every ``nn.MultiheadAttention`` call too; the probe built from the trace :meth:`adopt` s the
         rows of its sites."""
-        self._start()  # the model runs now
+        self.start()  # the model runs now
         if self._mode is None:
             yield
             return
