@@ -171,20 +171,6 @@ def trainer(tmp_path, **kwargs) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
-def _compact_cells(directory) -> dict[str, list[tuple[int, float]]]:
-    """The per-layer figures of the compact records (``lightning_bn/rows``, the monitors' default with a TensorBoard
-    logger) in one run directory, as the scalars they stand for (``act_std/net.0``: [(step, value)])."""
-    import numpy as np
-
-    from lightning_bn.report.reading import _load
-
-    out: dict[str, list[tuple[int, float]]] = {}
-    for step, figures, rows, present, matrix in _load(directory, expand=False)[2]:
-        for i, j in zip(*np.nonzero(present)):
-            out.setdefault(f"{figures[j]}/{rows[i]}", []).append((step, float(matrix[i, j])))
-    return out
-
-
 def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     """Every scalar in the TensorBoard event files under ``logdir``: tag -> [(step, value)], the cells of the monitors'
     compact records (their default with a TensorBoard logger) read as the scalars they stand for."""
@@ -198,7 +184,7 @@ def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-        for tag, series in _compact_cells(directory).items():
+        for tag, series in _compact_cells(directory, acc).items():
             out.setdefault(tag, []).extend(series)
     return out
 
@@ -217,8 +203,18 @@ def event_tags(logdir) -> dict[str, list[str]]:
         for kind, names in acc.Tags().items():
             if isinstance(names, list):
                 tags.setdefault(kind, []).extend(names)
-        tags.setdefault("scalars", []).extend(_compact_cells(directory))
+        tags.setdefault("scalars", []).extend(_compact_cells(directory, acc))
     return tags
+
+
+def _compact_cells(directory, acc) -> dict[str, list[tuple[int, float]]]:
+    """The cells of the monitors' compact records in one run directory (their default with a TensorBoard logger), as
+    the scalars they stand for: what :func:`lightning_bn.report.reading.read_scalars` reads beyond the real scalars
+    ``acc`` (an ``EventAccumulator`` of the directory) holds."""
+    from lightning_bn.report.reading import read_scalars as read_figures
+
+    real = set(acc.Tags()["scalars"])
+    return {tag: series for tag, series in read_figures(directory).items() if tag not in real}
 
 
 def run_ddp_script(name: str, *args: str, timeout: int = 600) -> None:
