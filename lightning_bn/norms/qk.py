@@ -26,7 +26,6 @@ skipped with the reason; an error leaves the model untouched.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from lightning_bn import checks
+from lightning_bn.norms.insert import _check_exclude, _excluded
 from lightning_bn.tracing import as_call
 
 __all__ = [
@@ -381,15 +382,9 @@ def _heads_from_module(module: nn.Module) -> int | None:
 
 
 def _check_arguments(kind: Any, eps: Any, exclude: Any) -> list[str]:
-    if not isinstance(kind, str) or kind not in QK_NORM_KINDS:
-        raise ValueError(f"Expected `kind` to be one of {list(QK_NORM_KINDS)} but got {kind!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"Expected `eps` to be a positive number but got {eps!r}")
-    if exclude is None:
-        return []
-    if not isinstance(exclude, (list, tuple)) or not all(isinstance(p, str) for p in exclude):
-        raise TypeError(f"Expected `exclude` to be a list or tuple of glob patterns (str) but got {exclude!r}")
-    return list(exclude)
+    checks.choice("kind", kind, QK_NORM_KINDS)
+    checks.number("eps", eps)
+    return _check_exclude(exclude)
 
 
 def plan_qk_norm(
@@ -462,7 +457,7 @@ def plan_qk_norm(
 
 def _refusal(site: Any, modules: dict[str, nn.Module], model_map: Any, patterns: list[str]) -> tuple[str, str] | None:
     names = (site.name, site.module_name, *site.query, *site.key)
-    if any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns):
+    if _excluded(names, patterns):
         return site.name, "excluded"
     if site.how == "mha":
         module = modules[site.module_name]
